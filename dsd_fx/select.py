@@ -1,0 +1,253 @@
+"""Which weights are prunable: one WeightUse per use of a parameter by a matmul-like op."""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import operator
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import fx
+
+from dsd_fx.config import SparseConfig
+
+# Module ops: the weight is `<module>.weight`; the reduction dimension is where N:M groups run
+# (input features of a Linear, input channels of a Conv, dim 0 = in_channels of a ConvTranspose).
+MODULE_OPS: dict[type, tuple[str, int]] = {
+    nn.Linear: ("linear", 1),
+    nn.Conv1d: ("conv1d", 1),
+    nn.Conv2d: ("conv2d", 1),
+    nn.Conv3d: ("conv3d", 1),
+    nn.ConvTranspose1d: ("conv_transpose1d", 0),
+    nn.ConvTranspose2d: ("conv_transpose2d", 0),
+    nn.ConvTranspose3d: ("conv_transpose3d", 0),
+}
+
+# Function ops: (op, target) -> {argument index: (kwarg name, kind, reduction dim of that operand)}.
+# A negative reduction dim counts from the end of the weight's shape.
+_W = "weight"
+FUNCTION_OPS: dict[tuple[str, object], dict[int, tuple[str, str, int]]] = {
+    ("call_function", F.linear): {1: (_W, "linear", -1)},
+    ("call_function", F.conv1d): {1: (_W, "conv1d", 1)},
+    ("call_function", F.conv2d): {1: (_W, "conv2d", 1)},
+    ("call_function", F.conv3d): {1: (_W, "conv3d", 1)},
+    ("call_function", F.conv_transpose1d): {1: (_W, "conv_transpose1d", 0)},
+    ("call_function", F.conv_transpose2d): {1: (_W, "conv_transpose2d", 0)},
+    ("call_function", F.conv_transpose3d): {1: (_W, "conv_transpose3d", 0)},
+    ("call_function", torch.matmul): {0: ("input", "matmul", -1), 1: ("other", "matmul", -2)},
+    ("call_function", operator.matmul): {0: ("", "matmul", -1), 1: ("", "matmul", -2)},
+    ("call_function", torch.mm): {0: ("input", "mm", -1), 1: ("mat2", "mm", -2)},
+    ("call_function", torch.addmm): {1: ("mat1", "addmm", -1), 2: ("mat2", "addmm", -2)},
+    ("call_method", "matmul"): {0: ("", "matmul", -1), 1: ("other", "matmul", -2)},
+    ("call_method", "mm"): {0: ("", "mm", -1), 1: ("mat2", "mm", -2)},
+}
+
+
+@dataclass(frozen=True)
+class WeightUse:
+    """One use of a prunable parameter: `node` consumes it (a call_module or a get_attr node)."""
+
+    node: fx.Node
+    kind: str
+    reduction_dim: int
+
+
+@dataclass
+class PrunableWeight:
+    """A parameter with at least one matmul-like use, and where its mask will live."""
+
+    name: str  # qualified parameter name, e.g. "encoder.0.fc1.weight"
+    param: torch.nn.Parameter
+    uses: list[WeightUse] = field(default_factory=list)
+    getattrs: list[fx.Node] = field(default_factory=list)  # every get_attr node of this parameter
+    modules: list[fx.Node] = field(default_factory=list)  # call_module nodes to make functional
+    aliases: set[str] = field(default_factory=set)
+
+    @property
+    def layer(self) -> str:
+        return self.name.rpartition(".")[0]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.param.shape)
+
+    @property
+    def mask_name(self) -> str:
+        return f"{self.name}_mask"
+
+    def names(self) -> set[str]:
+        out = {self.name, self.layer}
+        for alias in self.aliases:
+            out |= {alias, alias.rpartition(".")[0]}
+        return out - {""}
+
+
+def _resolve(gm: fx.GraphModule, target: str) -> object:
+    obj: object = gm
+    for atom in target.split("."):
+        if not hasattr(obj, atom):
+            return None
+        obj = getattr(obj, atom)
+    return obj
+
+
+def _module_kind(module: nn.Module) -> tuple[str, int] | None:
+    for cls, row in MODULE_OPS.items():
+        # a subclass that overrides forward computes something else; leave it alone
+        if isinstance(module, cls) and type(module).forward is cls.forward:
+            return row
+    return None
+
+
+def find_prunable(gm: fx.GraphModule) -> list[PrunableWeight]:
+    """Every parameter of `gm` used by a matmul-like op, in graph order, with all its uses."""
+    canonical = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        canonical.setdefault(id(p), name)
+    found: dict[int, PrunableWeight] = {}
+
+    def entry(param: torch.nn.Parameter, name: str) -> PrunableWeight:
+        pw = found.get(id(param))
+        if pw is None:
+            pw = found[id(param)] = PrunableWeight(canonical.get(id(param), name), param)
+        if name != pw.name:
+            pw.aliases.add(name)
+        return pw
+
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            row = _module_kind(gm.get_submodule(node.target))
+            if row is None:
+                continue
+            param = gm.get_submodule(node.target).weight
+            pw = entry(param, f"{node.target}.weight")
+            pw.uses.append(WeightUse(node, row[0], row[1]))
+            pw.modules.append(node)
+            continue
+        slots = FUNCTION_OPS.get((node.op, node.target))
+        if not slots:
+            continue
+        for index, (kwarg, kind, dim) in slots.items():
+            arg = node.args[index] if index < len(node.args) else node.kwargs.get(kwarg)
+            if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+                continue
+            param = _resolve(gm, arg.target)
+            if not isinstance(param, torch.nn.Parameter) or param.dim() < 2:
+                continue
+            pw = entry(param, arg.target)
+            pw.uses.append(WeightUse(arg, kind, dim % param.dim()))
+    # every get_attr of a selected parameter gets the mask, whatever op reads it
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            obj = _resolve(gm, node.target)
+            if isinstance(obj, torch.nn.Parameter) and id(obj) in found:
+                found[id(obj)].getattrs.append(node)
+                if node.target != found[id(obj)].name:
+                    found[id(obj)].aliases.add(node.target)
+    return list(found.values())
+
+
+def _matches(pattern: str, weight: PrunableWeight) -> bool:
+    return any(fnmatch.fnmatchcase(n, pattern) for n in weight.names())
+
+
+def _no_match_error(what: str, pattern: str, weights: Iterable[PrunableWeight]) -> ValueError:
+    names = sorted({n for w in weights for n in (w.name,)})
+    near = difflib.get_close_matches(pattern, sorted({n for w in weights for n in w.names()}), n=3)
+    hint = f" Did you mean {', '.join(repr(n) for n in near)}?" if near else ""
+    return ValueError(
+        f"{what} pattern {pattern!r} matches no prunable weight.{hint} "
+        f"Prunable weights: {', '.join(names)}. Patterns are fnmatch globs on the weight name "
+        "('encoder.*.weight') or the layer name ('encoder.0.fc1')."
+    )
+
+
+def _filter(weights: list[PrunableWeight], patterns, keep: bool, what: str) -> list[PrunableWeight]:
+    if patterns is None:
+        return weights
+    if callable(patterns):
+        pred: Callable[[PrunableWeight], bool] = patterns
+        return [w for w in weights if bool(pred(w)) == keep]
+    for p in patterns:
+        if not any(_matches(p, w) for w in weights):
+            raise _no_match_error(what, p, weights)
+    return [w for w in weights if any(_matches(p, w) for p in patterns) == keep]
+
+
+def _check_usable(gm: fx.GraphModule, weights: list[PrunableWeight]) -> None:
+    """Refuse parameters that some op we cannot rewrite reads inside a module call."""
+    chosen = {id(w.param): w for w in weights}
+    functional = {n for w in weights for n in w.modules}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or node in functional:
+            continue
+        module = gm.get_submodule(node.target)
+        for pname, p in module.named_parameters():
+            if id(p) in chosen:
+                w = chosen[id(p)]
+                raise ValueError(
+                    f"select: weight '{w.name}' is also read inside module '{node.target}' "
+                    f"({type(module).__name__}, as '{pname}'), where dsd_fx cannot apply its mask; "
+                    f"exclude it (exclude=['{w.name}'])"
+                )
+    for w in weights:
+        for node in w.modules:
+            module = gm.get_submodule(node.target)
+            if module._forward_hooks or module._forward_pre_hooks:
+                raise ValueError(
+                    f"select: layer '{node.target}' has forward hooks, which a functional call would skip; "
+                    f"remove the hooks or exclude it (exclude=['{node.target}'])"
+                )
+            if isinstance(module, nn.modules.conv._ConvTransposeNd) and (len(node.args) > 1 or node.kwargs):
+                raise ValueError(
+                    f"select: layer '{node.target}' is called with output_size, which dsd_fx cannot make "
+                    f"functional; call it without output_size or exclude it (exclude=['{node.target}'])"
+                )
+
+
+def select(gm: fx.GraphModule, config: SparseConfig) -> list[tuple[PrunableWeight, float]]:
+    """The weights to prune under `config`, each with its sparsity; raises before any change."""
+    candidates = find_prunable(gm)
+    if not candidates:
+        raise ValueError(
+            f"select: {type(gm).__name__} has no prunable weight: no parameter of 2 or more dimensions is "
+            "used by Linear, Conv*, ConvTranspose*, F.linear, F.conv*, matmul, mm or addmm. "
+            "Is the model's weight held in a module type dsd_fx does not know?"
+        )
+    weights = _filter(candidates, config.include, True, "include")
+    weights = _filter(weights, config.exclude, False, "exclude")
+    if isinstance(config.sparsity, dict):
+        chosen = []
+        for pattern in config.sparsity:
+            if not any(_matches(pattern, w) for w in weights):
+                raise _no_match_error("sparsity", pattern, weights or candidates)
+        for w in weights:
+            ratio = next((r for p, r in config.sparsity.items() if _matches(p, w)), None)
+            if ratio is not None:
+                chosen.append((w, ratio))
+    else:
+        chosen = [(w, config.sparsity) for w in weights]
+    if not chosen:
+        raise ValueError(
+            "select: include/exclude leave no weight to prune; prunable weights are: "
+            + ", ".join(w.name for w in candidates)
+        )
+    _check_usable(gm, [w for w, _ in chosen])
+    for w, _ in chosen:
+        if not w.param.dtype.is_floating_point:
+            raise TypeError(f"select: weight '{w.name}' has dtype {w.param.dtype}; dsd_fx prunes floating-point weights only; exclude it")
+        if w.param.is_meta:
+            raise ValueError(f"select: weight '{w.name}' is on the meta device and has no values to rank; load real weights first")
+        if not bool(torch.isfinite(w.param.detach()).all()):
+            raise ValueError(f"select: weight '{w.name}' holds NaN or Inf; magnitudes cannot be ranked. Fix the weights or exclude it")
+        owner = _resolve(gm, w.layer) if w.layer else gm
+        mask_attr = w.mask_name.rpartition(".")[2]
+        if hasattr(owner, mask_attr):
+            raise ValueError(
+                f"select: layer '{w.layer}' already has an attribute '{mask_attr}'; is this model already "
+                "sparse? Re-dense it first (transform(gm, phase='dense'))"
+            )
+    return chosen

@@ -1,0 +1,74 @@
+"""strip_masks: the inverse of insert_masks; gives back the original dense ops."""
+from __future__ import annotations
+
+import copy
+
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from dsd_fx.tags import tag_of, tagged
+
+INSERTED = "insert_masks"
+
+
+def strip_masks(gm: fx.GraphModule) -> PassResult:
+    """Remove every node and buffer that insert_masks made; restore the module calls.
+
+    Before::
+
+        fc1_weight = self.fc1.weight
+        fc1_weight_mask = self.fc1.weight_mask
+        mul = torch.mul(fc1_weight, fc1_weight_mask)
+        fc1_bias = self.fc1.bias
+        linear = torch._C._nn.linear(x, mul, fc1_bias)
+        relu = torch.relu(linear)
+
+    After::
+
+        fc1 = self.fc1(x);  x = None
+        relu = torch.relu(fc1)
+
+    It rebuilds the graph node by node so that restored nodes get their original names back and
+    the generated code equals the code of the never-sparsified model. It does not touch weight
+    values: writing W * M into the weights is the caller's (transform's) commit step.
+    """
+    old = gm.graph
+    mask_buffers = {n.target for n in tagged(old, INSERTED, "mask")}
+    if not mask_buffers and next(tagged(old, INSERTED), None) is None:
+        return PassResult(gm, modified=False)
+    new = fx.Graph(owning_module=gm, tracer_cls=old._tracer_cls)
+    new._codegen = copy.deepcopy(old._codegen)
+    env: dict[fx.Node, fx.Node] = {}
+    made: list[fx.Node] = []  # copies of tagged nodes, erased if nothing uses them
+
+    def arg(n):
+        return env[n]
+
+    for node in old.nodes:
+        t = tag_of(node)
+        role = t["role"] if t and t["pass"] == INSERTED else None
+        if role == "mul":
+            env[node] = env[node.args[0]]
+        elif role == "op":
+            x = node.args[0]
+            xt = tag_of(x)
+            if xt and xt["pass"] == INSERTED and xt["role"] == "pad":
+                x = x.args[0]
+            restored = new.create_node("call_module", t["module"], (env[x],), {}, name=t["name"])
+            restored.meta = dict(t["meta"])
+            env[node] = restored
+        else:
+            env[node] = new.node_copy(node, arg)
+            if role is not None:
+                env[node].meta.pop("dsd_fx", None)
+                made.append(env[node])
+    for n in reversed(made):
+        if not n.users:
+            new.erase_node(n)
+    gm.graph = new
+    for qualname in mask_buffers:
+        path, _, attr = qualname.rpartition(".")
+        owner = gm.get_submodule(path) if path else gm
+        if attr in owner._buffers:
+            del owner._buffers[attr]
+    return PassResult(gm, modified=True)
