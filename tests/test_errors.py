@@ -1,0 +1,134 @@
+"""Bad input: a clear error naming the layer, the value and the fix, and the model left as it was."""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import dsd_fx
+from conftest import TinyMLP, assert_unchanged, snapshot
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, words",
+    [
+        ({"sparsity": 1.0}, ValueError, ["[0, 1)", "1.0"]),
+        ({"sparsity": -0.1}, ValueError, ["[0, 1)", "-0.1"]),
+        ({"sparsity": float("nan")}, ValueError, ["[0, 1)"]),
+        ({"sparsity": "half"}, TypeError, ["'half'"]),
+        ({"sparsity": {"fc1": 1.5}}, ValueError, ["sparsity['fc1']", "1.5"]),
+        ({"phase": "medium"}, ValueError, ["'medium'", "phase='sparse'", "phase='dense'"]),
+        ({"include": ["encoder.*"]}, ValueError, ["'encoder.*'", "fc1.weight", "fc2.weight"]),
+        ({"exclude": ["fc3"]}, ValueError, ["'fc3'", "Did you mean", "fc1"]),
+        ({"sparsity": {"fc9": 0.5}}, ValueError, ["'fc9'", "fc1.weight"]),
+        ({"include": ["fc1"], "exclude": ["fc1"]}, ValueError, ["no weight to prune", "fc1.weight"]),
+        ({"scope": "model"}, ValueError, ["'model'", "layer", "global"]),
+        ({"scope": "global", "sparsity": {"fc1": 0.5}}, ValueError, ["global", "scope='layer'"]),
+    ],
+)
+def test_bad_options(kwargs, exc, words):
+    model = TinyMLP()
+    snap = snapshot(model)
+    with pytest.raises(exc) as err:
+        dsd_fx.transform(model, **kwargs)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+    assert_unchanged(model, snap)
+
+
+def test_model_without_prunable_weight():
+    model = nn.Sequential(nn.ReLU(), nn.LayerNorm(4))
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="no prunable weight"):
+        dsd_fx.transform(model)
+    assert_unchanged(model, snap)
+
+
+def test_redense_without_dsd_nodes():
+    model = TinyMLP()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="nothing to re-dense"):
+        dsd_fx.transform(model, phase="dense")
+    gm = torch.fx.symbolic_trace(model)
+    with pytest.raises(ValueError, match="phase='sparse'"):
+        dsd_fx.transform(gm, phase="dense")
+    assert_unchanged(model, snap)
+
+
+def test_second_sparse_transform():
+    sparse = dsd_fx.transform(TinyMLP())
+    snap = snapshot(sparse)
+    with pytest.raises(ValueError, match="already a sparse-phase graph.*re-dense it first"):
+        dsd_fx.transform(sparse, sparsity=0.7)
+    assert_unchanged(sparse, snap)
+
+
+def test_dense_takes_no_sparsity_options():
+    sparse = dsd_fx.transform(TinyMLP())
+    snap = snapshot(sparse)
+    with pytest.raises(TypeError, match="no sparsity options"):
+        dsd_fx.transform(sparse, phase="dense", sparsity=0.3)
+    assert_unchanged(sparse, snap)
+
+
+def test_not_a_module():
+    with pytest.raises(TypeError, match="nn.Module"):
+        dsd_fx.transform(lambda x: x)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights(bad):
+    model = TinyMLP()
+    with torch.no_grad():
+        model.fc2.weight[0, 0] = bad
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="'fc2.weight' holds NaN or Inf"):
+        dsd_fx.transform(model)
+    assert_unchanged(model, snap)
+
+
+def test_weight_read_inside_a_module_we_cannot_mask():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.out = nn.Linear(4, 10, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, idx):
+            return self.out(self.emb(idx))
+
+    model = Tied()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="read inside module 'emb'.*exclude"):
+        dsd_fx.transform(model)
+    assert_unchanged(model, snap)
+
+
+def test_untraceable_model_names_the_line():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent control flow
+                return self.fc(x)
+            return x
+
+    model = Branchy()
+    snap = snapshot(model)
+    with pytest.raises(TypeError) as err:
+        dsd_fx.transform(model)
+    msg = str(err.value)
+    assert "Branchy" in msg and "if x.sum() > 0" in msg and "concrete_args" in msg and "leaf" in msg
+    assert_unchanged(model, snap)
+
+
+def test_bare_passes_import_is_refused(tmp_path):
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", "import passes"], cwd=root, capture_output=True, text=True)
+    assert out.returncode != 0 and "dsd_fx.passes" in out.stderr
