@@ -7,6 +7,7 @@ from typing import Any
 
 import torch.nn as nn
 from torch import fx
+from torch.fx.graph_module import _copy_attr
 
 
 def _shell(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
@@ -19,14 +20,24 @@ def _shell(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
         return memo[id(module)]
     new = module.__class__.__new__(module.__class__)
     memo[id(module)] = new
-    new.__dict__ = module.__dict__.copy()
-    new._parameters = module._parameters.copy()
-    new._buffers = module._buffers.copy()
-    new._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
-    new._modules = module._modules.copy()
-    for name, child in module._modules.items():
-        new._modules[name] = None if child is None else _shell(child, memo)
+    state = module.__dict__.copy()  # set through __dict__: nn.Module.__setattr__ is slow
+    state["_parameters"] = module._parameters.copy()
+    state["_buffers"] = module._buffers.copy()
+    state["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
+    state["_modules"] = {k: None if c is None else _shell(c, memo) for k, c in module._modules.items()}
+    new.__dict__ = state
     return new
+
+
+def _graph_module(root: nn.Module, graph: fx.Graph, class_name: str) -> fx.GraphModule:
+    """fx.GraphModule(root, graph) without generating its code: the pipeline does that once, at the end."""
+    gm = fx.GraphModule(root, fx.Graph(), class_name=class_name)
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            _copy_attr(root, gm, node.target)
+    gm.__dict__["_graph"] = graph
+    graph.owning_module = gm
+    return gm
 
 
 def _trace(model: nn.Module, concrete_args: dict[str, Any] | None) -> fx.Graph:
@@ -61,7 +72,7 @@ def capture(model: nn.Module, *, copy: bool = False, concrete_args: dict[str, An
         graph = _trace(model, concrete_args)
         class_name = type(model).__name__
     root = _shell(model, {})
-    gm = fx.GraphModule(root, graph, class_name=class_name)
+    gm = _graph_module(root, graph, class_name)
     gm.training = model.training
     if isinstance(model, fx.GraphModule):
         # keep the whole module tree: a module that the graph reaches only through get_attr

@@ -6,6 +6,9 @@ from typing import Sequence
 import torch
 
 
+_SORT_BELOW = 1 << 16
+
+
 def _prune_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """A {0,1} bool keep-vector over the flat `scores` that drops exactly the `k` smallest.
 
@@ -17,6 +20,9 @@ def _prune_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
         return keep
     if k >= n:
         return ~keep
+    if n <= _SORT_BELOW:  # a stable sort is fewer ops for small tensors
+        keep[torch.argsort(scores, stable=True)[:k]] = False
+        return keep
     threshold = torch.kthvalue(scores, k).values
     below = scores < threshold
     tied = scores == threshold

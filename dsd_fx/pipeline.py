@@ -35,14 +35,17 @@ def run_passes(
     *,
     record_code: bool = False,
 ) -> list[PassRecord]:
-    """Run `recipe` (name, pass) in order on `gm`, in place; lint, recompile and verify after each pass."""
+    """Run `recipe` (name, pass) in order on `gm`, in place; lint and verify after each pass, generate code once."""
     records: list[PassRecord] = []
     for name, fn in recipe:
+        if record_code and not records:
+            gm.recompile()
         before = gm.code if record_code else None
         try:
             result = fn(gm)
             result.graph_module.graph.lint()
-            result.graph_module.recompile()
+            if record_code:
+                result.graph_module.recompile()
             if verify is not None:
                 verify(result.graph_module)
         except Exception as err:
@@ -51,4 +54,5 @@ def run_passes(
         after = gm.code if record_code and result.modified else None
         log.debug("pass %s: %s", name, "changed" if result.modified else "no change")
         records.append(PassRecord(name, result.modified, before if result.modified else None, after))
+    gm.recompile()
     return records

@@ -241,11 +241,14 @@ def select(gm: fx.GraphModule, config: SparseConfig) -> list[tuple[PrunableWeigh
             raise TypeError(f"select: weight '{w.name}' has dtype {w.param.dtype}; dsd_fx prunes floating-point weights only; exclude it")
         if w.param.is_meta:
             raise ValueError(f"select: weight '{w.name}' is on the meta device and has no values to rank; load real weights first")
-        if not bool(torch.isfinite(w.param.detach()).all()):
+    finite = torch.stack([torch.isfinite(w.param.detach()).all().to("cpu") for w, _ in chosen])
+    for (w, _), ok in zip(chosen, finite.tolist()):
+        if not ok:
             raise ValueError(f"select: weight '{w.name}' holds NaN or Inf; magnitudes cannot be ranked. Fix the weights or exclude it")
+    for w, _ in chosen:
         owner = _resolve(gm, w.layer) if w.layer else gm
         mask_attr = w.mask_name.rpartition(".")[2]
-        if hasattr(owner, mask_attr):
+        if any(mask_attr in d for d in (owner.__dict__, owner._parameters, owner._buffers, owner._modules)):
             raise ValueError(
                 f"select: layer '{w.layer}' already has an attribute '{mask_attr}'; is this model already "
                 "sparse? Re-dense it first (transform(gm, phase='dense'))"

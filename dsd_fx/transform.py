@@ -1,7 +1,9 @@
 """The one verb: transform(model, phase="sparse" | "dense")."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 import os
 from typing import Any, Mapping
 
@@ -19,6 +21,19 @@ from dsd_fx.tags import has_dsd_nodes, tagged
 
 PHASES = ("sparse", "dense")
 _UNSET: Any = object()
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Rewriting a graph allocates many small objects and few cycles; the cyclic collector's passes
+    over a large heap made transform() grow faster than linearly with the graph size."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def changes(gm: fx.GraphModule) -> list[PassRecord]:
@@ -67,12 +82,14 @@ def transform(
             )
         elif sparsity is not _UNSET or include is not None or exclude is not None or scope != "layer":
             raise TypeError("give either config= or the individual options (sparsity, include, ...), not both")
-        return _sparse(model, config, copy=copy, concrete_args=concrete_args)
+        with _gc_paused():
+            return _sparse(model, config, copy=copy, concrete_args=concrete_args)
     if sparsity is not _UNSET or include is not None or exclude is not None or config is not None:
         raise TypeError(
             "phase='dense' takes no sparsity options: it removes the masks the sparse phase made"
         )
-    return _dense(model, copy=copy)
+    with _gc_paused():
+        return _dense(model, copy=copy)
 
 
 def _sparse(model: torch.nn.Module, config: SparseConfig, *, copy: bool, concrete_args) -> fx.GraphModule:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
+from dsd_fx.ops import mask_mul
 from dsd_fx.select import PrunableWeight
 from dsd_fx.tags import tag
 
@@ -58,9 +59,14 @@ def _functional_builder(module: nn.Module) -> Callable[..., fx.Node]:
     return next(fn for cls, fn in FUNCTIONAL.items() if isinstance(module, cls))
 
 
+def _get_attr(g: fx.Graph, target: str) -> fx.Node:
+    # select() has checked that the attribute exists; Graph.get_attr would look it up again
+    return g.create_node("get_attr", target)
+
+
 def _masked(g: fx.Graph, weight: fx.Node, mask_name: str, pw: PrunableWeight) -> fx.Node:
-    mask = tag(g.get_attr(mask_name), PASS, "mask", weight=pw.name)
-    return tag(g.call_function(torch.mul, (weight, mask)), PASS, "mul", weight=pw.name)
+    mask = tag(_get_attr(g, mask_name), PASS, "mask", weight=pw.name)
+    return tag(g.call_function(mask_mul, (weight, mask)), PASS, "mul", weight=pw.name)
 
 
 def insert_masks(gm: fx.GraphModule, masks: Sequence[tuple[PrunableWeight, torch.Tensor]]) -> PassResult:
@@ -75,11 +81,12 @@ def insert_masks(gm: fx.GraphModule, masks: Sequence[tuple[PrunableWeight, torch
 
         fc1_weight = self.fc1.weight
         fc1_weight_mask = self.fc1.weight_mask
-        mul = torch.mul(fc1_weight, fc1_weight_mask)
+        mask_mul = dsd_fx_ops_mask_mul(fc1_weight, fc1_weight_mask)
         fc1_bias = self.fc1.bias
-        linear = torch._C._nn.linear(x, mul, fc1_bias)
+        linear = torch._C._nn.linear(x, mask_mul, fc1_bias)
         relu = torch.relu(linear)
 
+    `mask_mul` is W * M in value and gradient (see dsd_fx.ops for why it is not `torch.mul`).
     Module calls become functional calls of the masked weight; a parameter read by `get_attr`
     gets its multiplication right after the read, once per read. One buffer per parameter, so a
     weight used several times is masked identically everywhere.
@@ -95,9 +102,9 @@ def insert_masks(gm: fx.GraphModule, masks: Sequence[tuple[PrunableWeight, torch
         for node in pw.modules:
             module = gm.get_submodule(node.target)
             with g.inserting_before(node):
-                w = tag(g.get_attr(f"{node.target}.weight"), PASS, "weight")
+                w = tag(_get_attr(g, f"{node.target}.weight"), PASS, "weight")
                 masked = _masked(g, w, pw.mask_name, pw)
-                b = tag(g.get_attr(f"{node.target}.bias"), PASS, "bias") if module.bias is not None else None
+                b = tag(_get_attr(g, f"{node.target}.bias"), PASS, "bias") if module.bias is not None else None
                 op = _functional_builder(module)(g, node, module, _input_of(node), masked, b)
             tag(op, PASS, "op", module=node.target, name=node.name, meta={k: v for k, v in node.meta.items() if k != "dsd_fx"})
             op.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})

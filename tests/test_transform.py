@@ -12,15 +12,15 @@ SPARSE_MLP = '''
 def forward(self, x):
     fc1_weight = self.fc1.weight
     fc1_weight_mask = self.fc1.weight_mask
-    mul = torch.mul(fc1_weight, fc1_weight_mask);  fc1_weight = fc1_weight_mask = None
+    mask_mul = dsd_fx_ops_mask_mul(fc1_weight, fc1_weight_mask);  fc1_weight = fc1_weight_mask = None
     fc1_bias = self.fc1.bias
-    linear = torch._C._nn.linear(x, mul, fc1_bias);  x = mul = fc1_bias = None
+    linear = torch._C._nn.linear(x, mask_mul, fc1_bias);  x = mask_mul = fc1_bias = None
     relu = torch.relu(linear);  linear = None
     fc2_weight = self.fc2.weight
     fc2_weight_mask = self.fc2.weight_mask
-    mul_1 = torch.mul(fc2_weight, fc2_weight_mask);  fc2_weight = fc2_weight_mask = None
+    mask_mul_1 = dsd_fx_ops_mask_mul(fc2_weight, fc2_weight_mask);  fc2_weight = fc2_weight_mask = None
     fc2_bias = self.fc2.bias
-    linear_1 = torch._C._nn.linear(relu, mul_1, fc2_bias);  relu = mul_1 = fc2_bias = None
+    linear_1 = torch._C._nn.linear(relu, mask_mul_1, fc2_bias);  relu = mask_mul_1 = fc2_bias = None
     return linear_1
 '''
 
@@ -113,6 +113,38 @@ def test_s_phase_holds_through_training(zoo, opt):
         after = sparse(*args)
     for b, a in zip(before if isinstance(before, tuple) else (before,), after if isinstance(after, tuple) else (after,)):
         torch.testing.assert_close(a, b)
+
+
+def test_stale_optimizer_state_cannot_revive_pruned_weights():
+    """Momentum built in the dense phase keeps moving pruned weights; they must stay without effect."""
+    model = TinyMLP()
+    x = torch.randn(4, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(x).sum().backward()
+    opt.step()  # dense-phase momentum for every weight
+    sparse = dsd_fx.transform(model, sparsity=0.5)
+    mask = sparse.fc1.weight_mask
+    opt.zero_grad()
+    sparse(x).sum().backward()
+    assert bool((model.fc1.weight.grad[mask == 0] == 0).all())
+    opt.step()  # the stale momentum moves the pruned weights...
+    assert bool((model.fc1.weight[mask == 0] != 0).any())
+    reference = masked_reference(model, {"fc1.weight": mask, "fc2.weight": sparse.fc2.weight_mask})
+    torch.testing.assert_close(sparse(x), reference(x))  # ...but they have no effect
+    assert bool((model.fc1.weight[mask == 0] == 0).all())  # and the mask op put them back to zero
+
+
+def test_mask_mul_gradient_is_masked_and_value_exact():
+    from dsd_fx.ops import mask_mul
+
+    w = torch.nn.Parameter(torch.randn(6, 5))
+    m = (torch.rand(6, 5) > 0.5).float()
+    expected = (w.detach() * m).clone()
+    out = mask_mul(w, m)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    g = torch.randn(6, 5)
+    out.backward(g)
+    torch.testing.assert_close(w.grad, g * m, rtol=0, atol=0)
 
 
 def test_redense_restores_graph_and_state_dict(zoo):
