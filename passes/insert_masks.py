@@ -64,9 +64,10 @@ def _get_attr(g: fx.Graph, target: str) -> fx.Node:
     return g.create_node("get_attr", target)
 
 
-def _masked(g: fx.Graph, weight: fx.Node, mask_name: str, pw: PrunableWeight) -> fx.Node:
+def _masked(g: fx.Graph, weight: fx.Node, mask_name: str, pw: PrunableWeight, sole_weight_op: bool) -> fx.Node:
     mask = tag(_get_attr(g, mask_name), PASS, "mask", weight=pw.name)
-    return tag(g.call_function(mask_mul, (weight, mask)), PASS, "mul", weight=pw.name)
+    kwargs = {"grad_inplace": True} if sole_weight_op else {}
+    return tag(g.call_function(mask_mul, (weight, mask), kwargs), PASS, "mul", weight=pw.name)
 
 
 def insert_masks(gm: fx.GraphModule, masks: Sequence[tuple[PrunableWeight, torch.Tensor]]) -> PassResult:
@@ -81,7 +82,7 @@ def insert_masks(gm: fx.GraphModule, masks: Sequence[tuple[PrunableWeight, torch
 
         fc1_weight = self.fc1.weight
         fc1_weight_mask = self.fc1.weight_mask
-        mask_mul = dsd_fx_ops_mask_mul(fc1_weight, fc1_weight_mask)
+        mask_mul = dsd_fx_ops_mask_mul(fc1_weight, fc1_weight_mask, grad_inplace = True)
         fc1_bias = self.fc1.bias
         linear = torch._C._nn.linear(x, mask_mul, fc1_bias)
         relu = torch.relu(linear)
@@ -95,15 +96,18 @@ def insert_masks(gm: fx.GraphModule, masks: Sequence[tuple[PrunableWeight, torch
     for pw, mask in masks:
         owner, attr = _owner(gm, pw.mask_name)
         owner.register_buffer(attr, mask)
+        weight_reads = {u.node for u in pw.uses}
         for getter in pw.getattrs:
+            # the weight gradient of a matmul-like op is a fresh tensor: safe to mask in place
+            sole = getter in weight_reads and len(getter.users) == 1
             with g.inserting_before(getter.next):
-                masked = _masked(g, getter, pw.mask_name, pw)
+                masked = _masked(g, getter, pw.mask_name, pw, sole)
             getter.replace_all_uses_with(masked, delete_user_cb=lambda user, m=masked: user is not m)
         for node in pw.modules:
             module = gm.get_submodule(node.target)
             with g.inserting_before(node):
                 w = tag(_get_attr(g, f"{node.target}.weight"), PASS, "weight")
-                masked = _masked(g, w, pw.mask_name, pw)
+                masked = _masked(g, w, pw.mask_name, pw, True)
                 b = tag(_get_attr(g, f"{node.target}.bias"), PASS, "bias") if module.bias is not None else None
                 op = _functional_builder(module)(g, node, module, _input_of(node), masked, b)
             tag(op, PASS, "op", module=node.target, name=node.name, meta={k: v for k, v in node.meta.items() if k != "dsd_fx"})

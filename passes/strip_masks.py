@@ -18,7 +18,7 @@ def strip_masks(gm: fx.GraphModule) -> PassResult:
 
         fc1_weight = self.fc1.weight
         fc1_weight_mask = self.fc1.weight_mask
-        mask_mul = dsd_fx_ops_mask_mul(fc1_weight, fc1_weight_mask)
+        mask_mul = dsd_fx_ops_mask_mul(fc1_weight, fc1_weight_mask, grad_inplace = True)
         fc1_bias = self.fc1.bias
         linear = torch._C._nn.linear(x, mask_mul, fc1_bias)
         relu = torch.relu(linear)

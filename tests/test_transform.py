@@ -12,13 +12,13 @@ SPARSE_MLP = '''
 def forward(self, x):
     fc1_weight = self.fc1.weight
     fc1_weight_mask = self.fc1.weight_mask
-    mask_mul = dsd_fx_ops_mask_mul(fc1_weight, fc1_weight_mask);  fc1_weight = fc1_weight_mask = None
+    mask_mul = dsd_fx_ops_mask_mul(fc1_weight, fc1_weight_mask, grad_inplace = True);  fc1_weight = fc1_weight_mask = None
     fc1_bias = self.fc1.bias
     linear = torch._C._nn.linear(x, mask_mul, fc1_bias);  x = mask_mul = fc1_bias = None
     relu = torch.relu(linear);  linear = None
     fc2_weight = self.fc2.weight
     fc2_weight_mask = self.fc2.weight_mask
-    mask_mul_1 = dsd_fx_ops_mask_mul(fc2_weight, fc2_weight_mask);  fc2_weight = fc2_weight_mask = None
+    mask_mul_1 = dsd_fx_ops_mask_mul(fc2_weight, fc2_weight_mask, grad_inplace = True);  fc2_weight = fc2_weight_mask = None
     fc2_bias = self.fc2.bias
     linear_1 = torch._C._nn.linear(relu, mask_mul_1, fc2_bias);  relu = mask_mul_1 = fc2_bias = None
     return linear_1
@@ -229,3 +229,43 @@ def test_failed_transform_leaves_model_unchanged():
     with pytest.raises(ValueError):
         dsd_fx.transform(model, sparsity={"fc*": 0.5, "nothing": 0.1})
     assert_unchanged(model, snap)
+
+
+def test_gradients_equal_masked_reference_with_shared_reads():
+    """A weight read by a matmul and by other ops at once: gradients must still be exact."""
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 6))
+            self.v = nn.Parameter(torch.randn(6, 6))
+
+        def forward(self, x):
+            w = self.w
+            y = x @ w + w.sum() + torch.matmul(x, self.v)
+            return y + (w * 2).mean(), self.v.t()
+
+    torch.manual_seed(0)
+    model = Shared()
+    x = torch.randn(3, 6)
+    sparse = dsd_fx.transform(copy.deepcopy(model), sparsity=0.5)
+    masks = _masks(sparse)
+    assert "grad_inplace" not in sparse.code.split("w_mask")[1].split("\n")[0]  # w has several readers
+
+    class Reference(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(model.w.detach() * masks["w"])
+            self.v = nn.Parameter(model.v.detach() * masks["v"])
+
+        def forward(self, x):
+            w, v = self.w * masks["w"], self.v * masks["v"]
+            y = x @ w + w.sum() + torch.matmul(x, v)
+            return y + (w * 2).mean(), v.t()
+
+    ref = Reference()
+    for net in (sparse, ref):
+        a, b = net(x)
+        (a.square().sum() + b.sum()).backward()
+    torch.testing.assert_close(sparse.w.grad, ref.w.grad)
+    torch.testing.assert_close(sparse.v.grad, ref.v.grad)
