@@ -57,3 +57,34 @@ def global_magnitude_masks(weights: Sequence[torch.Tensor], sparsity: float) -> 
         out.append(keep[start : start + w.numel()].view(w.shape).to(device=w.device, dtype=w.dtype))
         start += w.numel()
     return out
+
+
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """'2:4' -> (2, 4); raises ValueError naming the pattern and the fix."""
+    parts = pattern.split(":") if isinstance(pattern, str) else []
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"pattern {pattern!r} is not of the form 'N:M' with integers, e.g. '2:4' or '4:8'")
+    n, m = (int(p) for p in parts)
+    if n < 1 or n >= m:
+        raise ValueError(f"pattern {pattern!r} needs 1 <= N < M (N kept of every M); got N={n}, M={m}")
+    return n, m
+
+
+def nm_view(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """`weight` with its reduction dimension last: the axis N:M groups run along."""
+    return weight.movedim(dim, -1)
+
+
+def nm_mask(weight: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
+    """Keep the N largest |w| of every M consecutive weights along `dim`; dtype of `weight`.
+
+    A Conv weight (out, in, kh, kw) with dim=1 is grouped along the input channels at each
+    kernel position, as if viewed (out, kh, kw, in). Ties keep the lowest index.
+    """
+    v = nm_view(weight.detach(), dim)
+    if v.shape[-1] % m:
+        raise ValueError(f"reduction size {v.shape[-1]} is not divisible by m={m}")
+    groups = v.abs().reshape(-1, m).to(torch.float32)
+    keep_idx = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, :n]
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, keep_idx, True)
+    return mask.view(v.shape).movedim(-1, dim).to(weight.dtype)

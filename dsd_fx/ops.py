@@ -51,3 +51,145 @@ def mask_mul(weight: torch.Tensor, mask: torch.Tensor, grad_inplace: bool = Fals
 
 
 torch.fx.wrap("mask_mul")
+
+
+# ---------------------------------------------------------------- SR-STE
+
+
+@torch.library.custom_op("dsd_fx::sparsify_nm", mutates_args=())
+def sparsify_nm(weight: torch.Tensor, n: int, m: int, dim: int, lambda_w: float) -> torch.Tensor:
+    """W * nm_mask(W): the N:M mask recomputed from the dense weight at every call (SR-STE's forward)."""
+    from dsd_fx.masks import nm_mask
+
+    return weight * nm_mask(weight, n, m, dim)
+
+
+@sparsify_nm.register_fake
+def _(weight, n, m, dim, lambda_w):
+    return torch.empty_like(weight)
+
+
+def _sparsify_nm_setup(ctx, inputs, output):
+    weight, n, m, dim, lambda_w = inputs
+    ctx.save_for_backward(weight)
+    ctx.nm = (n, m, dim, lambda_w)
+
+
+def _sparsify_nm_backward(ctx, grad):
+    """STE: the gradient of W~ goes to W unmasked; SR-STE adds lambda_W * (1 - M) * W."""
+    from dsd_fx.masks import nm_mask
+
+    (weight,) = ctx.saved_tensors
+    n, m, dim, lambda_w = ctx.nm
+    if lambda_w == 0.0:
+        return grad, None, None, None, None
+    pruned = 1 - nm_mask(weight, n, m, dim)
+    return grad + lambda_w * pruned * weight, None, None, None, None
+
+
+sparsify_nm.register_autograd(_sparsify_nm_backward, setup_context=_sparsify_nm_setup)
+
+
+# ---------------------------------------------------------------- packed N:M
+
+
+def _semi_structured_ok(x: torch.Tensor, out_features: int, in_features: int, n: int, m: int) -> bool:
+    return (
+        x.is_cuda
+        and (n, m) == (2, 4)
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and out_features % 64 == 0
+        and in_features % 64 == 0
+        and x.numel() // x.shape[-1] % 8 == 0
+    )
+
+
+_LOGGED: set = set()
+
+
+@torch.library.custom_op("dsd_fx::nm_linear", mutates_args=())
+def nm_linear(
+    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, n: int, m: int
+) -> torch.Tensor:
+    """x @ W.T + bias, with W (out, in) stored N:M-packed as (values (out, in*N/M), meta).
+
+    CUDA, 2:4, fp16/bf16, shapes multiples of 64: torch's semi-structured sparse kernels
+    (cuSPARSELt or CUTLASS). Elsewhere: our kernel, which scatters W for the product and frees it.
+    """
+    from dsd_fx.packing import unpack_nm
+
+    weight = unpack_nm(values, meta, n, m)
+    if _semi_structured_ok(x, weight.shape[0], weight.shape[1], n, m):
+        try:
+            from torch.sparse import to_sparse_semi_structured
+
+            return torch.nn.functional.linear(x, to_sparse_semi_structured(weight), bias)
+        except Exception as err:  # noqa: BLE001 - fall back, once logged
+            key = (tuple(weight.shape), x.dtype, type(err).__name__)
+            if key not in _LOGGED:
+                _LOGGED.add(key)
+                import logging
+
+                logging.getLogger(__name__).info("semi-structured 2:4 kernel unavailable for %s: %s; using dense fallback", key, err)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+@nm_linear.register_fake
+def _(x, values, meta, bias, n, m):
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+def _nm_linear_setup(ctx, inputs, output):
+    x, values, meta, bias, n, m = inputs
+    ctx.save_for_backward(x, values, meta)
+    ctx.nm = (n, m, bias is not None)
+
+
+def _nm_linear_backward(ctx, grad):
+    from dsd_fx.packing import gather_nm, unpack_nm
+
+    x, values, meta = ctx.saved_tensors
+    n, m, has_bias = ctx.nm
+    weight = unpack_nm(values, meta, n, m)  # rebuilt for the backward only; nothing dense is kept
+    g2 = grad.reshape(-1, grad.shape[-1])
+    grad_x = (grad @ weight) if ctx.needs_input_grad[0] else None
+    grad_values = None
+    if ctx.needs_input_grad[1]:
+        grad_w = g2.t() @ x.reshape(-1, x.shape[-1])
+        grad_values = gather_nm(grad_w, meta, n, m, values.shape)
+    grad_bias = g2.sum(0) if has_bias and ctx.needs_input_grad[3] else None
+    return grad_x, grad_values, None, grad_bias, None, None
+
+
+nm_linear.register_autograd(_nm_linear_backward, setup_context=_nm_linear_setup)
+
+
+@torch.library.custom_op("dsd_fx::nm_unpack", mutates_args=())
+def nm_unpack(values: torch.Tensor, meta: torch.Tensor, n: int, m: int, dim: int, shape: list[int]) -> torch.Tensor:
+    """The dense weight from packed N:M storage, for ops with no packed kernel (Conv): compute is dense."""
+    from dsd_fx.packing import unpack_nm
+
+    return unpack_nm(values, meta, n, m, dim).reshape(shape).contiguous()
+
+
+@nm_unpack.register_fake
+def _(values, meta, n, m, dim, shape):
+    return values.new_empty(shape)
+
+
+def _nm_unpack_setup(ctx, inputs, output):
+    values, meta, n, m, dim, shape = inputs
+    ctx.save_for_backward(meta)
+    ctx.nm = (n, m, dim, tuple(values.shape))
+
+
+def _nm_unpack_backward(ctx, grad):
+    from dsd_fx.masks import nm_view
+    from dsd_fx.packing import gather_nm
+
+    (meta,) = ctx.saved_tensors
+    n, m, dim, vshape = ctx.nm
+    return gather_nm(nm_view(grad, dim), meta, n, m, vshape), None, None, None, None, None
+
+
+nm_unpack.register_autograd(_nm_unpack_backward, setup_context=_nm_unpack_setup)

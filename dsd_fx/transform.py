@@ -137,7 +137,7 @@ def _dense(model: torch.nn.Module, *, copy: bool) -> fx.GraphModule:
         )
     gm = capture(model, copy=copy)
     pairs = []
-    for mul in tagged(gm.graph, "insert_masks", "mul"):
+    for mul in tagged(gm.graph, "insert_masks", "masked"):
         weight, mask = (gm.get_parameter(mul.args[0].target), gm.get_buffer(mul.args[1].target))
         if all(w is not weight for w, _ in pairs):
             pairs.append((weight, mask))

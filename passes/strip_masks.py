@@ -1,4 +1,4 @@
-"""strip_masks: the inverse of insert_masks; gives back the original dense ops."""
+"""strip_masks: the inverse of insert_masks and insert_nm; gives back the original dense ops."""
 from __future__ import annotations
 
 import copy
@@ -8,11 +8,10 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from dsd_fx.tags import tag_of, tagged
 
-INSERTED = "insert_masks"
 
 
 def strip_masks(gm: fx.GraphModule) -> PassResult:
-    """Remove every node and buffer that insert_masks made; restore the module calls.
+    """Remove every node and buffer that insert_masks or insert_nm made; restore the module calls.
 
     Before::
 
@@ -33,8 +32,8 @@ def strip_masks(gm: fx.GraphModule) -> PassResult:
     values: writing W * M into the weights is the caller's (transform's) commit step.
     """
     old = gm.graph
-    mask_buffers = {n.target for n in tagged(old, INSERTED, "mask")}
-    if not mask_buffers and next(tagged(old, INSERTED), None) is None:
+    mask_buffers = {n.target for n in tagged(old, role="mask")}
+    if next(tagged(old), None) is None:
         return PassResult(gm, modified=False)
     new = fx.Graph(owning_module=gm, tracer_cls=old._tracer_cls)
     new._codegen = copy.deepcopy(old._codegen)
@@ -46,13 +45,16 @@ def strip_masks(gm: fx.GraphModule) -> PassResult:
 
     for node in old.nodes:
         t = tag_of(node)
-        role = t["role"] if t and t["pass"] == INSERTED else None
-        if role == "mul":
+        role = t["role"] if t else None
+        if role == "masked":  # mask_mul / sparsify_nm: the weight itself stands in
             env[node] = env[node.args[0]]
+        elif role == "restored":  # a node unpack_nm gave back: keep it, under its original name
+            env[node] = new.create_node(node.op, node.target, *fx.node.map_arg((node.args, node.kwargs), arg), name=t["name"])
+            env[node].meta = {k: v for k, v in node.meta.items() if k != "dsd_fx"}
         elif role == "op":
             x = node.args[0]
             xt = tag_of(x)
-            if xt and xt["pass"] == INSERTED and xt["role"] == "pad":
+            if xt and xt["role"] == "pad":
                 x = x.args[0]
             restored = new.create_node("call_module", t["module"], (env[x],), {}, name=t["name"])
             restored.meta = dict(t["meta"])
