@@ -8,6 +8,7 @@ from typing import Callable, Mapping, Sequence, Union
 Patterns = Union[Sequence[str], Callable[..., bool], None]
 
 SCOPES = ("layer", "global")
+METHODS = ("fixed", "sr-ste", "ste")
 
 
 def _check_ratio(value: object, where: str) -> float:
@@ -43,15 +44,54 @@ class SparseConfig:
     include / exclude: name patterns, or a predicate ``fn(weight: PrunableWeight) -> bool``.
     scope: ``"layer"`` (DSD: the same fraction in every layer) or ``"global"`` (rank the
         magnitudes of all selected weights together).
+    pattern: ``"N:M"`` (``"2:4"``, ``"4:8"``, ...): keep the N largest of every M consecutive
+        weights along each weight's reduction dimension, instead of a sparsity fraction.
+    method: with a pattern, ``"fixed"`` (mask computed once, held), ``"sr-ste"`` (mask recomputed
+        from the dense weights at every forward; gradient STE plus ``lambda_w * (1 - M) * W``) or
+        ``"ste"`` (the same with ``lambda_w = 0``).
+    pack: with a fixed pattern, store each weight as its kept values plus bit-packed indices and
+        compute with a packed N:M op; the dense weight is no longer kept.
+    strict: with a pattern, raise (instead of skipping with a warning) on a layer whose reduction
+        size is not divisible by M.
     """
 
-    sparsity: float | Mapping[str, float] = 0.5
+    sparsity: float | Mapping[str, float] | None = None
     include: Patterns = None
     exclude: Patterns = None
     scope: str = "layer"
+    pattern: str | None = None
+    method: str = "fixed"
+    lambda_w: float = 2e-4
+    pack: bool = False
+    strict: bool = False
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        from dsd_fx.masks import parse_pattern
+
+        return None if self.pattern is None else parse_pattern(self.pattern)
+
+    @property
+    def effective_lambda(self) -> float:
+        return 0.0 if self.method == "ste" else float(self.lambda_w)
 
     def __post_init__(self) -> None:
-        if isinstance(self.sparsity, Mapping):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.pattern is not None:
+            self._check_pattern()
+        elif self.method != "fixed":
+            raise ValueError(
+                f"method={self.method!r} recomputes an N:M mask and needs a pattern; add pattern='2:4' (or another 'N:M')"
+            )
+        elif self.pack:
+            raise ValueError("pack=True stores N:M-packed weights and needs a pattern such as pattern='2:4'; "
+                             "an unstructured sparsity has no packed form")
+        if self.sparsity is None and self.pattern is None:
+            object.__setattr__(self, "sparsity", 0.5)
+        if self.sparsity is None:
+            pass
+        elif isinstance(self.sparsity, Mapping):
             if not self.sparsity:
                 raise ValueError("sparsity mapping is empty; give at least one 'pattern': fraction entry")
             checked = {}
@@ -66,8 +106,30 @@ class SparseConfig:
         object.__setattr__(self, "exclude", _check_patterns(self.exclude, "exclude"))
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.pattern is not None and self.scope != "layer":
+            raise ValueError(f"scope={self.scope!r} ranks magnitudes across layers; an N:M pattern works per group, use scope='layer'")
         if self.scope == "global" and isinstance(self.sparsity, dict):
             raise ValueError(
                 "scope='global' ranks all weights together and takes one sparsity float, "
                 f"not a per-layer mapping ({self.sparsity!r}); use scope='layer' for per-layer fractions"
+            )
+
+    def _check_pattern(self) -> None:
+        from dsd_fx.masks import parse_pattern
+
+        if not isinstance(self.pattern, str):
+            raise TypeError(f"pattern must be a string 'N:M' such as '2:4', got {self.pattern!r}")
+        parse_pattern(self.pattern)
+        if self.sparsity is not None:
+            raise ValueError(
+                f"pattern={self.pattern!r} fixes the sparsity at 1 - N/M; drop sparsity={self.sparsity!r} "
+                "(use sparsity without a pattern for unstructured magnitude pruning)"
+            )
+        lam = self.lambda_w
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or math.isnan(lam) or lam < 0:
+            raise ValueError(f"lambda_w must be a float >= 0 (SR-STE's paper uses 2e-4), got {lam!r}")
+        if self.pack and self.method != "fixed":
+            raise ValueError(
+                f"pack=True keeps only the kept values, so the mask cannot change; method={self.method!r} "
+                "recomputes it every step. Use method='fixed' with pack=True, or pack=False"
             )

@@ -123,7 +123,8 @@ def nm_linear(
         try:
             from torch.sparse import to_sparse_semi_structured
 
-            return torch.nn.functional.linear(x, to_sparse_semi_structured(weight), bias)
+            y = torch.nn.functional.linear(x, to_sparse_semi_structured(weight))
+            return y if bias is None else y + bias
         except Exception as err:  # noqa: BLE001 - fall back, once logged
             key = (tuple(weight.shape), x.dtype, type(err).__name__)
             if key not in _LOGGED:
@@ -131,6 +132,8 @@ def nm_linear(
                 import logging
 
                 logging.getLogger(__name__).info("semi-structured 2:4 kernel unavailable for %s: %s; using dense fallback", key, err)
+    if bias is not None and bias.dim() != 1:  # addmm's broadcast bias
+        return torch.nn.functional.linear(x, weight) + bias
     return torch.nn.functional.linear(x, weight, bias)
 
 
@@ -143,6 +146,7 @@ def _nm_linear_setup(ctx, inputs, output):
     x, values, meta, bias, n, m = inputs
     ctx.save_for_backward(x, values, meta)
     ctx.nm = (n, m, bias is not None)
+    ctx.bias_shape = None if bias is None else bias.shape
 
 
 def _nm_linear_backward(ctx, grad):
@@ -157,7 +161,9 @@ def _nm_linear_backward(ctx, grad):
     if ctx.needs_input_grad[1]:
         grad_w = g2.t() @ x.reshape(-1, x.shape[-1])
         grad_values = gather_nm(grad_w, meta, n, m, values.shape)
-    grad_bias = g2.sum(0) if has_bias and ctx.needs_input_grad[3] else None
+    grad_bias = None
+    if has_bias and ctx.needs_input_grad[3]:
+        grad_bias = grad.sum_to_size(ctx.bias_shape)
     return grad_x, grad_values, None, grad_bias, None, None
 
 

@@ -33,9 +33,11 @@ def run_passes(
     recipe: Sequence[tuple[str, Pass]],
     verify: Verifier | None = None,
     *,
+    final: Verifier | None = None,
     record_code: bool = False,
 ) -> list[PassRecord]:
-    """Run `recipe` (name, pass) in order on `gm`, in place; lint and verify after each pass, generate code once."""
+    """Run `recipe` (name, pass) in order on `gm`, in place; lint and `verify` after each pass, `final` after
+    the last; generate code once."""
     records: list[PassRecord] = []
     for name, fn in recipe:
         if record_code and not records:
@@ -54,5 +56,11 @@ def run_passes(
         after = gm.code if record_code and result.modified else None
         log.debug("pass %s: %s", name, "changed" if result.modified else "no change")
         records.append(PassRecord(name, result.modified, before if result.modified else None, after))
+    if final is not None:
+        try:
+            final(gm)
+        except Exception as err:
+            ran = ", ".join(r.name for r in records)
+            raise PassError(f"the graph after passes {ran} fails verification: {err}") from err
     gm.recompile()
     return records

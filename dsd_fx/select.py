@@ -229,7 +229,7 @@ def select(gm: fx.GraphModule, config: SparseConfig) -> list[tuple[PrunableWeigh
             if ratio is not None:
                 chosen.append((w, ratio))
     else:
-        chosen = [(w, config.sparsity) for w in weights]
+        chosen = [(w, config.sparsity) for w in weights]  # None under an N:M pattern
     if not chosen:
         raise ValueError(
             "select: include/exclude leave no weight to prune; prunable weights are: "
@@ -254,3 +254,43 @@ def select(gm: fx.GraphModule, config: SparseConfig) -> list[tuple[PrunableWeigh
                 "sparse? Re-dense it first (transform(gm, phase='dense'))"
             )
     return chosen
+
+
+def reduction_dim(w: PrunableWeight) -> int:
+    """The one dimension N:M groups run along for every use of `w`; raises if uses disagree."""
+    dims = {u.reduction_dim for u in w.uses}
+    if len(dims) != 1:
+        uses = ", ".join(f"{u.node.name} ({u.kind}, dim {u.reduction_dim})" for u in w.uses)
+        raise ValueError(
+            f"select: weight '{w.name}' is used along different reduction dimensions ({uses}); an N:M "
+            f"pattern can follow only one. Exclude it (exclude=['{w.name}'])"
+        )
+    return dims.pop()
+
+
+def select_nm(
+    chosen: list[tuple[PrunableWeight, object]], n: int, m: int, strict: bool
+) -> list[tuple[PrunableWeight, int]]:
+    """The weights an N:M pattern can cover, each with its reduction dim; skips (or, strict, refuses) the rest."""
+    import warnings
+
+    keep, skipped = [], []
+    for w, _ in chosen:
+        dim = reduction_dim(w)
+        size = w.param.shape[dim]
+        (skipped if size % m else keep).append((w, dim) if size % m == 0 else (w.name, size))
+    if skipped and strict:
+        raise ValueError(
+            f"select: {n}:{m} needs reduction sizes divisible by {m}; "
+            + ", ".join(f"layer '{name.rpartition('.')[0]}' has {size}" for name, size in skipped)
+            + ". Exclude those layers, pad them, or pass strict=False to skip them"
+        )
+    if skipped:
+        warnings.warn(
+            f"dsd_fx: {n}:{m} skips {len(skipped)} weight(s) whose reduction size is not divisible by {m}: "
+            + ", ".join(f"{name} ({size})" for name, size in skipped),
+            stacklevel=3,
+        )
+    if not keep:
+        raise ValueError(f"select: no weight has a reduction size divisible by {m}; nothing to make {n}:{m} sparse")
+    return keep

@@ -12,11 +12,15 @@ from torch import fx
 
 from dsd_fx.capture import capture
 from dsd_fx.config import SparseConfig
-from dsd_fx.masks import global_magnitude_masks, magnitude_mask, n_pruned
+from dsd_fx.masks import global_magnitude_masks, magnitude_mask, n_pruned, nm_mask
+from dsd_fx.packing import unpack_nm as unpack_tensor
 from dsd_fx.passes.insert_masks import insert_masks
+from dsd_fx.passes.insert_nm import insert_nm
+from dsd_fx.passes.pack_nm import PACKED_ATTR, pack_nm
 from dsd_fx.passes.strip_masks import strip_masks
+from dsd_fx.passes.unpack_nm import unpack_nm
 from dsd_fx.pipeline import PassRecord, run_passes
-from dsd_fx.select import select
+from dsd_fx.select import select, select_nm
 from dsd_fx.tags import has_dsd_nodes, tagged
 
 PHASES = ("sparse", "dense")
@@ -53,6 +57,11 @@ def transform(
     include: Any = None,
     exclude: Any = None,
     scope: str = "layer",
+    pattern: str | None = None,
+    method: str = "fixed",
+    lambda_w: float = 2e-4,
+    pack: bool = False,
+    strict: bool = False,
     config: SparseConfig | None = None,
     copy: bool = False,
     concrete_args: dict[str, Any] | None = None,
@@ -61,8 +70,9 @@ def transform(
 
     phase="sparse": trace `model` (or take a GraphModule from any tracer), give every prunable
         weight a `<name>_mask` buffer and a visible `mul` before its op, and zero the pruned
-        weights. `sparsity` (default 0.5), `include`, `exclude`, `scope` are those of `SparseConfig`;
-        or pass `config=`.
+        weights. `sparsity` (default 0.5), `include`, `exclude`, `scope`, and for N:M sparsity
+        `pattern` ("2:4"), `method` ("fixed", "sr-ste", "ste"), `lambda_w`, `pack`, `strict` are
+        those of `SparseConfig`; or pass `config=`.
     phase="dense": write W * M into every masked weight (pruned weights restart from zero), remove
         every dsd_fx node and buffer and restore the original ops and parameter names.
 
@@ -78,13 +88,15 @@ def transform(
     if phase == "sparse":
         if config is None:
             config = SparseConfig(
-                sparsity=0.5 if sparsity is _UNSET else sparsity, include=include, exclude=exclude, scope=scope
+                sparsity=None if sparsity is _UNSET else sparsity, include=include, exclude=exclude, scope=scope,
+                pattern=pattern, method=method, lambda_w=lambda_w, pack=pack, strict=strict,
             )
-        elif sparsity is not _UNSET or include is not None or exclude is not None or scope != "layer":
+        elif (sparsity is not _UNSET or include is not None or exclude is not None or scope != "layer"
+              or pattern is not None or method != "fixed" or pack or strict):
             raise TypeError("give either config= or the individual options (sparsity, include, ...), not both")
         with _gc_paused():
             return _sparse(model, config, copy=copy, concrete_args=concrete_args)
-    if sparsity is not _UNSET or include is not None or exclude is not None or config is not None:
+    if sparsity is not _UNSET or include is not None or exclude is not None or config is not None or pattern is not None:
         raise TypeError(
             "phase='dense' takes no sparsity options: it removes the masks the sparse phase made"
         )
@@ -101,6 +113,8 @@ def _sparse(model: torch.nn.Module, config: SparseConfig, *, copy: bool, concret
         )
     gm = capture(model, copy=copy, concrete_args=concrete_args)
     chosen = select(gm, config)
+    if config.nm is not None:
+        return _sparse_nm(gm, chosen, config)
     if config.scope == "global":
         masks = global_magnitude_masks([w.param for w, _ in chosen], config.sparsity)
     else:
@@ -129,6 +143,51 @@ def _sparse(model: torch.nn.Module, config: SparseConfig, *, copy: bool, concret
     return gm
 
 
+def _sparse_nm(gm: fx.GraphModule, chosen, config: SparseConfig) -> fx.GraphModule:
+    n, m = config.nm
+    weights = select_nm(chosen, n, m, config.strict)
+
+    def verify_groups(g: fx.GraphModule, name: str, mask: torch.Tensor, dim: int) -> None:
+        counts = mask.movedim(dim, -1).reshape(-1, m).ne(0).sum(1)
+        if not bool((counts == n).all()):
+            raise AssertionError(f"{name}: not exactly {n} of every {m} kept")
+
+    if config.pack:
+        recipe = [("pack_nm", functools.partial(pack_nm, weights=weights, n=n, m=m))]
+
+        def verify(g: fx.GraphModule) -> None:
+            for w, dim in weights:
+                values = g.get_parameter(f"{w.name}_values")
+                meta = g.get_buffer(f"{w.name}_meta")
+                dense = unpack_tensor(values, meta, n, m, dim)
+                if tuple(dense.shape) != tuple(w.param.shape):
+                    raise AssertionError(f"{w.name}: packed weight unpacks to {tuple(dense.shape)}")
+                verify_groups(g, w.name, nm_mask(w.param, n, m, dim), dim)
+
+    elif config.method == "fixed":
+        plan = [(w, nm_mask(w.param, n, m, dim)) for w, dim in weights]
+        recipe = [("insert_masks", functools.partial(insert_masks, masks=plan))]
+
+        def verify(g: fx.GraphModule) -> None:
+            for w, dim in weights:
+                verify_groups(g, w.name, g.get_buffer(w.mask_name), dim)
+
+    else:
+        recipe = [("insert_nm", functools.partial(insert_nm, weights=weights, n=n, m=m, lambda_w=config.effective_lambda))]
+        verify = None
+    records = run_passes(gm, recipe, verify, record_code=_record_code())
+    with torch.no_grad():  # commit
+        if config.pack:  # the dense storage goes: the packed values are the weight now
+            for w, _ in weights:
+                w.param.data = w.param.data.new_empty(0)
+        elif config.method == "fixed":
+            for w, mask in plan:
+                w.param.mul_(mask)
+        # SR-STE/STE keep the dense weights: the optimizer updates them, the mask follows them
+    gm.meta["dsd_fx"] = {"phase": "sparse", "config": config, "changes": records}
+    return gm
+
+
 def _dense(model: torch.nn.Module, *, copy: bool) -> fx.GraphModule:
     if not isinstance(model, fx.GraphModule) or not has_dsd_nodes(model.graph):
         raise ValueError(
@@ -136,23 +195,43 @@ def _dense(model: torch.nn.Module, *, copy: bool) -> fx.GraphModule:
             "re-dense; pass the GraphModule that transform(model, phase='sparse') returned"
         )
     gm = capture(model, copy=copy)
-    pairs = []
-    for mul in tagged(gm.graph, "insert_masks", "masked"):
-        weight, mask = (gm.get_parameter(mul.args[0].target), gm.get_buffer(mul.args[1].target))
-        if all(w is not weight for w, _ in pairs):
-            pairs.append((weight, mask))
-    keys = [k for k in gm.state_dict() if k not in {n.target for n in tagged(gm.graph, "insert_masks", "mask")}]
+    old_keys = set(gm.state_dict())
+    pairs, seen = [], set()  # (weight, mask) to commit W * M
+    for node in tagged(gm.graph, role="masked"):
+        weight = gm.get_parameter(node.args[0].target)
+        if id(weight) in seen:
+            continue
+        seen.add(id(weight))
+        if node.args[1].op == "get_attr":  # mask_mul(W, M)
+            pairs.append((weight, gm.get_buffer(node.args[1].target)))
+        else:  # sparsify_nm(W, n, m, dim, lambda_w): the final mask follows the final weights
+            _, n, m, dim, _ = node.args
+            pairs.append((weight, nm_mask(weight, n, m, dim)))
+    unpacked = []  # (parameter, dense values) to commit for packed weights
+    drop = {n.target for n in tagged(gm.graph, role="mask")}
+    for prefix, module in gm.named_modules():
+        for attr, info in module.__dict__.get(PACKED_ATTR, {}).items():
+            name = f"{prefix}.{attr}" if prefix else attr
+            values, meta = module.get_parameter(f"{attr}_values"), module.get_buffer(f"{attr}_meta")
+            dense = unpack_tensor(values.detach(), meta, info["n"], info["m"], info["dim"]).reshape(info["shape"])
+            unpacked.append((info["param"], dense.contiguous()))
+            drop |= {f"{name}_values", f"{name}_meta"}
+            old_keys.add(name)
+    keys = old_keys - drop
 
     def verify(g: fx.GraphModule) -> None:
         left = [n.name for n in g.graph.nodes if "dsd_fx" in n.meta]
         if left:
             raise AssertionError(f"dsd_fx nodes left after re-dense: {left}")
-        if set(g.state_dict()) != set(keys):
-            raise AssertionError(f"state_dict keys after re-dense {list(g.state_dict())} != {keys}")
+        if set(g.state_dict()) != keys:
+            raise AssertionError(f"state_dict keys after re-dense {sorted(g.state_dict())} != {sorted(keys)}")
 
-    records = run_passes(gm, [("strip_masks", strip_masks)], verify, record_code=_record_code())
+    recipe = [("unpack_nm", unpack_nm), ("strip_masks", strip_masks)]
+    records = run_passes(gm, recipe, final=verify, record_code=_record_code())
     with torch.no_grad():
         for weight, mask in pairs:
             weight.mul_(mask)
+        for param, dense in unpacked:
+            param.data = dense
     gm.meta["dsd_fx"] = {"phase": "dense", "changes": records}
     return gm

@@ -1,0 +1,52 @@
+"""insert_nm: SR-STE's dynamic N:M sparsification, one custom op per weight use."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from dsd_fx.passes.functional import functionalize, get_attr
+from dsd_fx.select import PrunableWeight
+from dsd_fx.tags import tag
+
+PASS = "insert_nm"
+
+
+def insert_nm(gm: fx.GraphModule, weights: Sequence[tuple[PrunableWeight, int]], n: int, m: int, lambda_w: float) -> PassResult:
+    """Feed every use of each weight through `dsd_fx::sparsify_nm`, whose mask is recomputed each step.
+
+    Before::
+
+        fc1 = self.fc1(x);  x = None
+
+    After::
+
+        fc1_weight = self.fc1.weight
+        sparsify_nm = torch.ops.dsd_fx.sparsify_nm.default(fc1_weight, 2, 4, 1, 0.0002)
+        fc1_bias = self.fc1.bias
+        linear = torch._C._nn.linear(x, sparsify_nm, fc1_bias)
+
+    The forward is W * nm_mask(W); the backward is the straight-through gradient plus
+    lambda_w * (1 - M) * W (SR-STE; lambda_w = 0 is plain STE). No buffer: the mask is a function
+    of the weights.
+    """
+    g = gm.graph
+    op = torch.ops.dsd_fx.sparsify_nm.default
+
+    def sparsified(g: fx.Graph, weight: fx.Node, pw: PrunableWeight, dim: int) -> fx.Node:
+        return tag(g.call_function(op, (weight, n, m, dim, float(lambda_w))), PASS, "masked", weight=pw.name)
+
+    for pw, dim in weights:
+        for getter in pw.getattrs:
+            with g.inserting_before(getter.next):
+                node = sparsified(g, getter, pw, dim)
+            getter.replace_all_uses_with(node, delete_user_cb=lambda user, s=node: user is not s)
+        for call in pw.modules:
+
+            def weight(g: fx.Graph, module, target=call.target, pw=pw, dim=dim) -> fx.Node:
+                return sparsified(g, tag(get_attr(g, f"{target}.weight"), PASS, "weight"), pw, dim)
+
+            functionalize(gm, call, weight, PASS)
+    return PassResult(gm, modified=bool(weights))

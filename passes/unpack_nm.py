@@ -1,0 +1,72 @@
+"""unpack_nm: the inverse of pack_nm; packed ops become dense ops on the original parameter again."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from dsd_fx.passes.functional import get_attr
+from dsd_fx.passes.pack_nm import PACKED_ATTR
+from dsd_fx.tags import tag, tag_of, tagged
+
+PASS = "unpack_nm"
+
+
+def unpack_nm(gm: fx.GraphModule) -> PassResult:
+    """Put each packed weight back under its original name and its ops back to dense form.
+
+    Before::
+
+        fc1_weight_values = self.fc1.weight_values
+        fc1_weight_meta = self.fc1.weight_meta
+        fc1_bias = self.fc1.bias
+        nm_linear = torch.ops.dsd_fx.nm_linear.default(x, fc1_weight_values, fc1_weight_meta, fc1_bias, 2, 4)
+
+    After (strip_masks then restores the module call ``fc1 = self.fc1(x)``)::
+
+        fc1_weight = self.fc1.weight
+        fc1_bias = self.fc1.bias
+        linear = torch._C._nn.linear(x, fc1_weight, fc1_bias)
+
+    The parameter registered again is the *original* Parameter object; transform's commit step
+    writes the unpacked values into it.
+    """
+    g = gm.graph
+    packed = [n for n in tagged(g, "pack_nm") if tag_of(n)["role"] in ("packed_op", "unpacked")]
+    if not packed:
+        return PassResult(gm, modified=False)
+    getters: dict[str, fx.Node] = {}  # original get_attr name -> its restored node
+
+    def getter_for(t: dict) -> fx.Node:
+        if t["getter"] not in getters:
+            getters[t["getter"]] = tag(get_attr(g, t["weight"]), PASS, "restored", name=t["getter"])
+        return getters[t["getter"]]
+
+    for node in packed:
+        t = tag_of(node)
+        with g.inserting_before(node):
+            if t["role"] == "unpacked":
+                new = getter_for(t) if t["getter"] else tag(get_attr(g, t["weight"]), PASS, "weight")
+            elif "module" in t:
+                x, _, _, b, _, _ = node.args
+                w = tag(get_attr(g, t["weight"]), PASS, "weight")
+                new = tag(g.call_function(F.linear, (x, w, b)), PASS, "op", module=t["module"], name=t["name"], meta=t["meta"])
+            else:
+                x, _, _, b, _, _ = node.args
+                marks = {"$x": x, "$b": b, "$W": getter_for(t)}
+                fill = lambda a: marks[a] if isinstance(a, str) and a in marks else a  # noqa: E731
+                args = tuple(fill(a) for a in t["args"])
+                kwargs = {k: fill(v) for k, v in t["kwargs"].items()}
+                new = tag(g.create_node(t["op"], t["target"], args, kwargs), PASS, "restored", name=t["name"])
+                new.meta.update(t["meta"])
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+    for node in list(tagged(g, "pack_nm")):
+        if tag_of(node)["role"] in ("values", "meta") and not node.users:
+            g.erase_node(node)
+    for _, module in gm.named_modules():
+        for attr, info in module.__dict__.pop(PACKED_ATTR, {}).items():
+            module.register_parameter(attr, info["param"])
+            del module._parameters[f"{attr}_values"]
+            del module._buffers[f"{attr}_meta"]
+    return PassResult(gm, modified=True)
