@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dsd_fx.config import SparseConfig
 from dsd_fx.export import ZeroOverheadReport, compare_onnx, export_onnx, verify_zero_overhead
+from dsd_fx.sad import SAD, SADTracker, current_masks, sad
 from dsd_fx.select import PrunableWeight
 from dsd_fx.transform import changes, transform
 
@@ -15,5 +16,9 @@ __all__ = [
     "verify_zero_overhead",
     "compare_onnx",
     "ZeroOverheadReport",
+    "sad",
+    "SAD",
+    "SADTracker",
+    "current_masks",
 ]
 __version__ = "0.1.0"

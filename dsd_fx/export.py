@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -301,21 +302,36 @@ def verify_zero_overhead(
     rtol: float = 1e-4,
     atol: float = 1e-5,
     latency_runs: int = 30,
+    same_weights: bool = True,
 ) -> ZeroOverheadReport:
     """Prove that `final_model` costs nothing more at inference than `reference_model`.
 
     Both are exported the same way (`fold=False`: a mask left in `final_model` stays visible);
     the ONNX graphs must match node by node (count, op types, isomorphism), in initializer names,
     shapes, dtypes and bytes, and in inputs and outputs; onnxruntime's outputs for the final graph
-    must match torch's within rtol/atol. The reference may be the user's own model object (its
-    architecture is what counts, not its weight values). Latency is measured interleaved and
+    must match torch's within rtol/atol. The reference may be the user's own model object: its
+    architecture is what counts: with `same_weights` (default) a copy of it gets the final
+    model's weight values before export, since the exporter's optimizer folds by value, e.g. drops
+    an all-zero bias. Latency is measured interleaved and
     reported, not checked: the machines are noisy. Run it with `optimize=False` too: constant
     folding can hide a leftover Mul(W, M) in an unnamed initializer, which the name check catches.
     """
     args = _as_tuple(example_args)
+    weight_notes = []
+    if same_weights:
+        # The exporter's optimizer folds by value (a zero bias can vanish): give the reference the
+        # final model's values, so that any difference left is one of structure.
+        reference_model = copy.deepcopy(reference_model)
+        final_state = final_model.state_dict()
+        ref_state = reference_model.state_dict()
+        loadable = {k: v for k, v in final_state.items() if k in ref_state and ref_state[k].shape == v.shape}
+        reference_model.load_state_dict(loadable, strict=False)
+        weight_notes = [f"state_dict key '{k}' only in final" for k in final_state if k not in ref_state]
+        weight_notes += [f"state_dict key '{k}' only in reference" for k in ref_state if k not in final_state]
     ref = export_onnx(reference_model, args, optimize=optimize, fold=False)
     fin = export_onnx(final_model, args, optimize=optimize, fold=False)
     comparison = compare_onnx(ref, fin)
+    comparison.differences.extend(weight_notes)
     ref_sess, fin_sess = _ort_session(ref), _ort_session(fin)
     feeds = _feeds(fin_sess, args)
     ort_out = fin_sess.run(None, feeds)

@@ -105,6 +105,8 @@ def _semi_structured_ok(x: torch.Tensor, out_features: int, in_features: int, n:
 
 
 _LOGGED: set = set()
+# how often nm_linear ran on torch's semi-structured 2:4 kernels (tests and benchmarks read it)
+SEMI_STRUCTURED_CALLS = [0]
 
 
 @torch.library.custom_op("dsd_fx::nm_linear", mutates_args=())
@@ -124,6 +126,7 @@ def nm_linear(
             from torch.sparse import to_sparse_semi_structured
 
             y = torch.nn.functional.linear(x, to_sparse_semi_structured(weight))
+            SEMI_STRUCTURED_CALLS[0] += 1
             return y if bias is None else y + bias
         except Exception as err:  # noqa: BLE001 - fall back, once logged
             key = (tuple(weight.shape), x.dtype, type(err).__name__)

@@ -202,7 +202,7 @@ def _dense(model: torch.nn.Module, *, copy: bool) -> fx.GraphModule:
         if id(weight) in seen:
             continue
         seen.add(id(weight))
-        if node.args[1].op == "get_attr":  # mask_mul(W, M)
+        if isinstance(node.args[1], fx.Node):  # mask_mul(W, M)
             pairs.append((weight, gm.get_buffer(node.args[1].target)))
         else:  # sparsify_nm(W, n, m, dim, lambda_w): the final mask follows the final weights
             _, n, m, dim, _ = node.args

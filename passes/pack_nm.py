@@ -83,27 +83,31 @@ def pack_nm(gm: fx.GraphModule, weights: Sequence[tuple[PrunableWeight, int]], n
         del owner._parameters[attr]
         vname, mname = f"{pw.name}_values", f"{pw.name}_meta"
 
-        def storage(g: fx.Graph) -> tuple[fx.Node, fx.Node]:
-            return tag(get_attr(g, vname), PASS, "values"), tag(get_attr(g, mname), PASS, "meta")
+        def storage(g: fx.Graph, getter: str | None = None) -> tuple[fx.Node, fx.Node]:
+            return tag(get_attr(g, vname), PASS, "values", getter=getter), tag(get_attr(g, mname), PASS, "meta")
 
-        def unpacked(g: fx.Graph, getter: str | None) -> fx.Node:
-            v, mt = storage(g)
+        def unpacked(g: fx.Graph, getter: str | None, stored=None) -> fx.Node:
+            v, mt = stored or storage(g)
             node = g.call_function(unpack_op, (v, mt, n, m, dim, list(pw.param.shape)))
             return tag(node, PASS, "unpacked", weight=pw.name, getter=getter)
 
         for getter in pw.getattrs:
+            with g.inserting_before(getter.next):  # the packed storage is read where the weight was
+                stored = storage(g, getter.name)
             dense = None
             for user in list(getter.users):
+                if user in stored:
+                    continue
                 found = _linear_like(user, getter)
                 if found is None:
                     if dense is None:
-                        with g.inserting_before(getter.next):
-                            dense = unpacked(g, getter.name)
+                        with g.inserting_before(stored[1].next):
+                            dense = unpacked(g, getter.name, stored)
                     user.replace_input_with(getter, dense)
                     continue
                 x, b, args, kwargs = found
+                v, mt = stored
                 with g.inserting_before(user):
-                    v, mt = storage(g)
                     new = g.call_function(linear_op, (x, v, mt, b, n, m))
                 tag(new, PASS, "packed_op", weight=pw.name, getter=getter.name, op=user.op, target=user.target,
                     args=args, kwargs=kwargs, name=user.name, meta={k: val for k, val in user.meta.items() if k != "dsd_fx"})

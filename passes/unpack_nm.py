@@ -36,10 +36,12 @@ def unpack_nm(gm: fx.GraphModule) -> PassResult:
     if not packed:
         return PassResult(gm, modified=False)
     getters: dict[str, fx.Node] = {}  # original get_attr name -> its restored node
+    stored_at = {tag_of(n)["getter"]: n for n in tagged(g, "pack_nm", "values") if tag_of(n).get("getter")}
 
     def getter_for(t: dict) -> fx.Node:
-        if t["getter"] not in getters:
-            getters[t["getter"]] = tag(get_attr(g, t["weight"]), PASS, "restored", name=t["getter"])
+        if t["getter"] not in getters:  # restored where the packed storage was read
+            with g.inserting_before(stored_at[t["getter"]]):
+                getters[t["getter"]] = tag(get_attr(g, t["weight"]), PASS, "restored", name=t["getter"])
         return getters[t["getter"]]
 
     for node in packed:
