@@ -30,8 +30,11 @@ class _MaskMul(torch.autograd.Function):
         return grad * mask, None, None
 
 
+_fx_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", torch.fx._symbolic_trace.is_fx_tracing)
+
+
 def _tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_tracing()
+    return torch.compiler.is_compiling() or _fx_tracing()
 
 
 def mask_mul(weight: torch.Tensor, mask: torch.Tensor, grad_inplace: bool = False) -> torch.Tensor:

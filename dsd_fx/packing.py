@@ -15,6 +15,17 @@ def index_bits(m: int) -> int:
 
 def pack_bits(idx: torch.Tensor, bits: int) -> torch.Tensor:
     """Flat integer tensor with values < 2**bits -> uint8 bitstream, little-endian within each byte."""
+    if 8 % bits == 0:  # whole fields per byte: shift and or, in uint8
+        per = 8 // bits
+        flat = idx.reshape(-1).to(torch.uint8)
+        pad = (-flat.numel()) % per
+        if pad:
+            flat = torch.cat([flat, flat.new_zeros(pad)])
+        fields = flat.view(-1, per)
+        out = fields[:, 0].clone()
+        for k in range(1, per):
+            out |= fields[:, k] << (k * bits)
+        return out
     flat = idx.reshape(-1).to(torch.int64)
     shifts = torch.arange(bits, device=flat.device)
     stream = ((flat.unsqueeze(1) >> shifts) & 1).reshape(-1)
@@ -27,6 +38,11 @@ def pack_bits(idx: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of pack_bits: the first `count` values, as int64."""
+    if 8 % bits == 0:
+        per = 8 // bits
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        fields = (packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+        return fields.reshape(-1)[:count].to(torch.int64)
     stream = (packed.to(torch.int64).unsqueeze(1) >> torch.arange(8, device=packed.device)) & 1
     stream = stream.reshape(-1)[: count * bits].view(count, bits)
     return (stream << torch.arange(bits, device=packed.device)).sum(1)

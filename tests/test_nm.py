@@ -332,4 +332,5 @@ def test_cuda_transform_every_mode():
         x = torch.randn(32, 128, device="cuda", dtype=torch.half)
         sparse(x).float().square().mean().backward()
         dense = dsd_fx.transform(sparse, phase="dense")
-        assert dense[0].weight.dtype == torch.half and dense[0].weight.is_cuda
+        weight = dense.get_parameter("0.weight")
+        assert weight.dtype == torch.half and weight.is_cuda and weight.shape == (256, 128)
