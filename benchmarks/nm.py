@@ -91,10 +91,11 @@ def cuda_linear_table(rounds: int) -> None:
     from torch.sparse import to_sparse_semi_structured
 
     print(f"## Packed 2:4 linear vs dense on {torch.cuda.get_device_name()} (median of {rounds}, CUDA events)\n")
-    print("`kernel only` is torch's semi-structured product on a weight compressed once, the ceiling;")
-    print("`packed` is dsd_fx's nm_linear, which rebuilds the semi-structured weight from its packed")
-    print("values every call (the values change every training step).\n")
-    print("| dtype | n = k = tokens | pass | dense ms | kernel only / dense | packed / dense |")
+    print("`cuSPARSELt once` is torch's default semi-structured product (`to_sparse_semi_structured`) on a")
+    print("weight compressed once, outside the timing: the kernel's ceiling. `packed` is dsd_fx's nm_linear,")
+    print("which hands its packed values and index bits to torch's CUTLASS kernel on every call, with no")
+    print("dense round trip (values change every training step); its backward is dense math.\n")
+    print("| dtype | n = k = tokens | pass | dense ms | cuSPARSELt once / dense | packed / dense |")
     print("|---|---|---|---|---|---|")
     for dtype in (torch.float16, torch.bfloat16):
         for size in (4096, 8192):

@@ -84,7 +84,20 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
     v = nm_view(weight.detach(), dim)
     if v.shape[-1] % m:
         raise ValueError(f"reduction size {v.shape[-1]} is not divisible by m={m}")
-    groups = v.abs().reshape(-1, m).to(torch.float32)
-    keep_idx = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, :n]
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, keep_idx, True)
+    groups = v.abs().reshape(-1, m)
+    if m <= 8:
+        # rank of each entry in its group: how many entries beat it (larger, or equal at a lower
+        # index); m*(m-1) vector comparisons are far cheaper than a sort for small M
+        cols = groups.unbind(1)
+        keep = []
+        for i in range(m):
+            rank = torch.zeros_like(cols[i], dtype=torch.uint8)
+            for j in range(m):
+                if j != i:
+                    rank += (cols[j] >= cols[i]) if j < i else (cols[j] > cols[i])
+            keep.append(rank < n)
+        mask = torch.stack(keep, 1)
+    else:
+        keep_idx = torch.sort(groups.float(), dim=1, descending=True, stable=True).indices[:, :n]
+        mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, keep_idx, True)
     return mask.view(v.shape).movedim(-1, dim).to(weight.dtype)

@@ -74,20 +74,21 @@ def _(weight, n, m, dim, lambda_w):
 
 def _sparsify_nm_setup(ctx, inputs, output):
     weight, n, m, dim, lambda_w = inputs
-    ctx.save_for_backward(weight)
-    ctx.nm = (n, m, dim, lambda_w)
+    ctx.lambda_w = lambda_w
+    if lambda_w:
+        ctx.save_for_backward(weight, output)
 
 
 def _sparsify_nm_backward(ctx, grad):
-    """STE: the gradient of W~ goes to W unmasked; SR-STE adds lambda_W * (1 - M) * W."""
-    from dsd_fx.masks import nm_mask
+    """STE: the gradient of W~ goes to W unmasked; SR-STE adds lambda_W * (1 - M) * W.
 
-    (weight,) = ctx.saved_tensors
-    n, m, dim, lambda_w = ctx.nm
-    if lambda_w == 0.0:
+    (1 - M) * W = W - W * M = W - output: no mask to recompute, and the output is saved anyway
+    by the matmul that consumes it.
+    """
+    if not ctx.lambda_w:
         return grad, None, None, None, None
-    pruned = 1 - nm_mask(weight, n, m, dim)
-    return grad + lambda_w * pruned * weight, None, None, None, None
+    weight, output = ctx.saved_tensors
+    return grad + ctx.lambda_w * (weight - output), None, None, None, None
 
 
 sparsify_nm.register_autograd(_sparsify_nm_backward, setup_context=_sparsify_nm_setup)
@@ -108,6 +109,29 @@ def _semi_structured_ok(x: torch.Tensor, out_features: int, in_features: int, n:
 
 
 _LOGGED: set = set()
+_REORDER: dict = {}
+
+
+def cutlass_weight(values: torch.Tensor, meta: torch.Tensor, out_features: int, in_features: int):
+    """Our packed 2:4 weight as torch's CUTLASS semi-structured tensor, with no dense round trip.
+
+    CUTLASS keeps, per group of 4, the two kept values in index order (our `values`) and a 4-bit
+    code `i0 | i1 << 2` per group, four groups per int16: exactly our little-endian 2-bit index
+    stream read as int16. Only CUTLASS's reordering of the metadata words remains to be done.
+    """
+    from torch.sparse import SparseSemiStructuredTensorCUTLASS
+    from torch.sparse._semi_structured_conversions import _calculate_meta_reordering_scatter_offsets
+
+    ncols = in_features // 16
+    key = (out_features, ncols, values.device)
+    if key not in _REORDER:
+        _REORDER[key] = _calculate_meta_reordering_scatter_offsets(out_features, ncols, torch.int16, values.device)
+    words = meta[: out_features * ncols * 2].view(torch.int16)
+    reordered = torch.empty_like(words).scatter_(0, _REORDER[key], words).view(out_features, ncols)
+    return SparseSemiStructuredTensorCUTLASS(
+        torch.Size((out_features, in_features)), packed=values.detach().contiguous(), meta=reordered,
+        packed_t=None, meta_t=None, compressed_swizzled_bitmask=None,
+    )
 # how often nm_linear ran on torch's semi-structured 2:4 kernels (tests and benchmarks read it)
 SEMI_STRUCTURED_CALLS = [0]
 
@@ -118,26 +142,26 @@ def nm_linear(
 ) -> torch.Tensor:
     """x @ W.T + bias, with W (out, in) stored N:M-packed as (values (out, in*N/M), meta).
 
-    CUDA, 2:4, fp16/bf16, shapes multiples of 64: torch's semi-structured sparse kernels
-    (cuSPARSELt or CUTLASS). Elsewhere: our kernel, which scatters W for the product and frees it.
+    CUDA, 2:4, fp16/bf16, shapes multiples of 64: torch's CUTLASS semi-structured sparse kernel,
+    fed our packed storage directly (see cutlass_weight). Elsewhere: our kernel, which scatters W
+    for the product and frees it.
     """
     from dsd_fx.packing import unpack_nm
 
-    weight = unpack_nm(values, meta, n, m)
-    if _semi_structured_ok(x, weight.shape[0], weight.shape[1], n, m):
+    out_features, in_features = values.shape[0], values.shape[1] * m // n
+    if _semi_structured_ok(x, out_features, in_features, n, m) and values.dtype == x.dtype:
         try:
-            from torch.sparse import to_sparse_semi_structured
-
-            y = torch.nn.functional.linear(x, to_sparse_semi_structured(weight))
+            y = torch.nn.functional.linear(x, cutlass_weight(values, meta, out_features, in_features))
             SEMI_STRUCTURED_CALLS[0] += 1
             return y if bias is None else y + bias
         except Exception as err:  # noqa: BLE001 - fall back, once logged
-            key = (tuple(weight.shape), x.dtype, type(err).__name__)
+            key = ((out_features, in_features), x.dtype, type(err).__name__)
             if key not in _LOGGED:
                 _LOGGED.add(key)
                 import logging
 
                 logging.getLogger(__name__).info("semi-structured 2:4 kernel unavailable for %s: %s; using dense fallback", key, err)
+    weight = unpack_nm(values, meta, n, m)
     if bias is not None and bias.dim() != 1:  # addmm's broadcast bias
         return torch.nn.functional.linear(x, weight) + bias
     return torch.nn.functional.linear(x, weight, bias)

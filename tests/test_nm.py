@@ -325,6 +325,21 @@ def test_cuda_packed_linear_uses_semi_structured_kernels(dtype):
 
 
 @cuda
+def test_cutlass_weight_matches_torchs_own_conversion():
+    from dsd_fx.ops import cutlass_weight
+    from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
+
+    w = torch.randn(128, 256, device="cuda", dtype=torch.float16)
+    dense = w * nm_mask(w, 2, 4, 1)
+    values, meta = pack_nm(w, 2, 4)
+    ours = cutlass_weight(values, meta, 128, 256)
+    packed, meta_ref = sparse_semi_structured_from_dense_cutlass(dense)
+    torch.testing.assert_close(ours.packed, packed, rtol=0, atol=0)
+    torch.testing.assert_close(ours.meta, meta_ref, rtol=0, atol=0)
+    torch.testing.assert_close(ours.to_dense(), dense, rtol=0, atol=0)
+
+
+@cuda
 def test_cuda_transform_every_mode():
     for kwargs in MODES.values():
         model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 64)).cuda().half()
