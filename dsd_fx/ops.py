@@ -112,6 +112,12 @@ _LOGGED: set = set()
 _REORDER: dict = {}
 
 
+def _kernel() -> str:
+    import os
+
+    return os.environ.get("DSD_FX_NM_KERNEL", "semi-structured")
+
+
 def cutlass_weight(values: torch.Tensor, meta: torch.Tensor, out_features: int, in_features: int):
     """Our packed 2:4 weight as torch's CUTLASS semi-structured tensor, with no dense round trip.
 
@@ -142,16 +148,23 @@ def nm_linear(
 ) -> torch.Tensor:
     """x @ W.T + bias, with W (out, in) stored N:M-packed as (values (out, in*N/M), meta).
 
-    CUDA, 2:4, fp16/bf16, shapes multiples of 64: torch's CUTLASS semi-structured sparse kernel,
-    fed our packed storage directly (see cutlass_weight). Elsewhere: our kernel, which scatters W
-    for the product and frees it.
+    CUDA, 2:4, fp16/bf16, shapes multiples of 64: torch's semi-structured sparse kernels; on
+    compute capability 8.x CUTLASS, fed our packed storage directly (see cutlass_weight), elsewhere
+    cuSPARSELt, compressing the unpacked weight on every call. `DSD_FX_NM_KERNEL=dense` skips them.
+    Otherwise our kernel, which scatters W for a dense product and frees it.
     """
     from dsd_fx.packing import unpack_nm
 
     out_features, in_features = values.shape[0], values.shape[1] * m // n
-    if _semi_structured_ok(x, out_features, in_features, n, m) and values.dtype == x.dtype:
+    if _semi_structured_ok(x, out_features, in_features, n, m) and values.dtype == x.dtype and _kernel() != "dense":
         try:
-            y = torch.nn.functional.linear(x, cutlass_weight(values, meta, out_features, in_features))
+            if torch.cuda.get_device_capability(x.device)[0] == 8:  # torch's CUTLASS 2:4 kernels are sm8x-only
+                sparse = cutlass_weight(values, meta, out_features, in_features)
+            else:  # cuSPARSELt: compress from dense (values change every training step)
+                from torch.sparse import to_sparse_semi_structured
+
+                sparse = to_sparse_semi_structured(unpack_nm(values, meta, n, m))
+            y = torch.nn.functional.linear(x, sparse)
             SEMI_STRUCTURED_CALLS[0] += 1
             return y if bias is None else y + bias
         except Exception as err:  # noqa: BLE001 - fall back, once logged
