@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dsd_fx.config import SparseConfig
+from dsd_fx.diff import GraphDiff, diff, diff_onnx
 from dsd_fx.export import ZeroOverheadReport, compare_onnx, export_onnx, verify_zero_overhead
 from dsd_fx.sad import SAD, SADTracker, current_masks, sad
 from dsd_fx.select import PrunableWeight
@@ -20,5 +21,8 @@ __all__ = [
     "SAD",
     "SADTracker",
     "current_masks",
+    "diff",
+    "GraphDiff",
+    "diff_onnx",
 ]
 __version__ = "0.1.0"

@@ -16,12 +16,14 @@ Verifier = Callable[[fx.GraphModule], None]
 
 @dataclass(frozen=True)
 class PassRecord:
-    """One pass of a run: whether it changed the graph, and the code before and after if it did."""
+    """One pass of a run: whether it changed the graph and, when recorded, the code before and
+    after and the structural diff."""
 
     name: str
     modified: bool
     before: str | None = None
     after: str | None = None
+    diff: object | None = None  # dsd_fx.diff.GraphDiff
 
 
 class PassError(RuntimeError):
@@ -38,11 +40,14 @@ def run_passes(
 ) -> list[PassRecord]:
     """Run `recipe` (name, pass) in order on `gm`, in place; lint and `verify` after each pass, `final` after
     the last; generate code once."""
+    from dsd_fx.diff import diff_graphs, fx_to_nx
+
     records: list[PassRecord] = []
     for name, fn in recipe:
         if record_code and not records:
             gm.recompile()
         before = gm.code if record_code else None
+        before_nx = fx_to_nx(gm) if record_code else None
         try:
             result = fn(gm)
             result.graph_module.graph.lint()
@@ -55,7 +60,8 @@ def run_passes(
             raise PassError(f"pass '{name}' failed (passes run before it: {ran}): {type(err).__name__}: {err}") from err
         after = gm.code if record_code and result.modified else None
         log.debug("pass %s: %s", name, "changed" if result.modified else "no change")
-        records.append(PassRecord(name, result.modified, before if result.modified else None, after))
+        d = diff_graphs(before_nx, fx_to_nx(gm), before, after, name) if after is not None else None
+        records.append(PassRecord(name, result.modified, before if result.modified else None, after, d))
     if final is not None:
         try:
             final(gm)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import os
 from typing import Any, Mapping
 
 import torch
@@ -20,6 +19,7 @@ from dsd_fx.passes.pack_nm import PACKED_ATTR, pack_nm
 from dsd_fx.passes.strip_masks import strip_masks
 from dsd_fx.passes.unpack_nm import unpack_nm
 from dsd_fx.pipeline import PassRecord, run_passes
+from dsd_fx.print_changed import PrintChanged
 from dsd_fx.select import select, select_nm
 from dsd_fx.tags import has_dsd_nodes, tagged
 
@@ -45,10 +45,6 @@ def changes(gm: fx.GraphModule) -> list[PassRecord]:
     return list(getattr(gm, "meta", {}).get("dsd_fx", {}).get("changes", []))
 
 
-def _record_code() -> bool:
-    return os.environ.get("DSD_FX_PRINT_CHANGED", "") not in ("", "quiet", "0")
-
-
 def transform(
     model: torch.nn.Module,
     phase: str = "sparse",
@@ -65,6 +61,9 @@ def transform(
     config: SparseConfig | None = None,
     copy: bool = False,
     concrete_args: dict[str, Any] | None = None,
+    print_changed: str | None = None,
+    print_changed_dir: str | None = None,
+    print_changed_passes: list[str] | None = None,
 ) -> fx.GraphModule:
     """Rewrite `model` into its sparse-phase or re-dense graph and return the new GraphModule.
 
@@ -80,7 +79,13 @@ def transform(
     `model`'s weights, and the commit step (zeroing pruned weights, writing W * M) changes them in
     place. Pass `copy=True` to work on a deep copy instead. Every check runs before the commit, so
     a transform that raises leaves `model` exactly as it was.
+
+    print_changed ("quiet", "diff", "cdiff"), print_changed_dir and print_changed_passes show each
+    pass that changed the graph, like LLVM's -print-changed (also set by the environment variables
+    DSD_FX_PRINT_CHANGED, DSD_FX_PRINT_CHANGED_DIR, DSD_FX_PRINT_CHANGED_PASSES); passes that
+    changed nothing print nothing. `dsd_fx.changes(gm)` lists the passes and, when recorded, their diffs.
     """
+    printer = PrintChanged.resolve(print_changed, print_changed_dir, print_changed_passes)
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; use phase='sparse' to prune or phase='dense' to re-dense")
     if not isinstance(model, torch.nn.Module):
@@ -95,16 +100,20 @@ def transform(
               or pattern is not None or method != "fixed" or pack or strict):
             raise TypeError("give either config= or the individual options (sparsity, include, ...), not both")
         with _gc_paused():
-            return _sparse(model, config, copy=copy, concrete_args=concrete_args)
+            gm = _sparse(model, config, copy=copy, concrete_args=concrete_args, record=printer.active)
+        printer.emit(changes(gm), "sparse")
+        return gm
     if sparsity is not _UNSET or include is not None or exclude is not None or config is not None or pattern is not None:
         raise TypeError(
             "phase='dense' takes no sparsity options: it removes the masks the sparse phase made"
         )
     with _gc_paused():
-        return _dense(model, copy=copy)
+        gm = _dense(model, copy=copy, record=printer.active)
+    printer.emit(changes(gm), "dense")
+    return gm
 
 
-def _sparse(model: torch.nn.Module, config: SparseConfig, *, copy: bool, concrete_args) -> fx.GraphModule:
+def _sparse(model: torch.nn.Module, config: SparseConfig, *, copy: bool, concrete_args, record: bool) -> fx.GraphModule:
     if isinstance(model, fx.GraphModule) and has_dsd_nodes(model.graph):
         raise ValueError(
             f"transform(phase='sparse'): {type(model).__name__} is already a sparse-phase graph "
@@ -114,7 +123,7 @@ def _sparse(model: torch.nn.Module, config: SparseConfig, *, copy: bool, concret
     gm = capture(model, copy=copy, concrete_args=concrete_args)
     chosen = select(gm, config)
     if config.nm is not None:
-        return _sparse_nm(gm, chosen, config)
+        return _sparse_nm(gm, chosen, config, record)
     if config.scope == "global":
         masks = global_magnitude_masks([w.param for w, _ in chosen], config.sparsity)
     else:
@@ -134,7 +143,7 @@ def _sparse(model: torch.nn.Module, config: SparseConfig, *, copy: bool, concret
         if config.scope == "global" and zeros != n_pruned(sum(w.param.numel() for w, _ in chosen), config.sparsity):
             raise AssertionError(f"global masks prune {zeros} weights in all")
 
-    records = run_passes(gm, [("insert_masks", functools.partial(insert_masks, masks=plan))], verify, record_code=_record_code())
+    records = run_passes(gm, [("insert_masks", functools.partial(insert_masks, masks=plan))], verify, record_code=record)
     # commit: the only change to the (shared) weights, after every check has passed
     with torch.no_grad():
         for w, mask in plan:
@@ -143,7 +152,7 @@ def _sparse(model: torch.nn.Module, config: SparseConfig, *, copy: bool, concret
     return gm
 
 
-def _sparse_nm(gm: fx.GraphModule, chosen, config: SparseConfig) -> fx.GraphModule:
+def _sparse_nm(gm: fx.GraphModule, chosen, config: SparseConfig, record: bool) -> fx.GraphModule:
     n, m = config.nm
     weights = select_nm(chosen, n, m, config.strict)
 
@@ -175,7 +184,7 @@ def _sparse_nm(gm: fx.GraphModule, chosen, config: SparseConfig) -> fx.GraphModu
     else:
         recipe = [("insert_nm", functools.partial(insert_nm, weights=weights, n=n, m=m, lambda_w=config.effective_lambda))]
         verify = None
-    records = run_passes(gm, recipe, verify, record_code=_record_code())
+    records = run_passes(gm, recipe, verify, record_code=record)
     with torch.no_grad():  # commit
         if config.pack:  # the dense storage goes: the packed values are the weight now
             for w, _ in weights:
@@ -188,7 +197,7 @@ def _sparse_nm(gm: fx.GraphModule, chosen, config: SparseConfig) -> fx.GraphModu
     return gm
 
 
-def _dense(model: torch.nn.Module, *, copy: bool) -> fx.GraphModule:
+def _dense(model: torch.nn.Module, *, copy: bool, record: bool) -> fx.GraphModule:
     if not isinstance(model, fx.GraphModule) or not has_dsd_nodes(model.graph):
         raise ValueError(
             f"transform(phase='dense'): {type(model).__name__} has no dsd_fx nodes, so there is nothing to "
@@ -227,7 +236,7 @@ def _dense(model: torch.nn.Module, *, copy: bool) -> fx.GraphModule:
             raise AssertionError(f"state_dict keys after re-dense {sorted(g.state_dict())} != {sorted(keys)}")
 
     recipe = [("unpack_nm", unpack_nm), ("strip_masks", strip_masks)]
-    records = run_passes(gm, recipe, final=verify, record_code=_record_code())
+    records = run_passes(gm, recipe, final=verify, record_code=record)
     with torch.no_grad():
         for weight, mask in pairs:
             weight.mul_(mask)

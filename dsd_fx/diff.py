@@ -1,0 +1,313 @@
+"""Show what a rewrite changed: code diff, structural node diff, DOT/SVG pictures, ONNX diff."""
+from __future__ import annotations
+
+import difflib
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+from torch import fx
+
+_COLORS = {"+": "\033[32m", "-": "\033[31m", "@": "\033[36m"}
+
+
+def _color_enabled() -> bool:
+    return sys.stdout.isatty() and "NO_COLOR" not in os.environ
+
+
+def colorize(text: str) -> str:
+    out = []
+    for line in text.splitlines():
+        c = _COLORS.get(line[:1]) if not line.startswith(("+++", "---")) else "\033[1m"
+        out.append(f"{c}{line}\033[0m" if c else line)
+    return "\n".join(out)
+
+
+def code_diff(before: str, after: str, name_before: str = "before", name_after: str = "after") -> str:
+    lines = difflib.unified_diff(
+        before.strip().splitlines(), after.strip().splitlines(), name_before, name_after, lineterm=""
+    )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- structural matching
+
+
+def _short(target: object) -> str:
+    if isinstance(target, str):
+        return target
+    name = getattr(target, "__name__", None) or str(target)
+    return name.split(".")[-1] if not name.startswith("<") else name
+
+
+def fx_to_nx(gm: fx.GraphModule) -> nx.DiGraph:
+    """Nodes labelled (op, target), with their display kind; edges carry the argument position."""
+    g = nx.DiGraph()
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            kind = f"call_module {type(modules.get(node.target)).__name__}"
+        elif node.op in ("call_function", "call_method"):
+            kind = _short(node.target)
+        else:
+            kind = node.op
+        label = (node.op, node.target if isinstance(node.target, str) else _short(node.target))
+        g.add_node(node.name, label=label, kind=kind, op=node.op, target=label[1])
+        for pos, inp in enumerate(node.all_input_nodes):
+            g.add_edge(inp.name, node.name, pos=pos)
+    return g
+
+
+def _inputs(g: nx.DiGraph, n: str) -> list[str]:
+    return [u for u, _ in sorted(g.in_edges(n), key=lambda e: g.edges[e]["pos"])]
+
+
+def _users(g: nx.DiGraph, n: str) -> list[str]:
+    return list(g.successors(n))
+
+
+def match_graphs(a: nx.DiGraph, b: nx.DiGraph) -> tuple[dict[str, str], dict[str, str]]:
+    """(matched, changed): node pairs a -> b that are the same node, or the same place with another op.
+
+    Anchored on the graphs' inputs and outputs and propagated along edges by argument position
+    (a structural match, not by name), then, for what is left, same label and same name.
+    """
+    matched: dict[str, str] = {}
+    changed: dict[str, str] = {}
+    used: set[str] = set()
+
+    def pair(x: str, y: str, stack: list) -> None:
+        if x in matched or x in changed or y in used:
+            return
+        if a.nodes[x]["label"] != b.nodes[y]["label"]:
+            # a wrapper inserted in `b` (mask_mul(w, m) where w was): x is the wrapper's input
+            for v in _inputs(b, y):
+                if v not in used and b.nodes[v]["label"] == a.nodes[x]["label"]:
+                    return pair(x, v, stack)
+            # a wrapper removed from `a`: y is the wrapper's input
+            for u in _inputs(a, x):
+                if u not in matched and u not in changed and a.nodes[u]["label"] == b.nodes[y]["label"]:
+                    return pair(u, y, stack)
+            changed[x] = y
+        else:
+            matched[x] = y
+        used.add(y)
+        stack.append((x, y))
+
+    stack: list[tuple[str, str]] = []
+    for x in a.nodes:  # anchors: placeholders by target, the output node
+        if a.nodes[x]["op"] in ("placeholder", "output", "input", "init"):
+            for y in b.nodes:
+                if b.nodes[y]["label"] == a.nodes[x]["label"] and y not in used:
+                    pair(x, y, stack)
+                    break
+    while stack:
+        x, y = stack.pop()
+        ia, ib = _inputs(a, x), _inputs(b, y)
+        if x in changed:  # a changed op: its first input is the data; others only where labels agree
+            if ia and ib:
+                pair(ia[0], ib[0], stack)
+            for u in ia[1:]:
+                for v in ib[1:]:
+                    if v not in used and a.nodes[u]["label"] == b.nodes[v]["label"]:
+                        pair(u, v, stack)
+                        break
+        else:
+            for u, v in zip(ia, ib):
+                pair(u, v, stack)
+        # users: the same label first, else the user that reads it at the same argument position
+        for u in _users(a, x):
+            if u in matched or u in changed:
+                continue
+            pos = a.edges[x, u]["pos"]
+            options = [v for v in _users(b, y) if v not in used]
+            same = [v for v in options if b.nodes[v]["label"] == a.nodes[u]["label"]]
+            at_pos = [v for v in options if b.edges[y, v]["pos"] == pos]
+            if same or at_pos:
+                pair(u, (same or at_pos)[0], stack)
+    for x in a.nodes:  # leftovers: same label and name
+        if x not in matched and x not in changed and x in b.nodes and x not in used and a.nodes[x]["label"] == b.nodes[x]["label"]:
+            matched[x] = x
+            used.add(x)
+    return matched, changed
+
+
+@dataclass
+class GraphDiff:
+    """The change between two graphs: `str()` is the unified code diff; nodes added, removed, changed."""
+
+    before: nx.DiGraph
+    after: nx.DiGraph
+    code: str
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    changed: list[tuple[str, str]] = field(default_factory=list)
+    title: str = ""
+
+    @property
+    def counts(self) -> Counter:
+        c: Counter = Counter()
+        for n in self.added:
+            c[f"+{self.after.nodes[n]['kind']}"] += 1
+        for n in self.removed:
+            c[f"-{self.before.nodes[n]['kind']}"] += 1
+        for x, y in self.changed:
+            c[f"{self.before.nodes[x]['op']} -> {self.after.nodes[y]['op']}"] += 1
+        return c
+
+    @property
+    def summary(self) -> str:
+        parts = []
+        for key, count in sorted(self.counts.items(), key=lambda kv: (kv[0][0] not in "+-", kv[0])):
+            parts.append(f"{key[0]}{count} {key[1:]}" if key[0] in "+-" else f"{count} {key}")
+        return ", ".join(parts) or "no change"
+
+    def render(self, color: bool | None = None) -> str:
+        head = f"*** {self.title} ***\n" if self.title else ""
+        body = self.code or "(the generated code is identical)"
+        text = f"{head}{body}\n# nodes: {self.summary}"
+        return colorize(text) if (_color_enabled() if color is None else color) else text
+
+    def __str__(self) -> str:
+        return self.render()
+
+    def to_dot(self) -> str:
+        """The union of both graphs: added nodes green, removed red, changed yellow, the rest white."""
+        lines = ["digraph dsd_fx_diff {", '  rankdir=TB; node [shape=box, style=filled, fontname="monospace", fontsize=10];']
+        added, changed_after = set(self.added), {y for _, y in self.changed}
+        ids = {}
+        for n in self.after.nodes:
+            ids[("a", n)] = f"a_{len(ids)}"
+            color = "palegreen" if n in added else "khaki" if n in changed_after else "white"
+            lines.append(f'  {ids[("a", n)]} [label="{_dot_escape(n)}\\n{_dot_escape(self.after.nodes[n]["kind"])}", fillcolor={color}];')
+        for n in self.removed:
+            ids[("b", n)] = f"b_{len(ids)}"
+            lines.append(f'  {ids[("b", n)]} [label="{_dot_escape(n)}\\n{_dot_escape(self.before.nodes[n]["kind"])}", fillcolor=lightcoral];')
+        for u, v in self.after.edges:
+            lines.append(f"  {ids[('a', u)]} -> {ids[('a', v)]};")
+        inverse = {}
+        for x, y in _all_pairs(self):
+            inverse[x] = ("a", y)
+        for u, v in self.before.edges:
+            if u in self.removed or v in self.removed:
+                src = ids.get(("b", u)) or ids.get(inverse.get(u, ("", "")))
+                dst = ids.get(("b", v)) or ids.get(inverse.get(v, ("", "")))
+                if src and dst:
+                    lines.append(f"  {src} -> {dst} [color=red, style=dashed];")
+        lines.append("}")
+        return "\n".join(lines)
+
+    def write_pictures(self, prefix: str) -> list[str]:
+        """Write PREFIX.dot, and PREFIX.svg and PREFIX.png where Graphviz's `dot` is installed."""
+        return write_dot(self.to_dot(), prefix)
+
+
+def _all_pairs(d: GraphDiff):
+    return list(getattr(d, "_matched", {}).items()) + list(d.changed)
+
+
+def _dot_escape(s: str) -> str:
+    return str(s).replace("\\", "\\\\").replace('"', '\\"')
+
+
+def write_dot(dot: str, prefix: str) -> list[str]:
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)) or ".", exist_ok=True)
+    written = [f"{prefix}.dot"]
+    with open(written[0], "w") as f:
+        f.write(dot + "\n")
+    exe = shutil.which("dot")
+    if exe is None:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "Graphviz's `dot` is not installed: wrote %s only; render it with `dot -Tsvg %s -o %s.svg` "
+            "(install graphviz, e.g. `apt-get install graphviz`)", written[0], written[0], prefix
+        )
+        return written
+    for fmt in ("svg", "png"):
+        subprocess.run([exe, f"-T{fmt}", written[0], "-o", f"{prefix}.{fmt}"], check=True, capture_output=True)
+        written.append(f"{prefix}.{fmt}")
+    return written
+
+
+def _as_gm(model: torch.nn.Module) -> fx.GraphModule:
+    return model if isinstance(model, fx.GraphModule) else fx.symbolic_trace(model)
+
+
+def diff(before: torch.nn.Module, after: torch.nn.Module, title: str = "") -> GraphDiff:
+    """The diff of two GraphModules (or a model, traced, and a GraphModule)."""
+    a, b = _as_gm(before), _as_gm(after)
+    return diff_graphs(fx_to_nx(a), fx_to_nx(b), a.code, b.code, title)
+
+
+def diff_graphs(ga: nx.DiGraph, gb: nx.DiGraph, code_a: str, code_b: str, title: str = "") -> GraphDiff:
+    matched, changed = match_graphs(ga, gb)
+    seen_b = set(matched.values()) | set(changed.values())
+    d = GraphDiff(
+        ga, gb, code_diff(code_a, code_b),
+        added=[n for n in gb.nodes if n not in seen_b],
+        removed=[n for n in ga.nodes if n not in matched and n not in changed],
+        changed=list(changed.items()),
+        title=title,
+    )
+    d._matched = matched  # type: ignore[attr-defined]
+    return d
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+def onnx_to_nx(proto) -> nx.DiGraph:
+    """An ONNX graph as networkx: ops labelled by type and attributes, initializers by name."""
+    from dsd_fx.export import _attr_label, _op
+
+    g = nx.DiGraph()
+    producer = {}
+    for i, v in enumerate(proto.graph.input):
+        g.add_node(f"input:{v.name}", label=("input", i), kind="input", op="input")
+        producer[v.name] = f"input:{v.name}"
+    for init in proto.graph.initializer:
+        g.add_node(f"init:{init.name}", label=("init", init.name, tuple(init.dims)), kind="initializer", op="init")
+        producer[init.name] = f"init:{init.name}"
+    names = []
+    for k, node in enumerate(proto.graph.node):
+        name = node.name or f"{node.op_type}_{k}"
+        names.append(name)
+        g.add_node(name, label=(_op(node), _attr_label(node)), kind=_op(node), op="node")
+        for out in node.output:
+            producer[out] = name
+    for name, node in zip(names, proto.graph.node):
+        for pos, inp in enumerate(node.input):
+            if inp in producer:
+                g.add_edge(producer[inp], name, pos=pos)
+    for i, v in enumerate(proto.graph.output):
+        g.add_node(f"output:{i}", label=("output", i), kind="output", op="output")
+        if v.name in producer:
+            g.add_edge(producer[v.name], f"output:{i}", pos=0)
+    return g
+
+
+def diff_onnx(before, after, title: str = "") -> GraphDiff:
+    """The diff of two ONNX models (ModelProto or file paths): text of the graphs, nodes and initializers."""
+    import onnx
+
+    a = onnx.load(before) if isinstance(before, (str, os.PathLike)) else before
+    b = onnx.load(after) if isinstance(after, (str, os.PathLike)) else after
+    return diff_graphs(onnx_to_nx(a), onnx_to_nx(b), _onnx_text(a), _onnx_text(b), title)
+
+
+def _onnx_text(proto) -> str:
+    """The graph in ONNX's text form, initializers listed by name, type and shape, not values."""
+    import onnx
+    from onnx import printer
+
+    graph = onnx.GraphProto()
+    graph.CopyFrom(proto.graph)
+    inits = [f"initializer {i.name}: {onnx.TensorProto.DataType.Name(i.data_type)}{list(i.dims)}" for i in graph.initializer]
+    del graph.initializer[:]
+    return "\n".join(sorted(inits) + printer.to_text(graph).splitlines())

@@ -1,0 +1,94 @@
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "dsd_fx", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("cmd", ["demo", "diff", "export", "check"])
+def test_help(cmd):
+    out = run(cmd, "--help")
+    assert out.returncode == 0 and "usage: dsd-fx " + cmd in out.stdout
+
+
+def test_diff_prints_each_pass_and_writes_pictures(tmp_path):
+    out = run("diff", "examples.models:cnn", "--input-shape", "1,3,8,8", "--out", str(tmp_path / "d"))
+    assert out.returncode == 0, out.stderr
+    assert "*** insert_masks (sparse phase) ***" in out.stderr and "*** strip_masks (dense phase) ***" in out.stderr
+    assert "# nodes: +" in out.stderr
+    folders = sorted(p.name for p in (tmp_path / "d").iterdir())
+    assert folders == ["00_sparse_insert_masks", "01_dense_strip_masks"]
+    assert (tmp_path / "d" / "00_sparse_insert_masks" / "diff.dot").exists()
+
+
+def test_diff_with_pattern_and_pack():
+    out = run("diff", "examples.models:mlp", "--input-shape", "1,8", "--pattern", "2:4", "--pack")
+    assert out.returncode == 0, out.stderr
+    assert "*** pack_nm (sparse phase) ***" in out.stderr and "*** unpack_nm (dense phase) ***" in out.stderr
+
+
+def test_export_then_check(tmp_path):
+    ref, fin = tmp_path / "ref.onnx", tmp_path / "fin.onnx"
+    assert run("export", "examples.models:cnn", "--input-shape", "1,3,8,8", "-o", str(ref)).returncode == 0
+    assert run("export", "examples.models:cnn", "--input-shape", "1,3,8,8", "--sparse", "-o", str(fin)).returncode == 0
+    out = run("check", str(ref), str(fin))
+    assert out.returncode == 0 and "zero overhead: PROVEN" in out.stdout
+
+
+def test_check_fails_naming_the_difference(tmp_path):
+    import copy
+
+    import torch
+
+    import dsd_fx
+    from conftest import TinyMLP, mlp_args
+
+    model = TinyMLP()
+    dsd_fx.export_onnx(model, mlp_args(), tmp_path / "ref.onnx")
+    dsd_fx.export_onnx(dsd_fx.transform(copy.deepcopy(model)), mlp_args(), tmp_path / "bad.onnx", fold=False, optimize=False)
+    out = run("check", str(tmp_path / "ref.onnx"), str(tmp_path / "bad.onnx"))
+    assert out.returncode == 1 and "NOT PROVEN" in out.stdout
+    assert "(Mul) reading fc1.weight, fc1.weight_mask" in out.stdout and "extra initializer 'fc2.weight_mask'" in out.stdout
+    del torch
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["diff", "nosuch.module:make", "--input-shape", "1,8"], "cannot import module 'nosuch.module'"),
+        (["diff", "examples.models", "--input-shape", "1,8"], "is not MODULE:FACTORY"),
+        (["diff", "examples.models:nothing", "--input-shape", "1,8"], "has no callable 'nothing'"),
+        (["diff", "examples.models:mlp", "--input-shape", "1,x"], "is not comma-separated integers"),
+        (["diff", "examples.models:mlp", "--input-shape", "1,8", "--sparsity", "2"], "[0, 1)"),
+        (["diff", "examples.models:mlp", "--input-shape", "1,8", "--pack"], "need --pattern"),
+        (["export", "examples.models:mlp", "--input-shape", "1,8", "-o", "/nonexistent/dir/m.onnx"], "not writable"),
+        (["check", "missing_a.onnx", "missing_b.onnx"], "no such file: missing_a.onnx"),
+    ],
+)
+def test_errors_are_one_line_and_exit_2(args, words):
+    out = run(*args)
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and words in lines[0] and "Traceback" not in out.stderr
+
+
+def test_check_rejects_a_non_onnx_file(tmp_path):
+    bad = tmp_path / "x.onnx"
+    bad.write_text("not a model")
+    out = run("check", str(bad), str(bad))
+    assert out.returncode == 2 and "is not an ONNX model" in out.stderr
+
+
+def test_installed_console_script():
+    exe = shutil.which("dsd-fx")
+    if exe is None:
+        pytest.skip("dsd-fx is not on PATH (package not installed)")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "demo" in out.stdout and "check" in out.stdout
