@@ -363,3 +363,18 @@ def test_cuda_transform_every_mode():
         dense = dsd_fx.transform(sparse, phase="dense")
         weight = dense.get_parameter("0.weight")
         assert weight.dtype == torch.half and weight.is_cuda and weight.shape == (256, 128)
+
+
+@pytest.mark.parametrize("mode", ["sr-ste", "packed"])
+def test_export_and_compile_see_one_op(mode):
+    """torch.export keeps each dsd_fx custom op as one node; torch.compile runs it without a graph break."""
+    torch.manual_seed(0)
+    sparse = dsd_fx.transform(TinyMLP(), **MODES[mode])
+    x = torch.randn(4, 8)
+    op = torch.ops.dsd_fx.sparsify_nm.default if mode == "sr-ste" else torch.ops.dsd_fx.nm_linear.default
+    ep = torch.export.export(sparse, (x,))
+    assert sum(n.target is op for n in ep.graph.nodes) == 2
+    explained = torch._dynamo.explain(sparse)(x)
+    assert explained.graph_break_count == 0
+    compiled = torch.compile(sparse, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), sparse(x))

@@ -269,3 +269,13 @@ def test_gradients_equal_masked_reference_with_shared_reads():
         (a.square().sum() + b.sum()).backward()
     torch.testing.assert_close(sparse.w.grad, ref.w.grad)
     torch.testing.assert_close(sparse.v.grad, ref.v.grad)
+
+
+def test_magnitude_graph_exports_and_compiles():
+    """mask_mul is a plain W * M under torch.export and torch.compile: one Mul per weight, no graph break."""
+    sparse = dsd_fx.transform(TinyMLP())
+    x = torch.randn(3, 8)
+    ep = torch.export.export(sparse, (x,))
+    assert sum(n.target is torch.ops.aten.mul.Tensor for n in ep.graph.nodes) == 2
+    assert torch._dynamo.explain(sparse)(x).graph_break_count == 0
+    torch.testing.assert_close(torch.compile(sparse, backend="aot_eager")(x), sparse(x))
