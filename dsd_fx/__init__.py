@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dsd_fx.config import SparseConfig
 from dsd_fx.diff import GraphDiff, diff, diff_onnx
+from dsd_fx.flow import DSD, PhaseRecord
 from dsd_fx.export import ZeroOverheadReport, compare_onnx, export_onnx, verify_zero_overhead
 from dsd_fx.sad import SAD, SADTracker, current_masks, sad
 from dsd_fx.select import PrunableWeight
@@ -24,5 +25,7 @@ __all__ = [
     "diff",
     "GraphDiff",
     "diff_onnx",
+    "DSD",
+    "PhaseRecord",
 ]
 __version__ = "0.1.0"
