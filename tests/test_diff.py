@@ -2,7 +2,6 @@ import copy
 import shutil
 import xml.etree.ElementTree as ET
 
-import pydot
 import pytest
 import torch
 
@@ -101,6 +100,7 @@ def test_bad_print_changed_mode():
 def test_dot_parses_and_colours(tmp_path):
     model = TinyMLP()
     d = dsd_fx.diff(model, dsd_fx.transform(copy.deepcopy(model)))
+    pydot = pytest.importorskip("pydot")  # in the test extra: an independent DOT parser
     files = d.write_pictures(str(tmp_path / "diff"))
     (graph,) = pydot.graph_from_dot_file(files[0])
     nodes = [n for n in graph.get_nodes() if n.get_name() not in ("node", "graph", "edge")]
@@ -139,4 +139,5 @@ def test_onnx_diff_names_the_extra_nodes(tmp_path):
     folded = dsd_fx.export_onnx(sparse, mlp_args())
     assert dsd_fx.diff_onnx(ref, folded).summary == "no change"
     files = d.write_pictures(str(tmp_path / "onnx"))
+    pydot = pytest.importorskip("pydot")
     assert pydot.graph_from_dot_file(files[0])
