@@ -148,6 +148,7 @@ class GraphDiff:
     removed: list[str] = field(default_factory=list)
     changed: list[tuple[str, str]] = field(default_factory=list)
     title: str = ""
+    matched: dict[str, str] = field(default_factory=dict)
 
     @property
     def counts(self) -> Counter:
@@ -190,9 +191,7 @@ class GraphDiff:
             lines.append(f'  {ids[("b", n)]} [label="{_dot_escape(n)}\\n{_dot_escape(self.before.nodes[n]["kind"])}", fillcolor=lightcoral];')
         for u, v in self.after.edges:
             lines.append(f"  {ids[('a', u)]} -> {ids[('a', v)]};")
-        inverse = {}
-        for x, y in _all_pairs(self):
-            inverse[x] = ("a", y)
+        inverse = {x: ("a", y) for x, y in [*self.matched.items(), *self.changed]}
         for u, v in self.before.edges:
             if u in self.removed or v in self.removed:
                 src = ids.get(("b", u)) or ids.get(inverse.get(u, ("", "")))
@@ -205,10 +204,6 @@ class GraphDiff:
     def write_pictures(self, prefix: str) -> list[str]:
         """Write PREFIX.dot, and PREFIX.svg and PREFIX.png where Graphviz's `dot` is installed."""
         return write_dot(self.to_dot(), prefix)
-
-
-def _all_pairs(d: GraphDiff):
-    return list(getattr(d, "_matched", {}).items()) + list(d.changed)
 
 
 def _dot_escape(s: str) -> str:
@@ -254,8 +249,8 @@ def diff_graphs(ga: nx.DiGraph, gb: nx.DiGraph, code_a: str, code_b: str, title:
         removed=[n for n in ga.nodes if n not in matched and n not in changed],
         changed=list(changed.items()),
         title=title,
+        matched=matched,
     )
-    d._matched = matched  # type: ignore[attr-defined]
     return d
 
 

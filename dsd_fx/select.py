@@ -155,7 +155,7 @@ def _matches(pattern: str, weight: PrunableWeight) -> bool:
 
 
 def _no_match_error(what: str, pattern: str, weights: Iterable[PrunableWeight]) -> ValueError:
-    names = sorted({n for w in weights for n in (w.name,)})
+    names = sorted(w.name for w in weights)
     near = difflib.get_close_matches(pattern, sorted({n for w in weights for n in w.names()}), n=3)
     hint = f" Did you mean {', '.join(repr(n) for n in near)}?" if near else ""
     return ValueError(
@@ -278,7 +278,10 @@ def select_nm(
     for w, _ in chosen:
         dim = reduction_dim(w)
         size = w.param.shape[dim]
-        (skipped if size % m else keep).append((w, dim) if size % m == 0 else (w.name, size))
+        if size % m:
+            skipped.append((w.name, size))
+        else:
+            keep.append((w, dim))
     if skipped and strict:
         raise ValueError(
             f"select: {n}:{m} needs reduction sizes divisible by {m}; "

@@ -134,3 +134,16 @@ def masked_reference(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Mod
             if name in masks:
                 p.mul_(masks[name])
     return ref
+
+
+def assert_rejected(kwargs: dict, exc: type, words: list[str]) -> None:
+    """transform(TinyMLP(), **kwargs) raises `exc` whose message holds every word, and changes nothing."""
+    import dsd_fx
+
+    model = TinyMLP()
+    snap = snapshot(model)
+    with pytest.raises(exc) as err:
+        dsd_fx.transform(model, **kwargs)
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+    assert_unchanged(model, snap)

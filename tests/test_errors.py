@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import dsd_fx
-from conftest import TinyMLP, assert_unchanged, snapshot
+from conftest import TinyMLP, assert_rejected, assert_unchanged, snapshot
 
 
 @pytest.mark.parametrize(
@@ -28,13 +28,7 @@ from conftest import TinyMLP, assert_unchanged, snapshot
     ],
 )
 def test_bad_options(kwargs, exc, words):
-    model = TinyMLP()
-    snap = snapshot(model)
-    with pytest.raises(exc) as err:
-        dsd_fx.transform(model, **kwargs)
-    for w in words:
-        assert w in str(err.value), (w, str(err.value))
-    assert_unchanged(model, snap)
+    assert_rejected(kwargs, exc, words)
 
 
 def test_model_without_prunable_weight():
