@@ -12,7 +12,6 @@ import copy
 import os
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F

@@ -159,14 +159,20 @@ def cmd_diff(args) -> int:
 
     model = _factory(args.factory)
     example = _shapes(args.input_shape)
+    try:  # before anything is printed: the example input fits the model
+        with torch.no_grad():
+            model.eval()(*example)
+    except Exception as err:  # noqa: BLE001 - a shape that does not fit the model
+        raise CliError(f"the model does not run on --input-shape {args.input_shape}: {type(err).__name__}: {err}") from err
+    mode = "cdiff" if sys.stderr.isatty() else "diff"
     try:
-        sparse = dsd_fx.transform(model, phase="sparse", print_changed="diff" if not sys.stdout.isatty() else "cdiff",
-                                  print_changed_dir=args.out, **_sparse_options(args))
-        dsd_fx.transform(sparse, phase="dense", print_changed="diff" if not sys.stdout.isatty() else "cdiff",
-                         print_changed_dir=args.out)
+        sparse = dsd_fx.transform(model, phase="sparse", print_changed=mode, print_changed_dir=args.out, **_sparse_options(args))
+        dense = dsd_fx.transform(sparse, phase="dense", print_changed=mode, print_changed_dir=args.out)
     except (ValueError, TypeError) as err:
         raise CliError(str(err)) from err
-    del example  # the shapes are validated; fx needs no example to trace
+    with torch.no_grad():  # and the rewritten graphs run on it
+        sparse(*example)
+        dense(*example)
     if args.out:
         print(f"wrote one folder per changed pass (code before/after, diff.txt, diff.dot and pictures) under {args.out}", file=sys.stderr)
     return 0

@@ -257,39 +257,11 @@ def diff_graphs(ga: nx.DiGraph, gb: nx.DiGraph, code_a: str, code_b: str, title:
 # ---------------------------------------------------------------- ONNX
 
 
-def onnx_to_nx(proto) -> nx.DiGraph:
-    """An ONNX graph as networkx: ops labelled by type and attributes, initializers by name."""
-    from dsd_fx.export import _attr_label, _op
-
-    g = nx.DiGraph()
-    producer = {}
-    for i, v in enumerate(proto.graph.input):
-        g.add_node(f"input:{v.name}", label=("input", i), kind="input", op="input")
-        producer[v.name] = f"input:{v.name}"
-    for init in proto.graph.initializer:
-        g.add_node(f"init:{init.name}", label=("init", init.name, tuple(init.dims)), kind="initializer", op="init")
-        producer[init.name] = f"init:{init.name}"
-    names = []
-    for k, node in enumerate(proto.graph.node):
-        name = node.name or f"{node.op_type}_{k}"
-        names.append(name)
-        g.add_node(name, label=(_op(node), _attr_label(node)), kind=_op(node), op="node")
-        for out in node.output:
-            producer[out] = name
-    for name, node in zip(names, proto.graph.node):
-        for pos, inp in enumerate(node.input):
-            if inp in producer:
-                g.add_edge(producer[inp], name, pos=pos)
-    for i, v in enumerate(proto.graph.output):
-        g.add_node(f"output:{i}", label=("output", i), kind="output", op="output")
-        if v.name in producer:
-            g.add_edge(producer[v.name], f"output:{i}", pos=0)
-    return g
-
-
 def diff_onnx(before, after, title: str = "") -> GraphDiff:
     """The diff of two ONNX models (ModelProto or file paths): text of the graphs, nodes and initializers."""
     import onnx
+
+    from dsd_fx.export import onnx_to_nx
 
     a = onnx.load(before) if isinstance(before, (str, os.PathLike)) else before
     b = onnx.load(after) if isinstance(after, (str, os.PathLike)) else after

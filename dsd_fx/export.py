@@ -132,33 +132,40 @@ def _value_infos(values) -> list[tuple[tuple, str]]:
     return out
 
 
-def _to_nx(proto: onnx.ModelProto) -> nx.DiGraph:
-    """Nodes: ops (op type + attributes), graph inputs (by position), initializers (by name)."""
+def onnx_to_nx(proto: onnx.ModelProto) -> nx.DiGraph:
+    """An ONNX graph as networkx, for the isomorphism check and for diffs.
+
+    Nodes: ops labelled by op type and attributes, graph inputs by position, initializers by name,
+    shape and dtype, outputs by position. Edges carry the argument positions (`slots`; `pos` is
+    the first), so wiring counts, not just node labels.
+    """
     g = nx.DiGraph()
     producer: dict[str, str] = {}
     for i, v in enumerate(proto.graph.input):
-        g.add_node(f"in:{v.name}", label=("input", i))
-        producer[v.name] = f"in:{v.name}"
+        g.add_node(f"input:{v.name}", label=("input", i), kind="input", op="input")
+        producer[v.name] = f"input:{v.name}"
     for name, (dims, dtype, _) in _initializers(proto).items():
-        g.add_node(f"init:{name}", label=("init", name, dims, dtype))
+        g.add_node(f"init:{name}", label=("init", name, dims, dtype), kind="initializer", op="init")
         producer[name] = f"init:{name}"
+    keys = []
     for k, node in enumerate(proto.graph.node):
-        key = f"op:{k}"
-        g.add_node(key, label=("op", _op(node), _attr_label(node)))
+        key = node.name or f"{node.op_type}_{k}"
+        keys.append(key)
+        g.add_node(key, label=("op", _op(node), _attr_label(node)), kind=_op(node), op="node")
         for out in node.output:
             producer[out] = key
-    for k, node in enumerate(proto.graph.node):
+    for key, node in zip(keys, proto.graph.node):
         for slot, name in enumerate(node.input):
             if name and name in producer:
                 src = producer[name]
-                if g.has_edge(src, f"op:{k}"):
-                    g.edges[src, f"op:{k}"]["slots"] += (slot,)
+                if g.has_edge(src, key):
+                    g.edges[src, key]["slots"] += (slot,)
                 else:
-                    g.add_edge(src, f"op:{k}", slots=(slot,))
+                    g.add_edge(src, key, slots=(slot,), pos=slot)
     for i, v in enumerate(proto.graph.output):
-        g.add_node(f"out:{i}", label=("output", i))
+        g.add_node(f"output:{i}", label=("output", i), kind="output", op="output")
         if v.name in producer:
-            g.add_edge(producer[v.name], f"out:{i}", slots=(0,))
+            g.add_edge(producer[v.name], f"output:{i}", slots=(0,), pos=0)
     return g
 
 
@@ -220,8 +227,8 @@ def compare_onnx(reference: onnx.ModelProto, final: onnx.ModelProto) -> OnnxComp
     if rio != fio:
         diffs.append(f"inputs/outputs differ: {rio} vs {fio}")
     iso = nx.is_isomorphic(
-        _to_nx(reference),
-        _to_nx(final),
+        onnx_to_nx(reference),
+        onnx_to_nx(final),
         node_match=lambda a, b: a["label"] == b["label"],
         edge_match=lambda a, b: a["slots"] == b["slots"],
     )

@@ -8,10 +8,9 @@ class _MaskMul(torch.autograd.Function):
     """Eager fast path of W * M: re-zero W's pruned entries in place, return W, mask the gradient.
 
     A plain `torch.mul(W, M)` allocates and writes a weight-sized tensor in the forward and again
-    in the backward; on a CPU MLP step that costs ~18% over dense (benchmarks/overhead.py), most
-    of it in fresh allocations. Here the forward writes zeros into pruned positions (a no-op while
-    the S phase holds, since they are already zero) through `.data`, so tensors saved for backward
-    are not invalidated, and returns a view of W, which equals W * M exactly. The backward is
+    in the backward. Here the forward writes zeros into pruned positions (a no-op while the S
+    phase holds, since they are already zero) through `.data`, so tensors saved for backward are
+    not invalidated, and returns a view of W, which equals W * M exactly. The backward is
     `grad * M`, computed in place when the rewrite knows the incoming gradient is not shared.
     """
 

@@ -39,7 +39,6 @@ def pack_bits(idx: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of pack_bits: the first `count` values, as int64."""
     if 8 % bits == 0:
-        per = 8 // bits
         shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
         fields = (packed.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
         return fields.reshape(-1)[:count].to(torch.int64)

@@ -68,3 +68,27 @@ def functionalize(
     node.replace_all_uses_with(op)
     g.erase_node(node)
     return op
+
+
+def wrap_weight_uses(
+    gm: fx.GraphModule, pw, wrap: Callable[[fx.Graph, fx.Node, bool], fx.Node], pass_name: str
+) -> None:
+    """Feed every use of the parameter `pw` (a PrunableWeight) through `wrap(graph, weight, sole)`.
+
+    Right after each `get_attr` read, and as the weight of each module call made functional.
+    `sole` is true where the wrapped weight feeds exactly one matmul-like op, whose weight
+    gradient is then a fresh tensor that nothing else holds.
+    """
+    g = gm.graph
+    weight_reads = {u.node for u in pw.uses}
+    for getter in pw.getattrs:
+        sole = getter in weight_reads and len(getter.users) == 1
+        with g.inserting_before(getter.next):
+            new = wrap(g, getter, sole)
+        getter.replace_all_uses_with(new, delete_user_cb=lambda user, n=new: user is not n)
+    for call in pw.modules:
+
+        def weight(g: fx.Graph, module: nn.Module, target: str = call.target) -> fx.Node:
+            return wrap(g, tag(get_attr(g, f"{target}.weight"), pass_name, "weight"), True)
+
+        functionalize(gm, call, weight, pass_name)

@@ -8,7 +8,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from dsd_fx.ops import mask_mul
-from dsd_fx.passes.functional import functionalize, get_attr
+from dsd_fx.passes.functional import get_attr, wrap_weight_uses
 from dsd_fx.select import PrunableWeight
 from dsd_fx.tags import tag
 
@@ -44,21 +44,12 @@ def insert_masks(gm: fx.GraphModule, masks: Sequence[tuple[PrunableWeight, torch
     weight used several times is masked identically everywhere. Fixed N:M masks go through
     this pass too: they are masks whose zeros follow the N:M pattern.
     """
-    g = gm.graph
     for pw, mask in masks:
         path, _, attr = pw.mask_name.rpartition(".")
         (gm.get_submodule(path) if path else gm).register_buffer(attr, mask)
-        weight_reads = {u.node for u in pw.uses}
-        for getter in pw.getattrs:
-            # the weight gradient of a matmul-like op is a fresh tensor: safe to mask in place
-            sole = getter in weight_reads and len(getter.users) == 1
-            with g.inserting_before(getter.next):
-                masked = _masked(g, getter, pw.mask_name, pw, sole)
-            getter.replace_all_uses_with(masked, delete_user_cb=lambda user, m=masked: user is not m)
-        for node in pw.modules:
 
-            def weight(g: fx.Graph, module, target=node.target, pw=pw) -> fx.Node:
-                return _masked(g, tag(get_attr(g, f"{target}.weight"), PASS, "weight"), pw.mask_name, pw, True)
+        def masked(g: fx.Graph, weight: fx.Node, sole: bool, pw=pw) -> fx.Node:
+            return _masked(g, weight, pw.mask_name, pw, sole)
 
-            functionalize(gm, node, weight, PASS)
+        wrap_weight_uses(gm, pw, masked, PASS)
     return PassResult(gm, modified=bool(masks))

@@ -7,7 +7,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from dsd_fx.passes.functional import functionalize, get_attr
+from dsd_fx.passes.functional import wrap_weight_uses
 from dsd_fx.select import PrunableWeight
 from dsd_fx.tags import tag
 
@@ -32,21 +32,11 @@ def insert_nm(gm: fx.GraphModule, weights: Sequence[tuple[PrunableWeight, int]],
     lambda_w * (1 - M) * W (SR-STE; lambda_w = 0 is plain STE). No buffer: the mask is a function
     of the weights.
     """
-    g = gm.graph
     op = torch.ops.dsd_fx.sparsify_nm.default
-
-    def sparsified(g: fx.Graph, weight: fx.Node, pw: PrunableWeight, dim: int) -> fx.Node:
-        return tag(g.call_function(op, (weight, n, m, dim, float(lambda_w))), PASS, "masked", weight=pw.name)
-
     for pw, dim in weights:
-        for getter in pw.getattrs:
-            with g.inserting_before(getter.next):
-                node = sparsified(g, getter, pw, dim)
-            getter.replace_all_uses_with(node, delete_user_cb=lambda user, s=node: user is not s)
-        for call in pw.modules:
 
-            def weight(g: fx.Graph, module, target=call.target, pw=pw, dim=dim) -> fx.Node:
-                return sparsified(g, tag(get_attr(g, f"{target}.weight"), PASS, "weight"), pw, dim)
+        def sparsified(g: fx.Graph, weight: fx.Node, sole: bool, pw=pw, dim=dim) -> fx.Node:
+            return tag(g.call_function(op, (weight, n, m, dim, float(lambda_w))), PASS, "masked", weight=pw.name)
 
-            functionalize(gm, call, weight, PASS)
+        wrap_weight_uses(gm, pw, sparsified, PASS)
     return PassResult(gm, modified=bool(weights))

@@ -136,11 +136,11 @@ def masked_reference(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Mod
     return ref
 
 
-def assert_rejected(kwargs: dict, exc: type, words: list[str]) -> None:
-    """transform(TinyMLP(), **kwargs) raises `exc` whose message holds every word, and changes nothing."""
+def assert_rejected(kwargs: dict, exc: type, words: list[str], model: nn.Module | None = None) -> None:
+    """transform(model, **kwargs) raises `exc` whose message holds every word, and changes nothing."""
     import dsd_fx
 
-    model = TinyMLP()
+    model = TinyMLP() if model is None else model
     snap = snapshot(model)
     with pytest.raises(exc) as err:
         dsd_fx.transform(model, **kwargs)

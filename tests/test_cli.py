@@ -45,8 +45,6 @@ def test_export_then_check(tmp_path):
 def test_check_fails_naming_the_difference(tmp_path):
     import copy
 
-    import torch
-
     import dsd_fx
     from conftest import TinyMLP, mlp_args
 
@@ -56,7 +54,6 @@ def test_check_fails_naming_the_difference(tmp_path):
     out = run("check", str(tmp_path / "ref.onnx"), str(tmp_path / "bad.onnx"))
     assert out.returncode == 1 and "NOT PROVEN" in out.stdout
     assert "(Mul) reading fc1.weight, fc1.weight_mask" in out.stdout and "extra initializer 'fc2.weight_mask'" in out.stdout
-    del torch
 
 
 @pytest.mark.parametrize(
@@ -66,6 +63,7 @@ def test_check_fails_naming_the_difference(tmp_path):
         (["diff", "examples.models", "--input-shape", "1,8"], "is not MODULE:FACTORY"),
         (["diff", "examples.models:nothing", "--input-shape", "1,8"], "has no callable 'nothing'"),
         (["diff", "examples.models:mlp", "--input-shape", "1,x"], "is not comma-separated integers"),
+        (["diff", "examples.models:mlp", "--input-shape", "1,5"], "does not run on --input-shape 1,5"),
         (["diff", "examples.models:mlp", "--input-shape", "1,8", "--sparsity", "2"], "[0, 1)"),
         (["diff", "examples.models:mlp", "--input-shape", "1,8", "--pack"], "need --pattern"),
         (["export", "examples.models:mlp", "--input-shape", "1,8", "-o", "/nonexistent/dir/m.onnx"], "not writable"),
