@@ -177,33 +177,95 @@ class GraphDiff:
     def __str__(self) -> str:
         return self.render()
 
-    def to_dot(self) -> str:
-        """The union of both graphs: added nodes green, removed red, changed yellow, the rest white."""
-        lines = ["digraph dsd_fx_diff {", '  rankdir=TB; node [shape=box, style=filled, fontname="monospace", fontsize=10];']
+    def union(self) -> tuple[dict[str, tuple[str, str]], list[tuple[str, str, bool]]]:
+        """Both graphs in one: {id: (label, colour)} and [(src, dst, removed_edge)].
+
+        Added nodes are green, removed red, changed yellow, the rest white.
+        """
         added, changed_after = set(self.added), {y for _, y in self.changed}
-        ids = {}
+        ids: dict[tuple[str, str], str] = {}
+        nodes: dict[str, tuple[str, str]] = {}
         for n in self.after.nodes:
             ids[("a", n)] = f"a_{len(ids)}"
             color = "palegreen" if n in added else "khaki" if n in changed_after else "white"
-            lines.append(f'  {ids[("a", n)]} [label="{_dot_escape(n)}\\n{_dot_escape(self.after.nodes[n]["kind"])}", fillcolor={color}];')
+            nodes[ids[("a", n)]] = (f"{n}\n{self.after.nodes[n]['kind']}", color)
         for n in self.removed:
             ids[("b", n)] = f"b_{len(ids)}"
-            lines.append(f'  {ids[("b", n)]} [label="{_dot_escape(n)}\\n{_dot_escape(self.before.nodes[n]["kind"])}", fillcolor=lightcoral];')
-        for u, v in self.after.edges:
-            lines.append(f"  {ids[('a', u)]} -> {ids[('a', v)]};")
+            nodes[ids[("b", n)]] = (f"{n}\n{self.before.nodes[n]['kind']}", "lightcoral")
+        edges = [(ids[("a", u)], ids[("a", v)], False) for u, v in self.after.edges]
         inverse = {x: ("a", y) for x, y in [*self.matched.items(), *self.changed]}
         for u, v in self.before.edges:
             if u in self.removed or v in self.removed:
                 src = ids.get(("b", u)) or ids.get(inverse.get(u, ("", "")))
                 dst = ids.get(("b", v)) or ids.get(inverse.get(v, ("", "")))
                 if src and dst:
-                    lines.append(f"  {src} -> {dst} [color=red, style=dashed];")
+                    edges.append((src, dst, True))
+        return nodes, edges
+
+    def to_dot(self) -> str:
+        """The union of both graphs as DOT: added nodes green, removed red, changed yellow, the rest white."""
+        lines = ["digraph dsd_fx_diff {", '  rankdir=TB; node [shape=box, style=filled, fontname="monospace", fontsize=10];']
+        nodes, edges = self.union()
+        for i, (label, color) in nodes.items():
+            text = _dot_escape(label).replace("\n", "\\n")
+            lines.append(f'  {i} [label="{text}", fillcolor={color}];')
+        for u, v, removed in edges:
+            lines.append(f"  {u} -> {v}" + (" [color=red, style=dashed];" if removed else ";"))
         lines.append("}")
         return "\n".join(lines)
 
+    def to_png(self, path: str) -> str:
+        """Draw the union graph with matplotlib (top to bottom in data-flow order): no Graphviz needed."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        nodes, edges = self.union()
+        g = nx.DiGraph()
+        g.add_nodes_from(nodes)
+        g.add_edges_from((u, v) for u, v, _ in edges)
+        order = {n: k for k, n in enumerate(nodes)}
+        depth: dict[str, int] = {}
+        for n in (nx.topological_sort(g) if nx.is_directed_acyclic_graph(g) else list(g)):
+            depth[n] = max((depth.get(p, 0) + 1 for p in g.predecessors(n)), default=0)
+        for n in g:  # inputs and weights sit just above their first reader, not all on the top row
+            if g.in_degree(n) == 0 and g.out_degree(n):
+                depth[n] = max(0, min(depth[s] for s in g.successors(n)) - 1)
+        layers = [sorted((n for n in g if depth[n] == d), key=order.get) for d in range(max(depth.values(), default=0) + 1)]
+        layers = [layer for layer in layers if layer]
+        pos = {n: (k - (len(layer) - 1) / 2, -d) for d, layer in enumerate(layers) for k, n in enumerate(layer)}
+        width = max(len(layer) for layer in layers)
+        fig, ax = plt.subplots(figsize=(max(4.0, 2.6 * width), max(3.0, 0.75 * len(layers))))
+        for u, v, removed in edges:
+            ax.annotate("", xy=pos[v], xytext=pos[u], arrowprops=dict(
+                arrowstyle="-|>", color="red" if removed else "0.35", linestyle="--" if removed else "-",
+                shrinkA=9, shrinkB=9, lw=0.8))
+        for n, (label, color) in nodes.items():
+            ax.text(*pos[n], label, ha="center", va="center", fontsize=7, family="monospace",
+                    bbox=dict(boxstyle="round,pad=0.3", facecolor=color, edgecolor="0.3", lw=0.6))
+        ax.set_xlim(-width / 2 - 0.2, width / 2 + 0.2)
+        ax.set_ylim(-len(layers) + 0.4, 0.6)
+        ax.axis("off")
+        if self.title:
+            ax.set_title(self.title, fontsize=9)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        return path
+
     def write_pictures(self, prefix: str) -> list[str]:
-        """Write PREFIX.dot, and PREFIX.svg and PREFIX.png where Graphviz's `dot` is installed."""
-        return write_dot(self.to_dot(), prefix)
+        """Write PREFIX.dot, and PREFIX.svg and PREFIX.png with Graphviz's `dot`, or PREFIX.png with
+        matplotlib where Graphviz is not installed."""
+        written = write_dot(self.to_dot(), prefix)
+        if len(written) == 1 and _has_matplotlib():
+            written.append(self.to_png(f"{prefix}.png"))
+        return written
+
+
+def _has_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
 
 
 def _dot_escape(s: str) -> str:
@@ -217,6 +279,8 @@ def write_dot(dot: str, prefix: str) -> list[str]:
         f.write(dot + "\n")
     exe = shutil.which("dot")
     if exe is None:
+        if _has_matplotlib():
+            return written
         import logging
 
         logging.getLogger(__name__).warning(

@@ -91,7 +91,8 @@ class DSD:
         if phase == "sparse":
             self.model = transform(self.model, phase="sparse", **self.sparse_options)
         elif phase == "redense":
-            self.model = transform(self.model, phase="dense")
+            inspect = {k: v for k, v in self.sparse_options.items() if k.startswith("print_changed")}
+            self.model = transform(self.model, phase="dense", **inspect)  # the diffs of both phases
             lr = self.lr * self.redense_lr_scale
         self.phase = phase
         self.optimizer = self.optimizer_fn(self.model.parameters(), lr)

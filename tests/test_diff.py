@@ -121,8 +121,21 @@ def test_svg_has_one_element_per_node(tmp_path):
     assert (tmp_path / "diff.png").stat().st_size > 0
 
 
-def test_without_graphviz_the_dot_file_is_still_written(tmp_path, monkeypatch, caplog):
+def test_without_graphviz_matplotlib_draws_the_png(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
     monkeypatch.setattr(shutil, "which", lambda name: None)
+    d = dsd_fx.diff(TinyMLP(), dsd_fx.transform(TinyMLP()))
+    files = d.write_pictures(str(tmp_path / "d"))
+    assert files == [str(tmp_path / "d") + ".dot", str(tmp_path / "d") + ".png"]
+    png = (tmp_path / "d.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+
+
+def test_without_graphviz_or_matplotlib_the_dot_file_is_still_written(tmp_path, monkeypatch, caplog):
+    import importlib
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setattr(importlib.import_module("dsd_fx.diff"), "_has_matplotlib", lambda: False)
     d = dsd_fx.diff(TinyMLP(), dsd_fx.transform(TinyMLP()))
     assert d.write_pictures(str(tmp_path / "d")) == [str(tmp_path / "d") + ".dot"]
     assert "dot -Tsvg" in caplog.text
