@@ -53,6 +53,8 @@ class SparseConfig:
         compute with a packed N:M op; the dense weight is no longer kept.
     strict: with a pattern, raise (instead of skipping with a warning) on a layer whose reduction
         size is not divisible by M.
+    embeddings: also prune `nn.Embedding` tables (opt-in: a lookup reads rows, it is no matmul).
+        An embedding tied to an output projection is masked anyway, with the projection's one mask.
     """
 
     sparsity: float | Mapping[str, float] | None = None
@@ -64,6 +66,7 @@ class SparseConfig:
     lambda_w: float = 2e-4
     pack: bool = False
     strict: bool = False
+    embeddings: bool = False
 
     @property
     def nm(self) -> tuple[int, int] | None:

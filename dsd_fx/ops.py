@@ -55,6 +55,21 @@ def mask_mul(weight: torch.Tensor, mask: torch.Tensor, grad_inplace: bool = Fals
 torch.fx.wrap("mask_mul")
 
 
+def module_call(module: torch.nn.Module, names: tuple, weights: tuple, args: tuple, kwargs: dict):
+    """`module(*args, **kwargs)` with its parameters `names` replaced by the tensors `weights`.
+
+    The functional call of a layer whose inside the graph does not see (nn.LSTM, nn.GRU,
+    nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.Embedding, ...): the S-phase graph feeds
+    it the masked weights, and re-dense turns it back into the plain module call. It is
+    `torch.func.functional_call`, so the layer's own forward runs: the same kernels, the same
+    ONNX op after re-dense.
+    """
+    return torch.func.functional_call(module, dict(zip(names, weights)), tuple(args), dict(kwargs))
+
+
+torch.fx.wrap("module_call")
+
+
 # ---------------------------------------------------------------- SR-STE
 
 

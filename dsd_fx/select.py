@@ -26,6 +26,29 @@ MODULE_OPS: dict[type, tuple[str, int]] = {
     nn.ConvTranspose3d: ("conv_transpose3d", 0),
 }
 
+# Layers whose inside fx does not see, with weights of their own (beside their child modules'):
+# the S-phase graph calls them functionally (dsd_fx.ops.module_call) with the masked weights.
+# Every one of these weights multiplies its input along dim 1, where N:M groups run.
+def _rnn_weights(m: nn.Module) -> list[str]:
+    return [n for n in m._flat_weights_names if n.startswith("weight_")]  # weight_ih_l0, weight_hh_l0_reverse, ...
+
+
+def _attention_weights(m: nn.Module) -> list[str]:
+    names = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+    return [n for n in names if getattr(m, n, None) is not None]
+
+
+OWN_WEIGHTS: dict[type, tuple[str, Callable[[nn.Module], list[str]]]] = {
+    nn.LSTM: ("lstm", _rnn_weights),
+    nn.GRU: ("gru", _rnn_weights),
+    nn.RNN: ("rnn", _rnn_weights),
+    nn.LSTMCell: ("lstm_cell", lambda m: ["weight_ih", "weight_hh"]),
+    nn.GRUCell: ("gru_cell", lambda m: ["weight_ih", "weight_hh"]),
+    nn.RNNCell: ("rnn_cell", lambda m: ["weight_ih", "weight_hh"]),
+    nn.MultiheadAttention: ("multihead_attention", _attention_weights),
+    nn.Embedding: ("embedding", lambda m: ["weight"]),  # opt-in: SparseConfig.embeddings
+}
+
 # Function ops: (op, target) -> {argument index: (kwarg name, kind, reduction dim of that operand)}.
 # A negative reduction dim counts from the end of the weight's shape.
 _W = "weight"
@@ -48,11 +71,16 @@ FUNCTION_OPS: dict[tuple[str, object], dict[int, tuple[str, str, int]]] = {
 
 @dataclass(frozen=True)
 class WeightUse:
-    """One use of a prunable parameter: `node` consumes it (a call_module or a get_attr node)."""
+    """One use of a prunable parameter: `node` consumes it (a call_module or a get_attr node).
+
+    For a call_module use, `param` is the parameter's name inside that module ("weight",
+    "weight_hh_l0", "self_attn.out_proj.weight", ...).
+    """
 
     node: fx.Node
     kind: str
     reduction_dim: int
+    param: str = "weight"
 
 
 @dataclass
@@ -102,6 +130,27 @@ def _module_kind(module: nn.Module) -> tuple[str, int] | None:
     return None
 
 
+def module_weights(module: nn.Module) -> list[tuple[str, str, int]]:
+    """(parameter name inside `module`, kind, reduction dim) of every prunable weight a call of
+    `module` reads: its own (Linear, Conv, LSTM, MultiheadAttention, ...) and its children's
+    (a TransformerEncoderLayer's attention and feed-forward weights)."""
+    row = _module_kind(module)
+    if row is not None:
+        return [("weight", *row)]
+    out = []
+    for cls, (kind, names) in OWN_WEIGHTS.items():
+        if isinstance(module, cls) and type(module).forward is cls.forward:
+            out += [(n, kind, 1) for n in names(module)]
+    for child_name, child in module.named_children():
+        out += [(f"{child_name}.{n}", kind, dim) for n, kind, dim in module_weights(child)]
+    return out
+
+
+def is_direct(module: nn.Module) -> bool:
+    """True for layers with a functional form of (input, weight, bias): Linear, Conv*, ConvTranspose*."""
+    return _module_kind(module) is not None
+
+
 def find_prunable(gm: fx.GraphModule) -> list[PrunableWeight]:
     """Every parameter of `gm` used by a matmul-like op, in graph order, with all its uses."""
     canonical = {}
@@ -119,13 +168,15 @@ def find_prunable(gm: fx.GraphModule) -> list[PrunableWeight]:
 
     for node in gm.graph.nodes:
         if node.op == "call_module":
-            row = _module_kind(gm.get_submodule(node.target))
-            if row is None:
-                continue
-            param = gm.get_submodule(node.target).weight
-            pw = entry(param, f"{node.target}.weight")
-            pw.uses.append(WeightUse(node, row[0], row[1]))
-            pw.modules.append(node)
+            module = gm.get_submodule(node.target)
+            for pname, kind, dim in module_weights(module):
+                param = module.get_parameter(pname)
+                if param.dim() < 2:
+                    continue
+                pw = entry(param, f"{node.target}.{pname}")
+                pw.uses.append(WeightUse(node, kind, dim, pname))
+                if node not in pw.modules:
+                    pw.modules.append(node)
             continue
         slots = FUNCTION_OPS.get((node.op, node.target))
         if not slots:
@@ -165,7 +216,7 @@ def _no_match_error(what: str, pattern: str, weights: Iterable[PrunableWeight]) 
     )
 
 
-def _filter(weights: list[PrunableWeight], patterns, keep: bool, what: str) -> list[PrunableWeight]:
+def _filter(weights: list[PrunableWeight], patterns, keep: bool, what: str, opt_in=()) -> list[PrunableWeight]:
     if patterns is None:
         return weights
     if callable(patterns):
@@ -173,6 +224,14 @@ def _filter(weights: list[PrunableWeight], patterns, keep: bool, what: str) -> l
         return [w for w in weights if bool(pred(w)) == keep]
     for p in patterns:
         if not any(_matches(p, w) for w in weights):
+            embedding = [w.name for w in opt_in if _matches(p, w)]
+            if embedding and not keep:  # excluding what is not pruned anyway
+                continue
+            if embedding:
+                raise ValueError(
+                    f"{what} pattern {p!r} names nn.Embedding weight(s) {', '.join(embedding)}, which are "
+                    "opt-in; pass embeddings=True to prune embeddings"
+                )
             raise _no_match_error(what, p, weights)
     return [w for w in weights if any(_matches(p, w) for p in patterns) == keep]
 
@@ -214,11 +273,20 @@ def select(gm: fx.GraphModule, config: SparseConfig) -> list[tuple[PrunableWeigh
     if not candidates:
         raise ValueError(
             f"select: {type(gm).__name__} has no prunable weight: no parameter of 2 or more dimensions is "
-            "used by Linear, Conv*, ConvTranspose*, F.linear, F.conv*, matmul, mm or addmm. "
+            "used by Linear, Conv*, ConvTranspose*, LSTM/GRU/RNN (and cells), MultiheadAttention, "
+            "F.linear, F.conv*, matmul, mm, bmm or addmm (nn.Embedding with embeddings=True). "
             "Is the model's weight held in a module type dsd_fx does not know?"
         )
-    weights = _filter(candidates, config.include, True, "include")
-    weights = _filter(weights, config.exclude, False, "exclude")
+    embedding_only = [w for w in candidates if all(u.kind == "embedding" for u in w.uses)]
+    if not config.embeddings:
+        candidates = [w for w in candidates if w not in embedding_only]
+        if not candidates:
+            raise ValueError(
+                f"select: {type(gm).__name__}'s only prunable weights are nn.Embedding tables "
+                f"({', '.join(w.name for w in embedding_only)}), which are opt-in; pass embeddings=True"
+            )
+    weights = _filter(candidates, config.include, True, "include", embedding_only)
+    weights = _filter(weights, config.exclude, False, "exclude", embedding_only)
     if isinstance(config.sparsity, dict):
         chosen = []
         for pattern in config.sparsity:

@@ -58,6 +58,7 @@ def transform(
     lambda_w: float = 2e-4,
     pack: bool = False,
     strict: bool = False,
+    embeddings: bool = False,
     config: SparseConfig | None = None,
     copy: bool = False,
     concrete_args: dict[str, Any] | None = None,
@@ -70,7 +71,7 @@ def transform(
     phase="sparse": trace `model` (or take a GraphModule from any tracer), give every prunable
         weight a `<name>_mask` buffer and a visible `mul` before its op, and zero the pruned
         weights. `sparsity` (default 0.5), `include`, `exclude`, `scope`, and for N:M sparsity
-        `pattern` ("2:4"), `method` ("fixed", "sr-ste", "ste"), `lambda_w`, `pack`, `strict` are
+        `pattern` ("2:4"), `method` ("fixed", "sr-ste", "ste"), `lambda_w`, `pack`, `strict`, `embeddings` are
         those of `SparseConfig`; or pass `config=`.
     phase="dense": write W * M into every masked weight (pruned weights restart from zero), remove
         every dsd_fx node and buffer and restore the original ops and parameter names.
@@ -95,9 +96,10 @@ def transform(
             config = SparseConfig(
                 sparsity=None if sparsity is _UNSET else sparsity, include=include, exclude=exclude, scope=scope,
                 pattern=pattern, method=method, lambda_w=lambda_w, pack=pack, strict=strict,
+                embeddings=embeddings,
             )
         elif (sparsity is not _UNSET or include is not None or exclude is not None or scope != "layer"
-              or pattern is not None or method != "fixed" or pack or strict):
+              or pattern is not None or method != "fixed" or pack or strict or embeddings):
             raise TypeError("give either config= or the individual options (sparsity, include, ...), not both")
         with _gc_paused():
             gm = _sparse(model, config, copy=copy, concrete_args=concrete_args, record=printer.active)

@@ -1,12 +1,14 @@
 """Module calls -> functional calls of a given weight node: the rewrite table the passes share."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
+from dsd_fx.ops import module_call
+from dsd_fx.select import is_direct
 from dsd_fx.tags import tag
 
 
@@ -50,19 +52,28 @@ FUNCTIONAL: dict[type, Callable[..., fx.Node]] = {
 
 
 def functionalize(
-    gm: fx.GraphModule, node: fx.Node, weight: Callable[[fx.Graph, nn.Module], fx.Node], pass_name: str
+    gm: fx.GraphModule, node: fx.Node, weights: Callable[[fx.Graph], dict[str, fx.Node]], pass_name: str
 ) -> fx.Node:
-    """Replace `call_module` `node` by a functional call whose weight is `weight(graph, module)`.
+    """Replace `call_module` `node` by a functional call that reads `weights(graph)`, a dict from
+    parameter name inside the module ("weight", "weight_hh_l0", ...) to the node to use instead.
 
-    The new op is tagged role "op" with what strip_masks needs to restore the module call.
+    Linear, Conv* and ConvTranspose* become F.linear / F.conv* of (input, weight, bias); every other
+    layer (LSTM, MultiheadAttention, TransformerEncoderLayer, Embedding, ...) becomes
+    `dsd_fx.ops.module_call(module, names, weights, args, kwargs)`, the layer's own forward with
+    those parameters swapped in. The new op is tagged role "op" with what strip_masks needs to
+    restore the module call.
     """
     g = gm.graph
     module = gm.get_submodule(node.target)
-    build = next(fn for cls, fn in FUNCTIONAL.items() if isinstance(module, cls))
+    build = next((fn for cls, fn in FUNCTIONAL.items() if is_direct(module) and isinstance(module, cls)), None)
     with g.inserting_before(node):
-        w = weight(g, module)
-        b = tag(get_attr(g, f"{node.target}.bias"), pass_name, "bias") if module.bias is not None else None
-        op = build(g, module, _input_of(node), w, b, pass_name)
+        ws = weights(g)
+        if build is not None:
+            b = tag(get_attr(g, f"{node.target}.bias"), pass_name, "bias") if module.bias is not None else None
+            op = build(g, module, _input_of(node), ws["weight"], b, pass_name)
+        else:
+            layer = tag(get_attr(g, node.target), pass_name, "layer")
+            op = g.call_function(module_call, (layer, tuple(ws), tuple(ws.values()), node.args, node.kwargs))
     tag(op, pass_name, "op", module=node.target, name=node.name, meta={k: v for k, v in node.meta.items() if k != "dsd_fx"})
     op.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
     node.replace_all_uses_with(op)
@@ -71,24 +82,33 @@ def functionalize(
 
 
 def wrap_weight_uses(
-    gm: fx.GraphModule, pw, wrap: Callable[[fx.Graph, fx.Node, bool], fx.Node], pass_name: str
+    gm: fx.GraphModule, items: Sequence[tuple[Any, Callable[[fx.Graph, fx.Node, bool], fx.Node]]], pass_name: str
 ) -> None:
-    """Feed every use of the parameter `pw` (a PrunableWeight) through `wrap(graph, weight, sole)`.
+    """Feed every use of each parameter through its wrapper: `items` is [(PrunableWeight, wrap)],
+    `wrap(graph, weight node, sole)` making the node that stands for the weight.
 
-    Right after each `get_attr` read, and as the weight of each module call made functional.
-    `sole` is true where the wrapped weight feeds exactly one matmul-like op, whose weight
-    gradient is then a fresh tensor that nothing else holds.
+    Right after each `get_attr` read, and as the weights of each module call made functional (one
+    functional call per module call, whatever number of its weights are wrapped). `sole` is true
+    where the wrapped weight feeds exactly one matmul-like op, whose weight gradient is then a
+    fresh tensor that nothing else holds.
     """
     g = gm.graph
-    weight_reads = {u.node for u in pw.uses}
-    for getter in pw.getattrs:
-        sole = getter in weight_reads and len(getter.users) == 1
-        with g.inserting_before(getter.next):
-            new = wrap(g, getter, sole)
-        getter.replace_all_uses_with(new, delete_user_cb=lambda user, n=new: user is not n)
-    for call in pw.modules:
+    calls: dict[fx.Node, list[tuple[str, str, Callable]]] = {}
+    for pw, wrap in items:
+        weight_reads = {u.node for u in pw.uses}
+        for getter in pw.getattrs:
+            sole = getter in weight_reads and len(getter.users) == 1
+            with g.inserting_before(getter.next):
+                new = wrap(g, getter, sole)
+            getter.replace_all_uses_with(new, delete_user_cb=lambda user, n=new: user is not n)
+        for use in pw.uses:
+            if use.node.op == "call_module":
+                calls.setdefault(use.node, []).append((use.param, f"{use.node.target}.{use.param}", wrap))
+    for call, wrapped in calls.items():
+        direct = is_direct(gm.get_submodule(call.target))
 
-        def weight(g: fx.Graph, module: nn.Module, target: str = call.target) -> fx.Node:
-            return wrap(g, tag(get_attr(g, f"{target}.weight"), pass_name, "weight"), True)
+        def weights(g: fx.Graph, wrapped=wrapped, direct=direct) -> dict[str, fx.Node]:
+            # a Linear/Conv weight gradient is fresh; an LSTM's may be a view of a flat buffer
+            return {name: wrap(g, tag(get_attr(g, target), pass_name, "weight"), direct) for name, target, wrap in wrapped}
 
-        functionalize(gm, call, weight, pass_name)
+        functionalize(gm, call, weights, pass_name)

@@ -44,6 +44,7 @@ def insert_masks(gm: fx.GraphModule, masks: Sequence[tuple[PrunableWeight, torch
     weight used several times is masked identically everywhere. Fixed N:M masks go through
     this pass too: they are masks whose zeros follow the N:M pattern.
     """
+    items = []
     for pw, mask in masks:
         path, _, attr = pw.mask_name.rpartition(".")
         (gm.get_submodule(path) if path else gm).register_buffer(attr, mask)
@@ -51,5 +52,6 @@ def insert_masks(gm: fx.GraphModule, masks: Sequence[tuple[PrunableWeight, torch
         def masked(g: fx.Graph, weight: fx.Node, sole: bool, pw=pw) -> fx.Node:
             return _masked(g, weight, pw.mask_name, pw, sole)
 
-        wrap_weight_uses(gm, pw, masked, PASS)
+        items.append((pw, masked))
+    wrap_weight_uses(gm, items, PASS)
     return PassResult(gm, modified=bool(masks))

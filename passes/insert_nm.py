@@ -33,10 +33,12 @@ def insert_nm(gm: fx.GraphModule, weights: Sequence[tuple[PrunableWeight, int]],
     of the weights.
     """
     op = torch.ops.dsd_fx.sparsify_nm.default
+    items = []
     for pw, dim in weights:
 
         def sparsified(g: fx.Graph, weight: fx.Node, sole: bool, pw=pw, dim=dim) -> fx.Node:
             return tag(g.call_function(op, (weight, n, m, dim, float(lambda_w))), PASS, "masked", weight=pw.name)
 
-        wrap_weight_uses(gm, pw, sparsified, PASS)
+        items.append((pw, sparsified))
+    wrap_weight_uses(gm, items, PASS)
     return PassResult(gm, modified=bool(weights))

@@ -12,7 +12,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from dsd_fx.packing import pack_nm as pack_tensor
 from dsd_fx.passes.functional import functionalize, get_attr
-from dsd_fx.select import PrunableWeight
+from dsd_fx.select import PrunableWeight, is_direct
 from dsd_fx.tags import tag
 
 PASS = "pack_nm"
@@ -71,6 +71,7 @@ def pack_nm(gm: fx.GraphModule, weights: Sequence[tuple[PrunableWeight, int]], n
     """
     g = gm.graph
     linear_op, unpack_op = torch.ops.dsd_fx.nm_linear.default, torch.ops.dsd_fx.nm_unpack.default
+    calls: dict[fx.Node, list] = {}  # module call -> [(parameter name in the module, its unpacker)]
     for pw, dim in weights:
         path, _, attr = pw.name.rpartition(".")
         owner = gm.get_submodule(path) if path else gm
@@ -83,10 +84,10 @@ def pack_nm(gm: fx.GraphModule, weights: Sequence[tuple[PrunableWeight, int]], n
         del owner._parameters[attr]
         vname, mname = f"{pw.name}_values", f"{pw.name}_meta"
 
-        def storage(g: fx.Graph, getter: str | None = None) -> tuple[fx.Node, fx.Node]:
+        def storage(g: fx.Graph, getter: str | None = None, vname=vname, mname=mname) -> tuple[fx.Node, fx.Node]:
             return tag(get_attr(g, vname), PASS, "values", getter=getter), tag(get_attr(g, mname), PASS, "meta")
 
-        def unpacked(g: fx.Graph, getter: str | None, stored=None) -> fx.Node:
+        def unpacked(g: fx.Graph, getter: str | None, stored=None, storage=storage, pw=pw, dim=dim) -> fx.Node:
             v, mt = stored or storage(g)
             node = g.call_function(unpack_op, (v, mt, n, m, dim, list(pw.param.shape)))
             return tag(node, PASS, "unpacked", weight=pw.name, getter=getter)
@@ -114,17 +115,27 @@ def pack_nm(gm: fx.GraphModule, weights: Sequence[tuple[PrunableWeight, int]], n
                 user.replace_all_uses_with(new)
                 g.erase_node(user)
             g.erase_node(getter)
-        for call in pw.modules:
-            module = gm.get_submodule(call.target)
-            if isinstance(module, nn.Linear):
-                with g.inserting_before(call):
-                    v, mt = storage(g)
-                    b = tag(get_attr(g, f"{call.target}.bias"), PASS, "bias") if module.bias is not None else None
-                    new = g.call_function(linear_op, (call.args[0] if call.args else call.kwargs["input"], v, mt, b, n, m))
-                tag(new, PASS, "packed_op", weight=pw.name, module=call.target, name=call.name,
-                    meta={k: val for k, val in call.meta.items() if k != "dsd_fx"})
-                call.replace_all_uses_with(new)
-                g.erase_node(call)
-            else:
-                functionalize(gm, call, lambda g, module: unpacked(g, None), PASS)
+        for use in pw.uses:
+            if use.node.op == "call_module":
+                calls.setdefault(use.node, []).append((use.param, unpacked))
+    for call, wrapped in calls.items():
+        module = gm.get_submodule(call.target)
+        if isinstance(module, nn.Linear) and is_direct(module):
+            ((_, _),) = wrapped
+            pw = next(w for w, _ in weights if any(u.node is call for u in w.uses))
+            vname, mname = f"{pw.name}_values", f"{pw.name}_meta"
+            with g.inserting_before(call):
+                v, mt = tag(get_attr(g, vname), PASS, "values", getter=None), tag(get_attr(g, mname), PASS, "meta")
+                b = tag(get_attr(g, f"{call.target}.bias"), PASS, "bias") if module.bias is not None else None
+                new = g.call_function(linear_op, (call.args[0] if call.args else call.kwargs["input"], v, mt, b, n, m))
+            tag(new, PASS, "packed_op", weight=pw.name, module=call.target, name=call.name,
+                meta={k: val for k, val in call.meta.items() if k != "dsd_fx"})
+            call.replace_all_uses_with(new)
+            g.erase_node(call)
+        else:  # Conv, LSTM, attention, ...: packed storage, dense compute
+
+            def dense_weights(g: fx.Graph, wrapped=wrapped) -> dict[str, fx.Node]:
+                return {name: unpacked(g, None) for name, unpacked in wrapped}
+
+            functionalize(gm, call, dense_weights, PASS)
     return PassResult(gm, modified=bool(weights))

@@ -195,7 +195,13 @@ def test_graphmodule_from_another_tracer():
     model = Model()
     gm = fx.GraphModule(model, LeafTracer().trace(model))
     sparse = dsd_fx.transform(gm, sparsity=0.5)
-    assert [n for n, _ in sparse.named_buffers() if n.endswith("_mask")] == ["head.weight_mask"]
+    # the leaf's inside is not in the graph; its Linear is masked through a functional call of the leaf
+    assert [n for n, _ in sparse.named_buffers() if n.endswith("_mask")] == ["block.0.weight_mask", "head.weight_mask"]
+    assert "module_call" in sparse.code and "self.block(x)" not in sparse.code
+    x = torch.randn(3, 4)
+    expected = model.head(model.block(x))  # the commit zeroed the pruned weights in place
+    assert float((model.block[0].weight == 0).float().mean()) == 0.5
+    torch.testing.assert_close(sparse(x), expected)
     dense = dsd_fx.transform(sparse, phase="dense")
     assert dense.code == gm.code
 
