@@ -64,6 +64,8 @@ FUNCTION_OPS: dict[tuple[str, object], dict[int, tuple[str, str, int]]] = {
     ("call_function", operator.matmul): {0: ("", "matmul", -1), 1: ("", "matmul", -2)},
     ("call_function", torch.mm): {0: ("input", "mm", -1), 1: ("mat2", "mm", -2)},
     ("call_function", torch.addmm): {1: ("mat1", "addmm", -1), 2: ("mat2", "addmm", -2)},
+    ("call_function", torch.bmm): {0: ("input", "bmm", -1), 1: ("mat2", "bmm", -2)},
+    ("call_method", "bmm"): {0: ("", "bmm", -1), 1: ("mat2", "bmm", -2)},
     ("call_method", "matmul"): {0: ("", "matmul", -1), 1: ("other", "matmul", -2)},
     ("call_method", "mm"): {0: ("", "mm", -1), 1: ("mat2", "mm", -2)},
 }
@@ -79,8 +81,32 @@ class WeightUse:
 
     node: fx.Node
     kind: str
-    reduction_dim: int
+    reduction_dim: int | None  # None: several contracted dims (an einsum), no single N:M direction
     param: str = "weight"
+
+
+def _einsum_operands(node: fx.Node) -> tuple[str, list]:
+    equation, *ops = node.args
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = list(ops[0])
+    return equation, ops
+
+
+def einsum_reduction_dims(equation: str, n_operands: int) -> list[int | None]:
+    """Per operand of `equation`: the position of its one contracted index, or None (none or several, or '...')."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, out = eq.partition("->")
+    inputs = lhs.split(",")
+    if len(inputs) != n_operands:
+        return [None] * n_operands
+    if not arrow:  # implicit output: the indices that appear once, sorted
+        letters = [c for c in lhs if c.isalpha()]
+        out = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    dims = []
+    for sub in inputs:
+        contracted = [k for k, c in enumerate(sub) if c.isalpha() and c not in out]
+        dims.append(contracted[0] if len(contracted) == 1 and "." not in sub else None)
+    return dims
 
 
 @dataclass
@@ -177,6 +203,13 @@ def find_prunable(gm: fx.GraphModule) -> list[PrunableWeight]:
                 pw.uses.append(WeightUse(node, kind, dim, pname))
                 if node not in pw.modules:
                     pw.modules.append(node)
+            continue
+        if node.op == "call_function" and node.target is torch.functional.einsum and isinstance(node.args[0], str):
+            equation, ops = _einsum_operands(node)
+            for arg, dim in zip(ops, einsum_reduction_dims(equation, len(ops))):
+                param = _resolve(gm, arg.target) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+                if isinstance(param, torch.nn.Parameter) and param.dim() >= 2:
+                    entry(param, arg.target).uses.append(WeightUse(arg, "einsum", dim))
             continue
         slots = FUNCTION_OPS.get((node.op, node.target))
         if not slots:
@@ -327,6 +360,13 @@ def select(gm: fx.GraphModule, config: SparseConfig) -> list[tuple[PrunableWeigh
 def reduction_dim(w: PrunableWeight) -> int:
     """The one dimension N:M groups run along for every use of `w`; raises if uses disagree."""
     dims = {u.reduction_dim for u in w.uses}
+    if None in dims:
+        uses = ", ".join(f"{u.node.name} ({u.kind})" for u in w.uses if u.reduction_dim is None)
+        raise ValueError(
+            f"select: weight '{w.name}' is contracted along several dimensions (or none) by {uses}; an N:M "
+            f"pattern needs one reduction dimension. Use unstructured sparsity for it, or exclude it "
+            f"(exclude=['{w.name}'])"
+        )
     if len(dims) != 1:
         uses = ", ".join(f"{u.node.name} ({u.kind}, dim {u.reduction_dim})" for u in w.uses)
         raise ValueError(

@@ -95,7 +95,8 @@ def wrap_weight_uses(
     g = gm.graph
     calls: dict[fx.Node, list[tuple[str, str, Callable]]] = {}
     for pw, wrap in items:
-        weight_reads = {u.node for u in pw.uses}
+        # bmm / einsum weight gradients can be expanded views: never masked in place
+        weight_reads = {u.node for u in pw.uses if u.kind not in ("bmm", "einsum")}
         for getter in pw.getattrs:
             sole = getter in weight_reads and len(getter.users) == 1
             with g.inserting_before(getter.next):

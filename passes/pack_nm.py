@@ -79,7 +79,8 @@ def pack_nm(gm: fx.GraphModule, weights: Sequence[tuple[PrunableWeight, int]], n
         owner.register_parameter(f"{attr}_values", nn.Parameter(values, requires_grad=pw.param.requires_grad))
         owner.register_buffer(f"{attr}_meta", meta)
         owner.__dict__.setdefault(PACKED_ATTR, {})[attr] = {
-            "param": pw.param, "dim": dim, "shape": list(pw.param.shape), "n": n, "m": m
+            "param": pw.param, "dim": dim, "shape": list(pw.param.shape), "n": n, "m": m,
+            "order": list(owner._parameters),  # re-dense puts the parameter back in its place
         }
         del owner._parameters[attr]
         vname, mname = f"{pw.name}_values", f"{pw.name}_meta"

@@ -67,8 +67,15 @@ def unpack_nm(gm: fx.GraphModule) -> PassResult:
         if tag_of(node)["role"] in ("values", "meta") and not node.users:
             g.erase_node(node)
     for _, module in gm.named_modules():
-        for attr, info in module.__dict__.pop(PACKED_ATTR, {}).items():
+        packed_here = module.__dict__.pop(PACKED_ATTR, {})
+        for attr, info in packed_here.items():
             module.register_parameter(attr, info["param"])
             del module._parameters[f"{attr}_values"]
             del module._buffers[f"{attr}_meta"]
+        if packed_here:  # the original order of the parameters, hence of state_dict keys
+            order = next(iter(packed_here.values())).get("order", [])
+            params = dict(module._parameters)
+            module._parameters.clear()
+            module._parameters.update({k: params.pop(k) for k in order if k in params})
+            module._parameters.update(params)
     return PassResult(gm, modified=True)
