@@ -12,6 +12,8 @@ EXAMPLES = sorted(p for p in (pathlib.Path(__file__).resolve().parents[1] / "exa
 def test_example_runs(script, tmp_path):
     out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+    if out.stdout.startswith("skipped: needs"):  # hf_model.py without transformers
+        pytest.skip(out.stdout.strip())
     assert "zero overhead: PROVEN" in out.stdout
 
 
