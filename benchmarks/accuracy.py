@@ -26,6 +26,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn as nn
@@ -151,6 +152,7 @@ def main(argv=None) -> int:
     if seeds < 1 or epochs < 1:
         p.error("--seeds and --epochs must be at least 1")
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    warnings.filterwarnings("ignore", message="dsd_fx: 2:4 skips")  # conv1 has 1 input channel: it stays dense
     train, test = load_digits(0)
     lines = [f"# benchmarks/accuracy.py{' --quick' if args.quick else ''}: digits ({len(train[0])} train / "
              f"{len(test[0])} test), {seeds} seeds, {epochs} epochs per phase (3 phases), torch {torch.__version__}",
