@@ -117,7 +117,7 @@ class TiedLM(nn.Module):
 x_seq = lambda: (torch.randn(2, 5, 8),)  # noqa: E731
 CASES = {
     "lstm_bidirectional": (LSTMNet, x_seq, 9),
-    "lstm_proj_size": (lambda: RecurrentNet(lambda i, h, **kw: nn.LSTM(i, h, proj_size=16, **kw)), x_seq, 4),
+    "lstm_proj_size": (lambda: RecurrentNet(lambda i, h, **kw: nn.LSTM(i, 2 * h, proj_size=h, **kw)), x_seq, 4),
     "gru": (lambda: RecurrentNet(nn.GRU), x_seq, 3),
     "rnn": (lambda: RecurrentNet(nn.RNN), x_seq, 3),
     "lstm_cell": (lambda: CellNet(nn.LSTMCell), lambda: (torch.randn(2, 3, 8),), 2),
