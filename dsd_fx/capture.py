@@ -40,16 +40,35 @@ def _graph_module(root: nn.Module, graph: fx.Graph, class_name: str) -> fx.Graph
     return gm
 
 
+class _Tracer(fx.Tracer):
+    """fx's default tracer that remembers which submodule it was inside when tracing failed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inside: list[str] = []
+
+    def call_module(self, m, forward, args, kwargs):
+        self.inside.append(self.path_of_module(m))
+        out = super().call_module(m, forward, args, kwargs)
+        self.inside.pop()  # not reached if tracing m failed: the path stays
+        return out
+
+
 def _trace(model: nn.Module, concrete_args: dict[str, Any] | None) -> fx.Graph:
+    tracer = _Tracer()
     try:
-        return fx.Tracer().trace(model, concrete_args=concrete_args)
+        return tracer.trace(model, concrete_args=concrete_args)
     except Exception as err:  # noqa: BLE001 - re-raised with the remedies
         frames = traceback.extract_tb(err.__traceback__)
         user = [f for f in frames if "/torch/" not in f.filename.replace("\\", "/")]
         where = f" at {user[-1].filename}:{user[-1].lineno} ({user[-1].line})" if user else ""
+        inside = [p for p in tracer.inside if p]
+        module = (f"submodule '{inside[-1]}' ({type(model.get_submodule(inside[-1])).__name__}) of "
+                  if inside else "")
+        leaf = f" '{inside[-1]}'" if inside else ""
         raise TypeError(
-            f"capture: torch.fx could not trace {type(model).__name__}{where}: {type(err).__name__}: {err}. "
-            "Remedies: make the failing submodule a leaf (a custom fx.Tracer), pass concrete_args "
+            f"capture: torch.fx could not trace {module}{type(model).__name__}{where}: {type(err).__name__}: {err}. "
+            f"Remedies: make the failing submodule{leaf} a leaf (a custom fx.Tracer), pass concrete_args "
             "for inputs that steer Python control flow, or pass a GraphModule made by another tracer "
             "(for example transformers.utils.fx.symbolic_trace)."
         ) from err

@@ -119,3 +119,72 @@ def test_bare_passes_import_is_refused(tmp_path):
     root = pathlib.Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", "import passes"], cwd=root, capture_output=True, text=True)
     assert out.returncode != 0 and "dsd_fx.passes" in out.stderr
+
+
+def test_untraceable_submodule_is_named_with_its_line():
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            for row in x:  # iterating a Proxy
+                x = x + row
+            return self.fc(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Sequential(nn.Linear(4, 4), Gate())
+
+        def forward(self, x):
+            return self.encoder(x)
+
+    model = Net()
+    snap = snapshot(model)
+    with pytest.raises(TypeError) as err:
+        dsd_fx.transform(model)
+    msg = str(err.value)
+    assert "submodule 'encoder.1' (Gate) of Net" in msg and "for row in x" in msg
+    assert "make the failing submodule 'encoder.1' a leaf" in msg and "concrete_args" in msg
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_work(dtype):
+    from conftest import TinyMLP
+
+    model = TinyMLP().to(dtype)
+    sparse = dsd_fx.transform(model, sparsity=0.5)
+    assert all(b.dtype == dtype for n, b in sparse.named_buffers() if n.endswith("_mask"))
+    assert float((model.fc1.weight == 0).float().mean()) == 0.5
+    sparse(torch.randn(2, 8, dtype=dtype)).float().sum().backward()
+    nm = dsd_fx.transform(TinyMLP().to(dtype), pattern="2:4", method="sr-ste")
+    nm(torch.randn(2, 8, dtype=dtype)).float().sum().backward()
+    dense = dsd_fx.transform(sparse, phase="dense")
+    assert all(p.dtype == dtype for p in dense.parameters())
+
+
+def test_quantized_weights_are_refused():
+    class Q(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.quantize_per_tensor(torch.randn(4, 4), 0.1, 0, torch.qint8), requires_grad=False)
+
+        def forward(self, x):
+            return x @ self.w.dequantize()
+
+    # the parameter is read through dequantize(): not a matmul operand of its own, so nothing to prune
+    assert_rejected({}, ValueError, ["no prunable weight"], Q())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_weights_work():
+    from conftest import TinyMLP
+
+    model = TinyMLP().cuda()
+    sparse = dsd_fx.transform(model, sparsity=0.5)
+    sparse(torch.randn(2, 8, device="cuda")).sum().backward()
+    assert all(b.is_cuda for b in sparse.buffers())
+    dense = dsd_fx.transform(sparse, phase="dense")
+    assert all(p.is_cuda for p in dense.parameters())
