@@ -8,6 +8,7 @@ import torch
 from torch import fx
 
 from dsd_fx.sad import SADTracker
+from dsd_fx.tags import restore
 from dsd_fx.transform import transform
 
 OptimizerFn = Callable[[Iterable[torch.nn.Parameter], float], torch.optim.Optimizer]
@@ -64,6 +65,7 @@ class DSD:
             raise ValueError(f"lr must be > 0, got {lr!r}")
         if not 0 < redense_lr_scale <= 1:
             raise ValueError(f"redense_lr_scale must be in (0, 1] (the DSD paper uses about 0.1), got {redense_lr_scale!r}")
+        restore(model)
         if isinstance(model, fx.GraphModule) and any("dsd_fx" in n.meta for n in model.graph.nodes):
             raise ValueError("DSD starts from a dense model; this one is already a sparse-phase graph. Pass the model itself")
         self.model = model

@@ -6,6 +6,7 @@ from typing import Any, Iterator
 import torch.fx as fx
 
 META_KEY = "dsd_fx"
+PERSIST_ATTR = "_dsd_fx_tags"
 
 
 def tag(node: fx.Node, pass_name: str, role: str, **info: Any) -> fx.Node:
@@ -33,3 +34,51 @@ def tagged(graph: fx.Graph, pass_name: str | None = None, role: str | None = Non
 
 def has_dsd_nodes(graph: fx.Graph) -> bool:
     return next(tagged(graph), None) is not None
+
+
+def _target_key(target: Any) -> str:
+    return target if isinstance(target, str) else f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', target)}"
+
+
+def persist(gm: fx.GraphModule) -> None:
+    """Keep the tags on the module too: torch.save/torch.load of a GraphModule re-traces its code
+    and drops node.meta; `restore` puts them back on the nodes of the same name, op and target."""
+    gm.__dict__[PERSIST_ATTR] = {
+        n.name: (n.op, _target_key(n.target), n.meta[META_KEY]) for n in gm.graph.nodes if META_KEY in n.meta
+    }
+
+
+def restore(model: Any) -> None:
+    """Put back the tags `persist` kept, if the graph lost them (a GraphModule from torch.load)."""
+    saved = getattr(model, "__dict__", {}).get(PERSIST_ATTR)
+    if not saved or not isinstance(model, fx.GraphModule) or has_dsd_nodes(model.graph):
+        return
+    nodes = {n.name: n for n in model.graph.nodes}
+    # re-tracing names get_attr nodes after their target and in order of first use: match those by
+    # target (the same name first), every other node by name, op and target
+    free: dict[str, list[fx.Node]] = {}
+    for n in model.graph.nodes:
+        if n.op == "get_attr":
+            free.setdefault(n.target, []).append(n)
+    found, mismatched = {}, []
+    for name, (op, target, t) in saved.items():
+        if op == "get_attr":
+            pool = free.get(target, [])
+            node = next((n for n in pool if n.name == name), pool[0] if pool else None)
+            if node is not None:
+                pool.remove(node)
+        else:
+            node = nodes.get(name)
+            node = node if node is not None and node.op == op and _target_key(node.target) == target else None
+        if node is None:
+            mismatched.append(name)
+        else:
+            found[node] = t
+    if mismatched:
+        raise ValueError(
+            f"this GraphModule was made by dsd_fx but its graph no longer matches what dsd_fx made (nodes "
+            f"{', '.join(mismatched[:5])}); was it edited after loading? Save and load state_dicts instead "
+            "(dsd_fx.transform the model with the same options, then load_state_dict)"
+        )
+    for node, t in found.items():
+        node.meta[META_KEY] = t

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import json
 from typing import Any, Mapping
 
 import torch
@@ -21,7 +22,7 @@ from dsd_fx.passes.unpack_nm import unpack_nm
 from dsd_fx.pipeline import PassRecord, run_passes
 from dsd_fx.print_changed import PrintChanged
 from dsd_fx.select import select, select_nm
-from dsd_fx.tags import has_dsd_nodes, tagged
+from dsd_fx.tags import PERSIST_ATTR, has_dsd_nodes, persist, restore, tagged
 
 PHASES = ("sparse", "dense")
 _UNSET: Any = object()
@@ -87,6 +88,7 @@ def transform(
     changed nothing print nothing. `dsd_fx.changes(gm)` lists the passes and, when recorded, their diffs.
     """
     printer = PrintChanged.resolve(print_changed, print_changed_dir, print_changed_passes)
+    restore(model)  # a sparse-phase GraphModule from torch.load lost its node tags
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; use phase='sparse' to prune or phase='dense' to re-dense")
     if not isinstance(model, torch.nn.Module):
@@ -112,6 +114,49 @@ def transform(
     with _gc_paused():
         gm = _dense(model, copy=copy, record=printer.active)
     printer.emit(changes(gm), "dense")
+    return gm
+
+
+STATE = "_dsd_fx"  # the submodule of a sparse-phase graph that says, in its state_dict, how it was made
+
+
+class SparseState(torch.nn.Module):
+    """The options a sparse-phase model was made with, saved in its state_dict as
+    `_dsd_fx._extra_state` (JSON bytes in a uint8 tensor, so that the state_dict stays all tensors,
+    safetensors included); loading a checkpoint made with other options raises, naming them."""
+
+    def __init__(self, info: dict) -> None:
+        super().__init__()
+        self.info = json.loads(json.dumps(info))  # as it will read back
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.frombuffer(bytearray(json.dumps(self.info, sort_keys=True).encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        state = json.loads(bytes(state.cpu().tolist()).decode()) if isinstance(state, torch.Tensor) else state
+        if state == self.info:
+            return
+        keys = [k for k in ("pattern", "method", "pack", "sparsity", "scope", "lambda_w", "weights")
+                if state.get(k) != self.info.get(k)]
+        diffs = "; ".join(f"{k}: checkpoint {state.get(k)!r}, this model {self.info.get(k)!r}" for k in keys)
+        raise ValueError(
+            f"load_state_dict: this checkpoint comes from a sparse-phase model made with other options ({diffs}). "
+            "Transform a fresh model with the checkpoint's options, then load it"
+        )
+
+    @staticmethod
+    def describe(config: SparseConfig, weights) -> dict:
+        info = {"format": 1, "pattern": config.pattern, "method": config.method, "pack": config.pack,
+                "sparsity": config.sparsity, "scope": config.scope, "weights": sorted(w.name for w in weights)}
+        if config.method != "fixed":
+            info["lambda_w"] = config.effective_lambda
+        return info
+
+
+def _finish_sparse(gm: fx.GraphModule, config: SparseConfig, weights, records) -> fx.GraphModule:
+    gm.add_module(STATE, SparseState(SparseState.describe(config, weights)))
+    gm.meta["dsd_fx"] = {"phase": "sparse", "config": config, "changes": records}
+    persist(gm)
     return gm
 
 
@@ -150,8 +195,7 @@ def _sparse(model: torch.nn.Module, config: SparseConfig, *, copy: bool, concret
     with torch.no_grad():
         for w, mask in plan:
             w.param.mul_(mask)
-    gm.meta["dsd_fx"] = {"phase": "sparse", "config": config, "changes": records}
-    return gm
+    return _finish_sparse(gm, config, [w for w, _ in chosen], records)
 
 
 def _sparse_nm(gm: fx.GraphModule, chosen, config: SparseConfig, record: bool) -> fx.GraphModule:
@@ -195,8 +239,7 @@ def _sparse_nm(gm: fx.GraphModule, chosen, config: SparseConfig, record: bool) -
             for w, mask in plan:
                 w.param.mul_(mask)
         # SR-STE/STE keep the dense weights: the optimizer updates them, the mask follows them
-    gm.meta["dsd_fx"] = {"phase": "sparse", "config": config, "changes": records}
-    return gm
+    return _finish_sparse(gm, config, [w for w, _ in weights], records)
 
 
 def _dense(model: torch.nn.Module, *, copy: bool, record: bool) -> fx.GraphModule:
@@ -206,6 +249,8 @@ def _dense(model: torch.nn.Module, *, copy: bool, record: bool) -> fx.GraphModul
             "re-dense; pass the GraphModule that transform(model, phase='sparse') returned"
         )
     gm = capture(model, copy=copy)
+    gm._modules.pop(STATE, None)
+    gm.__dict__.pop(PERSIST_ATTR, None)
     old_keys = set(gm.state_dict())
     pairs, seen = [], set()  # (weight, mask) to commit W * M
     for node in tagged(gm.graph, role="masked"):

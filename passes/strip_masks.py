@@ -47,6 +47,8 @@ def strip_masks(gm: fx.GraphModule) -> PassResult:
     for node in old.nodes:
         t = tag_of(node)
         role = t["role"] if t else None
+        if role == "layer":  # the module a module_call reads; the restored call names it itself
+            continue
         if role == "masked":  # mask_mul / sparsify_nm: the weight itself stands in
             env[node] = env[node.args[0]]
         elif role == "restored":  # a node unpack_nm gave back: keep it, under its original name

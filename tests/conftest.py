@@ -92,7 +92,7 @@ def snapshot(model: nn.Module) -> dict:
     """Everything a failed transform must leave alone: tensors (by value and identity), buffers, code."""
     return {
         "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
-        "ids": {k: id(v) for k, v in model.state_dict(keep_vars=True).items()},
+        "ids": {k: id(v) for k, v in model.state_dict(keep_vars=True).items() if not k.endswith("_extra_state")},
         "modules": [(n, type(m)) for n, m in model.named_modules()],
         "code": model.code if isinstance(model, fx.GraphModule) else None,
     }
