@@ -243,6 +243,29 @@ def _nm_linear_backward(ctx, grad):
 nm_linear.register_autograd(_nm_linear_backward, setup_context=_nm_linear_setup)
 
 
+def _autocast_like_linear(opname: str) -> None:
+    """Under torch.autocast, cast the op's floating inputs to the autocast dtype, as F.linear does
+    (torch.library.register_autocast fixes one dtype; this follows the active one: fp16 or bf16)."""
+    lib = torch.library.Library("dsd_fx", "IMPL")
+    _AUTOCAST_LIBS.append(lib)
+    op = getattr(torch.ops.dsd_fx, opname).default
+    for device in ("cpu", "cuda"):
+        key = "Autocast" + torch._C._dispatch_key_for_device(device)
+        excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(_keyset, *args, device=device, excluded=excluded):
+            dtype = torch.get_autocast_dtype(device)
+            cast = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+            with torch._C._ExcludeDispatchKeyGuard(excluded):
+                return op(*cast)
+
+        lib.impl(opname, kernel, key, with_keyset=True)
+
+
+_AUTOCAST_LIBS: list = []
+_autocast_like_linear("nm_linear")
+
+
 @torch.library.custom_op("dsd_fx::nm_unpack", mutates_args=())
 def nm_unpack(values: torch.Tensor, meta: torch.Tensor, n: int, m: int, dim: int, shape: list[int]) -> torch.Tensor:
     """The dense weight from packed N:M storage, for ops with no packed kernel (Conv): compute is dense."""

@@ -1,0 +1,66 @@
+"""One rank of the DDP test (tests/test_production.py), and the single-process run it is compared with.
+
+    python tests/ddp_worker.py RANK WORLD PORT MODE OUT_DIR
+"""
+import os
+import sys
+from datetime import timedelta
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dsd_fx
+
+MODES = {
+    "mask": {"sparsity": 0.5},
+    "nm-fixed": {"pattern": "2:4"},
+    "sr-ste": {"pattern": "2:4", "method": "sr-ste"},
+    "packed": {"pattern": "2:4", "pack": True},
+}
+STEPS, GLOBAL_BATCH = 4, 8
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def train(mode: str, rank: int = 0, world: int = 1, wrap=lambda m: m):
+    """STEPS steps of SGD on the same global batches; each rank takes its slice."""
+    sparse = dsd_fx.transform(make_model(), **MODES[mode])
+    net = wrap(sparse)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        x, y = torch.randn(GLOBAL_BATCH, 16, generator=g), torch.randn(GLOBAL_BATCH, 4, generator=g)
+        xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+        opt.zero_grad()
+        F.mse_loss(net(xs), ys).backward()
+        opt.step()
+    return sparse
+
+
+def main() -> None:
+    rank, world, port, mode, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        sparse = train(mode, rank, world, wrap=DDP)
+        state = {"masks": dsd_fx.current_masks(sparse),
+                 "params": {n: p.detach().clone() for n, p in sparse.named_parameters()}}
+        if rank == 0:
+            dense = dsd_fx.transform(sparse, phase="dense")
+            report = dsd_fx.verify_zero_overhead(make_model(), dense, (torch.randn(2, 16),), latency_runs=2)
+            state["proof"] = report.ok
+        torch.save(state, os.path.join(out, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
