@@ -1,6 +1,6 @@
 """One rank of the DDP test (tests/test_production.py), and the single-process run it is compared with.
 
-    python tests/ddp_worker.py RANK WORLD PORT MODE OUT_DIR
+    python tests/ddp_worker.py RANK WORLD PORT MODE OUT_DIR [ddp|fsdp2]
 """
 import os
 import sys
@@ -43,12 +43,25 @@ def train(mode: str, rank: int = 0, world: int = 1, wrap=lambda m: m):
 
 def main() -> None:
     rank, world, port, mode, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+    how = sys.argv[6] if len(sys.argv) > 6 else "ddp"
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
+        if how == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh("cpu", (world,))
+            sparse = train(mode, rank, world, wrap=lambda m: fully_shard(m, mesh=mesh))
+            params = {n: p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for n, p in sparse.named_parameters()}
+            masks = {n[: -len("_mask")]: b.detach().clone() for n, b in sparse.named_buffers() if n.endswith("_mask")}
+            torch.save({"masks": masks, "params": params}, os.path.join(out, f"rank{rank}.pt"))
+            dist.barrier()
+            return
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
         sparse = train(mode, rank, world, wrap=DDP)
         state = {"masks": dsd_fx.current_masks(sparse),
                  "params": {n: p.detach().clone() for n, p in sparse.named_parameters()}}

@@ -38,20 +38,26 @@ def _step(net, opt, x, y):
 # ---------------------------------------------------------------- DDP
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-def test_ddp_two_processes_gloo(mode, tmp_path):
+def _two_ranks(mode, tmp_path, how="ddp"):
+    """Start ranks 0 and 1 on 127.0.0.1 (a free port, 180 s at most, always cleaned up); their saved states."""
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    procs = [subprocess.Popen([sys.executable, str(HERE / "ddp_worker.py"), str(r), "2", str(port), mode, str(tmp_path)],
+    cmd = [sys.executable, str(HERE / "ddp_worker.py")]
+    procs = [subprocess.Popen([*cmd, str(r), "2", str(port), mode, str(tmp_path), how],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     try:
         outs = [p.communicate(timeout=180)[0] for p in procs]
     finally:
-        for p in procs:  # always cleaned up, also on a timeout
+        for p in procs:
             p.kill()
             p.wait()
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outs)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_ddp_two_processes_gloo(mode, tmp_path):
+    r0, r1 = _two_ranks(mode, tmp_path)
     assert r0["masks"].keys() == r1["masks"].keys() and r0["masks"]
     for name in r0["masks"]:
         assert torch.equal(r0["masks"][name], r1["masks"][name]), name  # the same masks on both ranks
@@ -60,6 +66,25 @@ def test_ddp_two_processes_gloo(mode, tmp_path):
         torch.testing.assert_close(r0["params"][name], p.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(r1["params"][name], p.detach(), rtol=1e-5, atol=1e-6)
     assert r0["proof"] is True  # re-dense on rank 0, ONNX verified
+
+
+def _has_fsdp2() -> bool:
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_fsdp2(), reason="this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
+@pytest.mark.parametrize("mode", list(MODES))
+def test_fsdp2_fully_shard_two_processes_gloo_cpu(mode, tmp_path):
+    r0, r1 = _two_ranks(mode, tmp_path, "fsdp2")
+    for name in r0["masks"]:
+        assert torch.equal(r0["masks"][name], r1["masks"][name]), name  # buffers are replicated, not sharded
+    single = train(mode)
+    for name, p in single.named_parameters():  # the gathered shards equal the one-process run
+        torch.testing.assert_close(r0["params"][name], p.detach(), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- torch.compile / torch.export
