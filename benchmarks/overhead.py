@@ -7,8 +7,9 @@ Prints, for an MLP (4 x Linear 1024, batch 64) and a CNN (8 convs of 64-128 chan
 batch 32), fp32 on CPU, the median training step (forward, backward, SGD step) of:
 dense, dsd_fx's sparse phase, torch.nn.utils.prune (l1_unstructured) and torch.ao.pruning
 (WeightNormSparsifier), all at 50% sparsity, interleaved round-robin so that machine noise hits
-every variant alike. Then transform() time over torch.fx.symbolic_trace() time for graphs of
-about 200, 1,400 and 5,000 nodes.
+every variant alike. Then the same four compiled with torch.compile (inductor; graph breaks
+counted with torch._dynamo.explain; ratio = compiled step / compiled dense step). Then
+transform() time over torch.fx.symbolic_trace() time for graphs of about 200, 1,400 and 5,000 nodes.
 """
 from __future__ import annotations
 
@@ -101,18 +102,32 @@ def interleaved(fns: dict[str, callable], rounds: int, inner: int) -> dict[str, 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def train_step_table(rounds: int) -> None:
-    print(f"## Training step, fp32 CPU, {torch.get_num_threads()} threads, sparsity {SPARSITY:.0%} "
-          f"(median of {rounds} interleaved rounds; ratio = step / dense step)\n")
-    print("| model | dense ms | dsd_fx | torch.nn.utils.prune | torch.ao.pruning |")
-    print("|---|---|---|---|---|")
+def step_table(rounds: int, compiled: bool = False) -> None:
+    """Median training step of each variant over dense; compiled: each one through torch.compile (inductor)."""
+    what = "Compiled training step (torch.compile, inductor)" if compiled else "Training step"
+    print(f"## {what}, fp32 CPU, {torch.get_num_threads()} threads, sparsity {SPARSITY:.0%} "
+          f"(median of {rounds} interleaved rounds; ratio = step / {'compiled ' if compiled else ''}dense step)\n")
+    extra = " graph breaks (dsd_fx / prune / ao) |" if compiled else ""
+    print(f"| model | {'compiled ' if compiled else ''}dense ms | dsd_fx | torch.nn.utils.prune | torch.ao.pruning |{extra}")
+    print("|---|---|---|---|---|" + ("---|" if compiled else ""))
     for name, make in (("MLP 4x1024, batch 64", mlp), ("CNN 8 conv, 32x32, batch 32", cnn)):
         _, x = make()
         models = variants(make)
+        row = ""
+        if compiled:
+            breaks = []
+            for k in ("dsd_fx", "nn.utils.prune", "torch.ao.pruning"):
+                torch._dynamo.reset()
+                n = torch._dynamo.explain(models[k])(x).graph_break_count
+                breaks.append(str(n) if n >= 0 else "frame skipped")  # explain gives -1 when Dynamo skips the model
+            torch._dynamo.reset()
+            # a compiled module has its original's parameters: step_fn's optimizer holds the same tensors
+            models = {k: torch.compile(m, backend="inductor") for k, m in models.items()}
+            row = f" {' / '.join(breaks)} |"
         med = interleaved({k: step_fn(m, x) for k, m in models.items()}, rounds, inner=3)
         d = med["dense"]
         print(f"| {name} | {d * 1e3:.2f} | {med['dsd_fx'] / d:.3f}x | {med['nn.utils.prune'] / d:.3f}x "
-              f"| {med['torch.ao.pruning'] / d:.3f}x |")
+              f"| {med['torch.ao.pruning'] / d:.3f}x |{row}")
     print()
 
 
@@ -165,10 +180,12 @@ def transform_time_table(rounds: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds (for a smoke test)")
-    parser.add_argument("--only", choices=["step", "transform"], help="run one table")
+    parser.add_argument("--only", choices=["step", "compiled", "transform"], help="run one table")
     args = parser.parse_args()
     if args.only in (None, "step"):
-        train_step_table(5 if args.quick else 30)
+        step_table(5 if args.quick else 30)
+    if args.only in (None, "compiled"):
+        step_table(5 if args.quick else 20, compiled=True)
     if args.only in (None, "transform"):
         transform_time_table(3 if args.quick else 11)
 
