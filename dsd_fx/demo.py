@@ -189,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
     """The demo; returns 0 if the zero-overhead proof holds, 1 if not."""
     import dsd_fx
 
+    if getattr(args, "quick", False):
+        args.epochs = 1
     if args.epochs < 1:
         raise DemoError(f"--epochs must be at least 1, got {args.epochs}")
     if args.pattern is None and not 0 < args.sparsity < 1:
@@ -259,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=10, help="epochs per phase (default 10)")
+    p.add_argument("--quick", action="store_true", help="1 epoch per phase: every output in a few seconds (a smoke test)")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction pruned in the sparse phase (default 0.5)")
     p.add_argument("--pattern", help="N:M pattern instead of a fraction, e.g. 2:4")
     p.add_argument("--method", default="fixed", choices=["fixed", "sr-ste", "ste"], help="N:M method (default fixed)")

@@ -26,7 +26,7 @@ def test_cli_demo_writes_every_output(tmp_path):
 
     import onnx
 
-    out = demo("--epochs", "1", "--out", str(tmp_path / "out"))
+    out = demo("--quick", "--out", str(tmp_path / "out"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "zero overhead: PROVEN" in out.stdout
     for phase in ("dense", "sparse", "re-dense"):
@@ -47,7 +47,7 @@ def test_cli_demo_writes_every_output(tmp_path):
         assert "mask_mul" in (d / "diffs" / p / "diff.txt").read_text()
         assert (d / "diffs" / p / "diff.png").read_bytes()[:4] == b"\x89PNG"
     # the same seed gives the same run
-    again = demo("--epochs", "1", "--out", str(tmp_path / "again"))
+    again = demo("--quick", "--out", str(tmp_path / "again"))
     redo = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert [e["loss"] for e in redo["epochs"]] == [e["loss"] for e in metrics["epochs"]], again.stderr[-2000:]
 
