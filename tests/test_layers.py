@@ -80,6 +80,18 @@ class Decoder(nn.Module):
         return self.layer(x, memory)
 
 
+class Stacks(nn.Module):
+    """nn.TransformerEncoder and nn.Transformer: leaves holding layers that hold the weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, 0.0, batch_first=True), 2)
+        self.t = nn.Transformer(16, 4, 1, 1, 32, 0.0, batch_first=True)
+
+    def forward(self, x):
+        return self.t(self.enc(x), x)
+
+
 class GroupedConv(nn.Module):
     def __init__(self):
         super().__init__()
@@ -127,6 +139,7 @@ CASES = {
     "mha_separate_qkv": (lambda: Attention(separate=True), lambda: (torch.randn(2, 5, 16),), 4),
     "transformer_encoder_layer": (Encoder, lambda: (torch.randn(2, 5, 16),), 4),
     "transformer_decoder_layer": (Decoder, lambda: (torch.randn(2, 5, 16), torch.randn(2, 7, 16)), 6),
+    "transformer_stacks": (Stacks, lambda: (torch.randn(2, 5, 16),), 18),
     "grouped_depthwise_conv": (GroupedConv, lambda: (torch.randn(2, 8, 6, 6),), 2),
     "bmm_einsum": (BmmEinsum, lambda: (torch.randn(3, 5, 8),), 2),
 }
