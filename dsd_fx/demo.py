@@ -157,22 +157,27 @@ def _check_out(folder: str) -> str:
     return folder
 
 
-def _plot(rows: list[dict], bounds: list[tuple[str, int, int]], path: str, title: str) -> None:
+def _plot(rows: list[dict], bounds: list[tuple[str, int, int]], path: str, title: str, sad=()) -> None:
+    """Loss and accuracy per epoch, phases shaded; with SR-STE/STE, a third panel of SAD per epoch."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [r["epoch"] for r in rows]
-    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(8, 6))
+    fig, axes = plt.subplots(3 if sad else 2, 1, sharex=True, figsize=(8, 8 if sad else 6))
+    top, bottom = axes[0], axes[1]
+    if sad:
+        axes[2].plot([e for e, _ in sad], [f for _, f in sad], marker=".", color="tab:red")
+        axes[2].set_ylabel("SAD since sparse start")
     top.plot(epochs, [r["loss"] for r in rows], marker=".", color="tab:blue")
     top.set_ylabel("train loss")
     top.set_yscale("log")
     bottom.plot(epochs, [r["accuracy"] for r in rows], marker=".", color="tab:green")
     bottom.set_ylabel("test accuracy")
-    bottom.set_xlabel("epoch")
+    axes[-1].set_xlabel("epoch")
     shades = {"dense": "0.95", "sparse": "#fde7e7", "redense": "#e7f0fd"}
-    for ax in (top, bottom):
+    for ax in axes:
         for name, first, last in bounds:
             ax.axvspan(first - 0.5, last + 0.5, color=shades[name], zorder=0)
             ax.axvline(first - 0.5, color="0.4", linestyle="--", linewidth=0.8)
@@ -247,7 +252,9 @@ def run(args: argparse.Namespace) -> int:
     report = dsd_fx.verify_zero_overhead(reference, final, example)
     with open(os.path.join(out, "zero_overhead.txt"), "w") as f:
         f.write(report.table + "\n")
-    _plot(per_epoch, bounds, os.path.join(out, "training.png"), f"DSD on digits: {what}, seed {args.seed}")
+    first_sparse = next(first for name, first, _ in bounds if name == "sparse")
+    sad = [(first_sparse + k, f) for h in dsd.history if h.sad for k, (_, f) in enumerate(h.sad)]
+    _plot(per_epoch, bounds, os.path.join(out, "training.png"), f"DSD on digits: {what}, seed {args.seed}", sad)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump({"args": {k: v for k, v in vars(args).items() if k not in ("fn", "command")}, "phases": [r.__dict__ for r in rows], "epochs": per_epoch,
                    "sad": [{"phase": h.name, "sad": h.sad} for h in dsd.history if h.sad],
