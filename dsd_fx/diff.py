@@ -236,7 +236,8 @@ class GraphDiff:
         layers = [layer for layer in layers if layer]
         pos = {n: (k - (len(layer) - 1) / 2, -d) for d, layer in enumerate(layers) for k, n in enumerate(layer)}
         width = max(len(layer) for layer in layers)
-        fig, ax = plt.subplots(figsize=(max(4.0, 2.6 * width), max(3.0, 0.75 * len(layers))))
+        # capped: a large model's picture stays renderable (its labels then overlap; the DOT file has them all)
+        fig, ax = plt.subplots(figsize=(min(60.0, max(4.0, 2.6 * width)), min(120.0, max(3.0, 0.75 * len(layers)))))
         for u, v, removed in edges:
             ax.annotate("", xy=pos[v], xytext=pos[u], arrowprops=dict(
                 arrowstyle="-|>", color="red" if removed else "0.35", linestyle="--" if removed else "-",
