@@ -49,25 +49,35 @@ OWN_WEIGHTS: dict[type, tuple[str, Callable[[nn.Module], list[str]]]] = {
     nn.Embedding: ("embedding", lambda m: ["weight"]),  # opt-in: SparseConfig.embeddings
 }
 
-# Function ops: (op, target) -> {argument index: (kwarg name, kind, reduction dim of that operand)}.
-# A negative reduction dim counts from the end of the weight's shape.
+@dataclass(frozen=True)
+class FunctionOp:
+    """A function op that reads weights. `slots`: {argument index: (kwarg name, kind, reduction dim
+    of that operand)}, a negative dim counting from the end of the weight's shape. `packed`: where
+    the op computes x @ W.T-like (+ b) with the weight at `packed["slot"]`, where x and b are, so
+    that pack_nm can give it the packed N:M kernel; None for ops that keep dense compute."""
+
+    slots: dict[int, tuple[str, str, int]]
+    packed: dict | None = None
+
+
 _W = "weight"
-FUNCTION_OPS: dict[tuple[str, object], dict[int, tuple[str, str, int]]] = {
-    ("call_function", F.linear): {1: (_W, "linear", -1)},
-    ("call_function", F.conv1d): {1: (_W, "conv1d", 1)},
-    ("call_function", F.conv2d): {1: (_W, "conv2d", 1)},
-    ("call_function", F.conv3d): {1: (_W, "conv3d", 1)},
-    ("call_function", F.conv_transpose1d): {1: (_W, "conv_transpose1d", 0)},
-    ("call_function", F.conv_transpose2d): {1: (_W, "conv_transpose2d", 0)},
-    ("call_function", F.conv_transpose3d): {1: (_W, "conv_transpose3d", 0)},
-    ("call_function", torch.matmul): {0: ("input", "matmul", -1), 1: ("other", "matmul", -2)},
-    ("call_function", operator.matmul): {0: ("", "matmul", -1), 1: ("", "matmul", -2)},
-    ("call_function", torch.mm): {0: ("input", "mm", -1), 1: ("mat2", "mm", -2)},
-    ("call_function", torch.addmm): {1: ("mat1", "addmm", -1), 2: ("mat2", "addmm", -2)},
-    ("call_function", torch.bmm): {0: ("input", "bmm", -1), 1: ("mat2", "bmm", -2)},
-    ("call_method", "bmm"): {0: ("", "bmm", -1), 1: ("mat2", "bmm", -2)},
-    ("call_method", "matmul"): {0: ("", "matmul", -1), 1: ("other", "matmul", -2)},
-    ("call_method", "mm"): {0: ("", "mm", -1), 1: ("mat2", "mm", -2)},
+_MM = {"slot": 1, "x": 0, "b": None}
+FUNCTION_OPS: dict[tuple[str, object], FunctionOp] = {
+    ("call_function", F.linear): FunctionOp({1: (_W, "linear", -1)}, {"slot": 1, "x": 0, "b": 2, "b_kw": "bias"}),
+    ("call_function", F.conv1d): FunctionOp({1: (_W, "conv1d", 1)}),
+    ("call_function", F.conv2d): FunctionOp({1: (_W, "conv2d", 1)}),
+    ("call_function", F.conv3d): FunctionOp({1: (_W, "conv3d", 1)}),
+    ("call_function", F.conv_transpose1d): FunctionOp({1: (_W, "conv_transpose1d", 0)}),
+    ("call_function", F.conv_transpose2d): FunctionOp({1: (_W, "conv_transpose2d", 0)}),
+    ("call_function", F.conv_transpose3d): FunctionOp({1: (_W, "conv_transpose3d", 0)}),
+    ("call_function", torch.matmul): FunctionOp({0: ("input", "matmul", -1), 1: ("other", "matmul", -2)}, _MM),
+    ("call_function", operator.matmul): FunctionOp({0: ("", "matmul", -1), 1: ("", "matmul", -2)}, _MM),
+    ("call_function", torch.mm): FunctionOp({0: ("input", "mm", -1), 1: ("mat2", "mm", -2)}, _MM),
+    ("call_function", torch.addmm): FunctionOp({1: ("mat1", "addmm", -1), 2: ("mat2", "addmm", -2)}, {"slot": 2, "x": 1, "b": 0}),
+    ("call_function", torch.bmm): FunctionOp({0: ("input", "bmm", -1), 1: ("mat2", "bmm", -2)}),
+    ("call_method", "bmm"): FunctionOp({0: ("", "bmm", -1), 1: ("mat2", "bmm", -2)}),
+    ("call_method", "matmul"): FunctionOp({0: ("", "matmul", -1), 1: ("other", "matmul", -2)}, _MM),
+    ("call_method", "mm"): FunctionOp({0: ("", "mm", -1), 1: ("mat2", "mm", -2)}, _MM),
 }
 
 
@@ -211,10 +221,10 @@ def find_prunable(gm: fx.GraphModule) -> list[PrunableWeight]:
                 if isinstance(param, torch.nn.Parameter) and param.dim() >= 2:
                     entry(param, arg.target).uses.append(WeightUse(arg, "einsum", dim))
             continue
-        slots = FUNCTION_OPS.get((node.op, node.target))
-        if not slots:
+        row = FUNCTION_OPS.get((node.op, node.target))
+        if row is None:
             continue
-        for index, (kwarg, kind, dim) in slots.items():
+        for index, (kwarg, kind, dim) in row.slots.items():
             arg = node.args[index] if index < len(node.args) else node.kwargs.get(kwarg)
             if not isinstance(arg, fx.Node) or arg.op != "get_attr":
                 continue

@@ -1,39 +1,25 @@
 """pack_nm: store N:M weights packed (kept values + index bits) and compute with a packed N:M op."""
 from __future__ import annotations
 
-import operator
 from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from dsd_fx.packing import pack_nm as pack_tensor
 from dsd_fx.passes.functional import functionalize, get_attr
-from dsd_fx.select import PrunableWeight, is_direct
+from dsd_fx.select import FUNCTION_OPS, PrunableWeight, is_direct
 from dsd_fx.tags import tag
 
 PASS = "pack_nm"
 PACKED_ATTR = "_dsd_fx_packed"  # on the owner module: attr -> what re-dense needs
 
-# ops computing x @ W.T (+ b) with a packed weight: (op, target) -> weight slot, and where x and b are
-_MATMUL = {"slot": 1, "x": 0, "b": None}
-LINEAR_LIKE = {
-    ("call_function", F.linear): {"slot": 1, "x": 0, "b": 2, "b_kw": "bias"},
-    ("call_function", torch.matmul): _MATMUL,
-    ("call_function", operator.matmul): _MATMUL,
-    ("call_function", torch.mm): _MATMUL,
-    ("call_method", "matmul"): _MATMUL,
-    ("call_method", "mm"): _MATMUL,
-    ("call_function", torch.addmm): {"slot": 2, "x": 1, "b": 0},
-}
-
-
 def _linear_like(user: fx.Node, getter: fx.Node) -> tuple[fx.Node, fx.Node | None, tuple, dict] | None:
     """(x, bias, args template, kwargs template) if `user` computes x @ W.T-like with W = getter."""
-    row = LINEAR_LIKE.get((user.op, user.target))
+    op = FUNCTION_OPS.get((user.op, user.target))
+    row = op.packed if op is not None else None  # which ops take the packed kernel: select's table says
     if row is None or len(user.args) <= row["slot"] or user.args[row["slot"]] is not getter:
         return None
     if user.target is torch.addmm and user.kwargs:  # beta / alpha

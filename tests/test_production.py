@@ -13,7 +13,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dsd_fx
-from conftest import isomorphic
 from ddp_worker import MODES, make_model, train
 
 HERE = pathlib.Path(__file__).resolve().parent
