@@ -30,10 +30,9 @@ import warnings
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import dsd_fx
-from dsd_fx.demo import DemoNet, load_digits, train_epoch
+from dsd_fx.demo import DemoNet, evaluate, load_digits, sgd, train_epoch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -54,17 +53,6 @@ class RowLSTM(nn.Module):
 MODELS = {"cnn": (DemoNet, 0.05), "lstm": (RowLSTM, 0.5)}
 
 
-def evaluate(model, data) -> tuple[float, float]:
-    model.eval()
-    with torch.no_grad():
-        logits = model(data[0])
-    return float((logits.argmax(1) == data[1]).float().mean()), float(F.cross_entropy(logits, data[1]))
-
-
-def _sgd(params, lr):
-    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
-
-
 def run_schedule(kind: str, schedule: str, seed: int, epochs: int, train, test) -> tuple[float, float]:
     make, lr = MODELS[kind]
     torch.manual_seed(seed)
@@ -72,7 +60,7 @@ def run_schedule(kind: str, schedule: str, seed: int, epochs: int, train, test) 
     gen = torch.Generator().manual_seed(seed)
 
     def phase(net, rate):
-        opt = _sgd(net.parameters(), rate)  # a fresh optimizer per phase, in every schedule
+        opt = sgd(net.parameters(), rate)  # a fresh optimizer per phase, in every schedule
         for _ in range(epochs):
             train_epoch(net, opt, train, 64, gen)
 
@@ -101,7 +89,7 @@ def run_nm(method: str, seed: int, epochs: int, train, test) -> tuple[float, flo
     start = dsd_fx.current_masks(net) if method != "dense" else None
     sads = []
     for k, rate in enumerate((lr, lr, lr / 10)):
-        opt = _sgd(net.parameters(), rate)
+        opt = sgd(net.parameters(), rate)
         for _ in range(epochs):
             train_epoch(net, opt, train, 64, gen)
             if start is not None:

@@ -256,10 +256,25 @@ class GraphDiff:
 
     def write_pictures(self, prefix: str) -> list[str]:
         """Write PREFIX.dot, and PREFIX.svg and PREFIX.png with Graphviz's `dot`, or PREFIX.png with
-        matplotlib where Graphviz is not installed."""
-        written = write_dot(self.to_dot(), prefix)
-        if len(written) == 1 and _has_matplotlib():
+        matplotlib where Graphviz is not installed; with neither, the DOT file and a log line."""
+        os.makedirs(os.path.dirname(os.path.abspath(prefix)) or ".", exist_ok=True)
+        written = [f"{prefix}.dot"]
+        with open(written[0], "w") as f:
+            f.write(self.to_dot() + "\n")
+        exe = shutil.which("dot")
+        if exe is not None:
+            for fmt in ("svg", "png"):
+                subprocess.run([exe, f"-T{fmt}", written[0], "-o", f"{prefix}.{fmt}"], check=True, capture_output=True)
+                written.append(f"{prefix}.{fmt}")
+        elif _has_matplotlib():
             written.append(self.to_png(f"{prefix}.png"))
+        else:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "Graphviz's `dot` is not installed: wrote %s only; render it with `dot -Tsvg %s -o %s.svg` "
+                "(install graphviz, e.g. `apt-get install graphviz`)", written[0], written[0], prefix
+            )
         return written
 
 
@@ -271,28 +286,6 @@ def _has_matplotlib() -> bool:
 
 def _dot_escape(s: str) -> str:
     return str(s).replace("\\", "\\\\").replace('"', '\\"')
-
-
-def write_dot(dot: str, prefix: str) -> list[str]:
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)) or ".", exist_ok=True)
-    written = [f"{prefix}.dot"]
-    with open(written[0], "w") as f:
-        f.write(dot + "\n")
-    exe = shutil.which("dot")
-    if exe is None:
-        if _has_matplotlib():
-            return written
-        import logging
-
-        logging.getLogger(__name__).warning(
-            "Graphviz's `dot` is not installed: wrote %s only; render it with `dot -Tsvg %s -o %s.svg` "
-            "(install graphviz, e.g. `apt-get install graphviz`)", written[0], written[0], prefix
-        )
-        return written
-    for fmt in ("svg", "png"):
-        subprocess.run([exe, f"-T{fmt}", written[0], "-o", f"{prefix}.{fmt}"], check=True, capture_output=True)
-        written.append(f"{prefix}.{fmt}")
-    return written
 
 
 def _as_gm(model: torch.nn.Module) -> fx.GraphModule:

@@ -22,7 +22,7 @@ from onnx import numpy_helper
 from torch import fx
 from torch.utils._pytree import tree_flatten
 
-from dsd_fx.tags import has_dsd_nodes, restore
+from dsd_fx.tags import has_dsd_nodes
 
 
 def _as_tuple(example_args: Any) -> tuple:
@@ -69,7 +69,6 @@ def export_onnx(
     is untouched. `fold=False` exports the graph as it is. With `path`, the file is written
     atomically (a temporary file renamed into place), so an interrupted export leaves no partial file.
     """
-    restore(model)
     if fold and isinstance(model, fx.GraphModule) and has_dsd_nodes(model.graph):
         from dsd_fx.transform import transform
 

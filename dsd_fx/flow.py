@@ -8,7 +8,7 @@ import torch
 from torch import fx
 
 from dsd_fx.sad import SADTracker
-from dsd_fx.tags import restore
+from dsd_fx.tags import has_dsd_nodes
 from dsd_fx.transform import transform
 
 OptimizerFn = Callable[[Iterable[torch.nn.Parameter], float], torch.optim.Optimizer]
@@ -65,8 +65,7 @@ class DSD:
             raise ValueError(f"lr must be > 0, got {lr!r}")
         if not 0 < redense_lr_scale <= 1:
             raise ValueError(f"redense_lr_scale must be in (0, 1] (the DSD paper uses about 0.1), got {redense_lr_scale!r}")
-        restore(model)
-        if isinstance(model, fx.GraphModule) and any("dsd_fx" in n.meta for n in model.graph.nodes):
+        if isinstance(model, fx.GraphModule) and has_dsd_nodes(model.graph):
             raise ValueError("DSD starts from a dense model; this one is already a sparse-phase graph. Pass the model itself")
         self.model = model
         self.optimizer_fn, self.scheduler_fn = optimizer_fn, scheduler_fn

@@ -36,12 +36,6 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling() or _fx_tracing()
 
 
-def _proxy_in(*args) -> torch.fx.Proxy | None:
-    from torch.utils._pytree import tree_leaves
-
-    return next((a for a in tree_leaves(args) if isinstance(a, torch.fx.Proxy)), None)
-
-
 def mask_mul(weight: torch.Tensor, mask: torch.Tensor, grad_inplace: bool = False) -> torch.Tensor:
     """W * M, in value and in gradient; the mask multiplication of a sparse-phase graph.
 
@@ -54,17 +48,11 @@ def mask_mul(weight: torch.Tensor, mask: torch.Tensor, grad_inplace: bool = Fals
     Under torch.compile and torch.export it is the plain `weight * mask`; an fx tracer (one that
     re-traces the generated code, as torch.load of a GraphModule does) records it as one node.
     """
-    proxy = _proxy_in(weight, mask)
-    if proxy is not None:
-        # _ORIGINAL: inside a trace, the name mask_mul is fx.wrap's patched wrapper
-        target = _ORIGINAL["mask_mul"]
-        return proxy.tracer.create_proxy("call_function", target, (weight, mask), {"grad_inplace": grad_inplace} if grad_inplace else {})
+    if isinstance(weight, torch.fx.Proxy):  # fx tracing (symbolic_trace, torch.load's re-trace): one node
+        return weight.tracer.create_proxy("call_function", mask_mul, (weight, mask), {"grad_inplace": grad_inplace} if grad_inplace else {})
     if _tracing() or isinstance(weight, torch._subclasses.FakeTensor) or not isinstance(weight, torch.nn.Parameter):
         return torch.mul(weight, mask)
     return _MaskMul.apply(weight, mask, grad_inplace)
-
-
-torch.fx.wrap("mask_mul")
 
 
 def module_call(module: torch.nn.Module, names: tuple, weights: tuple, args: tuple, kwargs: dict):
@@ -76,14 +64,12 @@ def module_call(module: torch.nn.Module, names: tuple, weights: tuple, args: tup
     `torch.func.functional_call`, so the layer's own forward runs: the same kernels, the same
     ONNX op after re-dense. An fx tracer records it as one node (the layer as a get_attr).
     """
-    proxy = _proxy_in(weights, args, kwargs)
+    proxy = next((w for w in weights if isinstance(w, torch.fx.Proxy)), None)  # the masked weights, when fx traces
     if proxy is not None:
-        return proxy.tracer.create_proxy("call_function", _ORIGINAL["module_call"], (module, names, weights, args, kwargs), {})
+        return proxy.tracer.create_proxy("call_function", module_call, (module, names, weights, args, kwargs), {})
     return torch.func.functional_call(module, dict(zip(names, weights)), tuple(args), dict(kwargs))
 
 
-torch.fx.wrap("module_call")
-_ORIGINAL = {"mask_mul": mask_mul, "module_call": module_call}
 
 
 # ---------------------------------------------------------------- SR-STE

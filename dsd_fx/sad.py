@@ -9,7 +9,7 @@ from torch import fx
 from dsd_fx.masks import nm_mask
 from dsd_fx.packing import unpack_nm
 from dsd_fx.passes.pack_nm import PACKED_ATTR
-from dsd_fx.tags import restore, tagged
+from dsd_fx.tags import tagged
 
 
 def current_masks(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
@@ -18,7 +18,6 @@ def current_masks(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     Fixed masks are read from their buffers, SR-STE masks recomputed from the current weights,
     packed masks read from the index metadata.
     """
-    restore(gm)
     out: dict[str, torch.Tensor] = {}
     for node in tagged(gm.graph, role="masked"):
         name = node.args[0].target

@@ -15,12 +15,20 @@ def tag(node: fx.Node, pass_name: str, role: str, **info: Any) -> fx.Node:
     return node
 
 
+def untagged_meta(node: fx.Node) -> dict[str, Any]:
+    """`node.meta` without dsd_fx's tag: what a restored node gets back."""
+    return {k: v for k, v in node.meta.items() if k != META_KEY}
+
+
 def tag_of(node: fx.Node) -> dict[str, Any] | None:
     return node.meta.get(META_KEY)
 
 
 def tagged(graph: fx.Graph, pass_name: str | None = None, role: str | None = None) -> Iterator[fx.Node]:
-    """The nodes of `graph` tagged by `pass_name` (any pass if None) in `role` (any if None)."""
+    """The nodes of `graph` tagged by `pass_name` (any pass if None) in `role` (any if None).
+
+    Tags that a torch.load dropped are put back first (see `persist`)."""
+    _restore(graph)
     for node in list(graph.nodes):
         t = node.meta.get(META_KEY)
         if t is None:
@@ -42,22 +50,23 @@ def _target_key(target: Any) -> str:
 
 def persist(gm: fx.GraphModule) -> None:
     """Keep the tags on the module too: torch.save/torch.load of a GraphModule re-traces its code
-    and drops node.meta; `restore` puts them back on the nodes of the same name, op and target."""
+    and drops node.meta; `tagged` puts them back on the nodes of the same name, op and target."""
     gm.__dict__[PERSIST_ATTR] = {
         n.name: (n.op, _target_key(n.target), n.meta[META_KEY]) for n in gm.graph.nodes if META_KEY in n.meta
     }
 
 
-def restore(model: Any) -> None:
+def _restore(graph: fx.Graph) -> None:
     """Put back the tags `persist` kept, if the graph lost them (a GraphModule from torch.load)."""
+    model = graph.owning_module
     saved = getattr(model, "__dict__", {}).get(PERSIST_ATTR)
-    if not saved or not isinstance(model, fx.GraphModule) or has_dsd_nodes(model.graph):
+    if not saved or any(META_KEY in n.meta for n in graph.nodes):
         return
-    nodes = {n.name: n for n in model.graph.nodes}
+    nodes = {n.name: n for n in graph.nodes}
     # re-tracing names get_attr nodes after their target and in order of first use: match those by
     # target (the same name first), every other node by name, op and target
     free: dict[str, list[fx.Node]] = {}
-    for n in model.graph.nodes:
+    for n in graph.nodes:
         if n.op == "get_attr":
             free.setdefault(n.target, []).append(n)
     found, mismatched = {}, []

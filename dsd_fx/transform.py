@@ -22,7 +22,7 @@ from dsd_fx.passes.unpack_nm import unpack_nm
 from dsd_fx.pipeline import PassRecord, run_passes
 from dsd_fx.print_changed import PrintChanged
 from dsd_fx.select import select, select_nm
-from dsd_fx.tags import PERSIST_ATTR, has_dsd_nodes, persist, restore, tagged
+from dsd_fx.tags import PERSIST_ATTR, has_dsd_nodes, persist, tagged
 
 PHASES = ("sparse", "dense")
 _UNSET: Any = object()
@@ -88,7 +88,6 @@ def transform(
     changed nothing print nothing. `dsd_fx.changes(gm)` lists the passes and, when recorded, their diffs.
     """
     printer = PrintChanged.resolve(print_changed, print_changed_dir, print_changed_passes)
-    restore(model)  # a sparse-phase GraphModule from torch.load lost its node tags
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; use phase='sparse' to prune or phase='dense' to re-dense")
     if not isinstance(model, torch.nn.Module):
@@ -136,8 +135,7 @@ class SparseState(torch.nn.Module):
         state = json.loads(bytes(state.cpu().tolist()).decode()) if isinstance(state, torch.Tensor) else state
         if state == self.info:
             return
-        keys = [k for k in ("pattern", "method", "pack", "sparsity", "scope", "lambda_w", "weights")
-                if state.get(k) != self.info.get(k)]
+        keys = [k for k in {**state, **self.info} if state.get(k) != self.info.get(k)]
         diffs = "; ".join(f"{k}: checkpoint {state.get(k)!r}, this model {self.info.get(k)!r}" for k in keys)
         raise ValueError(
             f"load_state_dict: this checkpoint comes from a sparse-phase model made with other options ({diffs}). "

@@ -9,7 +9,7 @@ from torch import fx
 
 from dsd_fx.ops import module_call
 from dsd_fx.select import is_direct
-from dsd_fx.tags import tag
+from dsd_fx.tags import tag, untagged_meta
 
 
 def get_attr(g: fx.Graph, target: str) -> fx.Node:
@@ -17,7 +17,7 @@ def get_attr(g: fx.Graph, target: str) -> fx.Node:
     return g.create_node("get_attr", target)
 
 
-def _input_of(node: fx.Node) -> fx.Node:
+def input_of(node: fx.Node) -> fx.Node:
     return node.args[0] if node.args else node.kwargs["input"]
 
 
@@ -65,16 +65,16 @@ def functionalize(
     """
     g = gm.graph
     module = gm.get_submodule(node.target)
-    build = next((fn for cls, fn in FUNCTIONAL.items() if is_direct(module) and isinstance(module, cls)), None)
+    build = next((fn for cls, fn in FUNCTIONAL.items() if isinstance(module, cls)), None) if is_direct(module) else None
     with g.inserting_before(node):
         ws = weights(g)
         if build is not None:
             b = tag(get_attr(g, f"{node.target}.bias"), pass_name, "bias") if module.bias is not None else None
-            op = build(g, module, _input_of(node), ws["weight"], b, pass_name)
+            op = build(g, module, input_of(node), ws["weight"], b, pass_name)
         else:
             layer = tag(get_attr(g, node.target), pass_name, "layer")
             op = g.call_function(module_call, (layer, tuple(ws), tuple(ws.values()), node.args, node.kwargs))
-    tag(op, pass_name, "op", module=node.target, name=node.name, meta={k: v for k, v in node.meta.items() if k != "dsd_fx"})
+    tag(op, pass_name, "op", module=node.target, name=node.name, meta=untagged_meta(node))
     op.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
     node.replace_all_uses_with(op)
     g.erase_node(node)

@@ -9,9 +9,9 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from dsd_fx.packing import pack_nm as pack_tensor
-from dsd_fx.passes.functional import functionalize, get_attr
+from dsd_fx.passes.functional import functionalize, get_attr, input_of
 from dsd_fx.select import FUNCTION_OPS, PrunableWeight, is_direct
-from dsd_fx.tags import tag
+from dsd_fx.tags import tag, untagged_meta
 
 PASS = "pack_nm"
 PACKED_ATTR = "_dsd_fx_packed"  # on the owner module: attr -> what re-dense needs
@@ -57,7 +57,7 @@ def pack_nm(gm: fx.GraphModule, weights: Sequence[tuple[PrunableWeight, int]], n
     """
     g = gm.graph
     linear_op, unpack_op = torch.ops.dsd_fx.nm_linear.default, torch.ops.dsd_fx.nm_unpack.default
-    calls: dict[fx.Node, list] = {}  # module call -> [(parameter name in the module, its unpacker)]
+    calls: dict[fx.Node, list] = {}  # module call -> [(parameter name in the module, weight, storage, unpacker)]
     for pw, dim in weights:
         path, _, attr = pw.name.rpartition(".")
         owner = gm.get_submodule(path) if path else gm
@@ -98,31 +98,28 @@ def pack_nm(gm: fx.GraphModule, weights: Sequence[tuple[PrunableWeight, int]], n
                 with g.inserting_before(user):
                     new = g.call_function(linear_op, (x, v, mt, b, n, m))
                 tag(new, PASS, "packed_op", weight=pw.name, getter=getter.name, op=user.op, target=user.target,
-                    args=args, kwargs=kwargs, name=user.name, meta={k: val for k, val in user.meta.items() if k != "dsd_fx"})
+                    args=args, kwargs=kwargs, name=user.name, meta=untagged_meta(user))
                 user.replace_all_uses_with(new)
                 g.erase_node(user)
             g.erase_node(getter)
         for use in pw.uses:
             if use.node.op == "call_module":
-                calls.setdefault(use.node, []).append((use.param, unpacked))
+                calls.setdefault(use.node, []).append((use.param, pw, storage, unpacked))
     for call, wrapped in calls.items():
         module = gm.get_submodule(call.target)
         if isinstance(module, nn.Linear) and is_direct(module):
-            ((_, _),) = wrapped
-            pw = next(w for w, _ in weights if any(u.node is call for u in w.uses))
-            vname, mname = f"{pw.name}_values", f"{pw.name}_meta"
+            ((_, pw, storage, _),) = wrapped
             with g.inserting_before(call):
-                v, mt = tag(get_attr(g, vname), PASS, "values", getter=None), tag(get_attr(g, mname), PASS, "meta")
+                v, mt = storage(g)
                 b = tag(get_attr(g, f"{call.target}.bias"), PASS, "bias") if module.bias is not None else None
-                new = g.call_function(linear_op, (call.args[0] if call.args else call.kwargs["input"], v, mt, b, n, m))
-            tag(new, PASS, "packed_op", weight=pw.name, module=call.target, name=call.name,
-                meta={k: val for k, val in call.meta.items() if k != "dsd_fx"})
+                new = g.call_function(linear_op, (input_of(call), v, mt, b, n, m))
+            tag(new, PASS, "packed_op", weight=pw.name, module=call.target, name=call.name, meta=untagged_meta(call))
             call.replace_all_uses_with(new)
             g.erase_node(call)
         else:  # Conv, LSTM, attention, ...: packed storage, dense compute
 
             def dense_weights(g: fx.Graph, wrapped=wrapped) -> dict[str, fx.Node]:
-                return {name: unpacked(g, None) for name, unpacked in wrapped}
+                return {name: unpacked(g, None) for name, _, _, unpacked in wrapped}
 
             functionalize(gm, call, dense_weights, PASS)
     return PassResult(gm, modified=bool(weights))

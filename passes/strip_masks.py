@@ -7,7 +7,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from dsd_fx.ops import module_call
-from dsd_fx.tags import tag_of, tagged
+from dsd_fx.tags import tag_of, tagged, untagged_meta
 
 
 
@@ -53,7 +53,7 @@ def strip_masks(gm: fx.GraphModule) -> PassResult:
             env[node] = env[node.args[0]]
         elif role == "restored":  # a node unpack_nm gave back: keep it, under its original name
             env[node] = new.create_node(node.op, node.target, *fx.node.map_arg((node.args, node.kwargs), arg), name=t["name"])
-            env[node].meta = {k: v for k, v in node.meta.items() if k != "dsd_fx"}
+            env[node].meta = untagged_meta(node)
         elif role == "op" and node.target is module_call:  # module_call(layer, names, weights, args, kwargs)
             args, kwargs = fx.node.map_arg((node.args[3], node.args[4]), arg)
             restored = new.create_node("call_module", t["module"], tuple(args), dict(kwargs), name=t["name"])

@@ -11,26 +11,21 @@ import dsd_fx
 from conftest import assert_rejected, isomorphic, masked_reference
 
 
-class LSTMNet(nn.Module):
-    def __init__(self, bidirectional=True):
-        super().__init__()
-        self.rnn = nn.LSTM(8, 16, num_layers=2, batch_first=True, bidirectional=bidirectional)
-        self.head = nn.Linear(32 if bidirectional else 16, 4)
-
-    def forward(self, x):
-        out, _ = self.rnn(x)
-        return self.head(out[:, -1])
-
-
 class RecurrentNet(nn.Module):
-    def __init__(self, cls):
+    """An RNN layer (LSTM by default; keyword arguments go to it), then a Linear on the last step."""
+
+    def __init__(self, cls=nn.LSTM, **kw):
         super().__init__()
-        self.rnn = cls(8, 16, batch_first=True)
-        self.head = nn.Linear(16, 4)
+        self.rnn = cls(8, 16, batch_first=True, **kw)
+        self.head = nn.Linear((kw.get("proj_size") or 16) * (2 if kw.get("bidirectional") else 1), 4)
 
     def forward(self, x):
         out, _ = self.rnn(x)
         return self.head(out[:, -1])
+
+
+def lstm_net(bidirectional=True):
+    return RecurrentNet(num_layers=2, bidirectional=bidirectional)
 
 
 class CellNet(nn.Module):
@@ -128,8 +123,8 @@ class TiedLM(nn.Module):
 
 x_seq = lambda: (torch.randn(2, 5, 8),)  # noqa: E731
 CASES = {
-    "lstm_bidirectional": (LSTMNet, x_seq, 9),
-    "lstm_proj_size": (lambda: RecurrentNet(lambda i, h, **kw: nn.LSTM(i, 2 * h, proj_size=h, **kw)), x_seq, 4),
+    "lstm_bidirectional": (lstm_net, x_seq, 9),
+    "lstm_proj_size": (lambda: RecurrentNet(proj_size=8), x_seq, 4),
     "gru": (lambda: RecurrentNet(nn.GRU), x_seq, 3),
     "rnn": (lambda: RecurrentNet(nn.RNN), x_seq, 3),
     "lstm_cell": (lambda: CellNet(nn.LSTMCell), lambda: (torch.randn(2, 3, 8),), 2),
@@ -202,7 +197,7 @@ def test_layer_nm_runs_along_the_input_dimension(case, method):
 
 
 def test_lstm_gate_blocks_each_exactly_sparse():
-    model = LSTMNet(bidirectional=False)
+    model = lstm_net(bidirectional=False)
     sparse = dsd_fx.transform(model, sparsity=0.5)
     w = model.rnn.weight_hh_l0.detach()  # 4 gate blocks (i, f, g, o) of 16 rows each
     for block in w.chunk(4):
@@ -213,14 +208,14 @@ def test_lstm_gate_blocks_each_exactly_sparse():
 
 def test_packed_lstm_keeps_packed_storage_and_round_trips():
     torch.manual_seed(0)
-    model = LSTMNet()
+    model = lstm_net()
     example = x_seq()
     sparse = dsd_fx.transform(model, pattern="2:4", pack=True)
     assert any(n.endswith("weight_ih_l0_values") for n, _ in sparse.named_parameters())
     sparse(*example).sum().backward()
     dense = dsd_fx.transform(sparse, phase="dense")
-    assert [n for n, _ in dense.named_parameters()] == [n for n, _ in LSTMNet().named_parameters()]
-    assert dsd_fx.verify_zero_overhead(LSTMNet(), dense, example, latency_runs=2).ok
+    assert [n for n, _ in dense.named_parameters()] == [n for n, _ in lstm_net().named_parameters()]
+    assert dsd_fx.verify_zero_overhead(lstm_net(), dense, example, latency_runs=2).ok
 
 
 def test_tied_embedding_gets_one_mask_at_every_use():
