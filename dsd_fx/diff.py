@@ -3,15 +3,20 @@ from __future__ import annotations
 
 import difflib
 import os
-import shutil
-import subprocess
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import networkx as nx
 import torch
 from torch import fx
+
+from dsd_fx import draw
+from dsd_fx.graphs import fx_to_nx, match_graphs, onnx_to_nx
+
+if TYPE_CHECKING:
+    import onnx
 
 _COLORS = {"+": "\033[32m", "-": "\033[31m", "@": "\033[36m"}
 
@@ -33,108 +38,6 @@ def code_diff(before: str, after: str, name_before: str = "before", name_after: 
         before.strip().splitlines(), after.strip().splitlines(), name_before, name_after, lineterm=""
     )
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- structural matching
-
-
-def _short(target: object) -> str:
-    if isinstance(target, str):
-        return target
-    name = getattr(target, "__name__", None) or str(target)
-    return name.split(".")[-1] if not name.startswith("<") else name
-
-
-def fx_to_nx(gm: fx.GraphModule) -> nx.DiGraph:
-    """Nodes labelled (op, target), with their display kind; edges carry the argument position."""
-    g = nx.DiGraph()
-    modules = dict(gm.named_modules())
-    for node in gm.graph.nodes:
-        if node.op == "call_module":
-            kind = f"call_module {type(modules.get(node.target)).__name__}"
-        elif node.op in ("call_function", "call_method"):
-            kind = _short(node.target)
-        else:
-            kind = node.op
-        label = (node.op, node.target if isinstance(node.target, str) else _short(node.target))
-        g.add_node(node.name, label=label, kind=kind, op=node.op, target=label[1])
-        for pos, inp in enumerate(node.all_input_nodes):
-            g.add_edge(inp.name, node.name, pos=pos)
-    return g
-
-
-def _inputs(g: nx.DiGraph, n: str) -> list[str]:
-    return [u for u, _ in sorted(g.in_edges(n), key=lambda e: g.edges[e]["pos"])]
-
-
-def _users(g: nx.DiGraph, n: str) -> list[str]:
-    return list(g.successors(n))
-
-
-def match_graphs(a: nx.DiGraph, b: nx.DiGraph) -> tuple[dict[str, str], dict[str, str]]:
-    """(matched, changed): node pairs a -> b that are the same node, or the same place with another op.
-
-    Anchored on the graphs' inputs and outputs and propagated along edges by argument position
-    (a structural match, not by name), then, for what is left, same label and same name.
-    """
-    matched: dict[str, str] = {}
-    changed: dict[str, str] = {}
-    used: set[str] = set()
-
-    def pair(x: str, y: str, stack: list) -> None:
-        if x in matched or x in changed or y in used:
-            return
-        if a.nodes[x]["label"] != b.nodes[y]["label"]:
-            # a wrapper inserted in `b` (mask_mul(w, m) where w was): x is the wrapper's input
-            for v in _inputs(b, y):
-                if v not in used and b.nodes[v]["label"] == a.nodes[x]["label"]:
-                    return pair(x, v, stack)
-            # a wrapper removed from `a`: y is the wrapper's input
-            for u in _inputs(a, x):
-                if u not in matched and u not in changed and a.nodes[u]["label"] == b.nodes[y]["label"]:
-                    return pair(u, y, stack)
-            changed[x] = y
-        else:
-            matched[x] = y
-        used.add(y)
-        stack.append((x, y))
-
-    stack: list[tuple[str, str]] = []
-    for x in a.nodes:  # anchors: placeholders by target, the output node
-        if a.nodes[x]["op"] in ("placeholder", "output", "input", "init"):
-            for y in b.nodes:
-                if b.nodes[y]["label"] == a.nodes[x]["label"] and y not in used:
-                    pair(x, y, stack)
-                    break
-    while stack:
-        x, y = stack.pop()
-        ia, ib = _inputs(a, x), _inputs(b, y)
-        if x in changed:  # a changed op: its first input is the data; others only where labels agree
-            if ia and ib:
-                pair(ia[0], ib[0], stack)
-            for u in ia[1:]:
-                for v in ib[1:]:
-                    if v not in used and a.nodes[u]["label"] == b.nodes[v]["label"]:
-                        pair(u, v, stack)
-                        break
-        else:
-            for u, v in zip(ia, ib):
-                pair(u, v, stack)
-        # users: the same label first, else the user that reads it at the same argument position
-        for u in _users(a, x):
-            if u in matched or u in changed:
-                continue
-            pos = a.edges[x, u]["pos"]
-            options = [v for v in _users(b, y) if v not in used]
-            same = [v for v in options if b.nodes[v]["label"] == a.nodes[u]["label"]]
-            at_pos = [v for v in options if b.edges[y, v]["pos"] == pos]
-            if same or at_pos:
-                pair(u, (same or at_pos)[0], stack)
-    for x in a.nodes:  # leftovers: same label and name
-        if x not in matched and x not in changed and x in b.nodes and x not in used and a.nodes[x]["label"] == b.nodes[x]["label"]:
-            matched[x] = x
-            used.add(x)
-    return matched, changed
 
 
 @dataclass
@@ -204,88 +107,17 @@ class GraphDiff:
 
     def to_dot(self) -> str:
         """The union of both graphs as DOT: added nodes green, removed red, changed yellow, the rest white."""
-        lines = ["digraph dsd_fx_diff {", '  rankdir=TB; node [shape=box, style=filled, fontname="monospace", fontsize=10];']
-        nodes, edges = self.union()
-        for i, (label, color) in nodes.items():
-            text = _dot_escape(label).replace("\n", "\\n")
-            lines.append(f'  {i} [label="{text}", fillcolor={color}];')
-        for u, v, removed in edges:
-            lines.append(f"  {u} -> {v}" + (" [color=red, style=dashed];" if removed else ";"))
-        lines.append("}")
-        return "\n".join(lines)
+        return draw.to_dot(*self.union())
 
     def to_png(self, path: str) -> str:
         """Draw the union graph with matplotlib (top to bottom in data-flow order): no Graphviz needed."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        nodes, edges = self.union()
-        g = nx.DiGraph()
-        g.add_nodes_from(nodes)
-        g.add_edges_from((u, v) for u, v, _ in edges)
-        order = {n: k for k, n in enumerate(nodes)}
-        depth: dict[str, int] = {}
-        for n in (nx.topological_sort(g) if nx.is_directed_acyclic_graph(g) else list(g)):
-            depth[n] = max((depth.get(p, 0) + 1 for p in g.predecessors(n)), default=0)
-        for n in g:  # inputs and weights sit just above their first reader, not all on the top row
-            if g.in_degree(n) == 0 and g.out_degree(n):
-                depth[n] = max(0, min(depth[s] for s in g.successors(n)) - 1)
-        layers = [sorted((n for n in g if depth[n] == d), key=order.get) for d in range(max(depth.values(), default=0) + 1)]
-        layers = [layer for layer in layers if layer]
-        pos = {n: (k - (len(layer) - 1) / 2, -d) for d, layer in enumerate(layers) for k, n in enumerate(layer)}
-        width = max(len(layer) for layer in layers)
-        # capped: a large model's picture stays renderable (its labels then overlap; the DOT file has them all)
-        fig, ax = plt.subplots(figsize=(min(60.0, max(4.0, 2.6 * width)), min(120.0, max(3.0, 0.75 * len(layers)))))
-        for u, v, removed in edges:
-            ax.annotate("", xy=pos[v], xytext=pos[u], arrowprops=dict(
-                arrowstyle="-|>", color="red" if removed else "0.35", linestyle="--" if removed else "-",
-                shrinkA=9, shrinkB=9, lw=0.8))
-        for n, (label, color) in nodes.items():
-            ax.text(*pos[n], label, ha="center", va="center", fontsize=7, family="monospace",
-                    bbox=dict(boxstyle="round,pad=0.3", facecolor=color, edgecolor="0.3", lw=0.6))
-        ax.set_xlim(-width / 2 - 0.2, width / 2 + 0.2)
-        ax.set_ylim(-len(layers) + 0.4, 0.6)
-        ax.axis("off")
-        if self.title:
-            ax.set_title(self.title, fontsize=9)
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        return path
+        return draw.draw_png(*self.union(), path, self.title)
 
     def write_pictures(self, prefix: str) -> list[str]:
         """Write PREFIX.dot, and PREFIX.svg and PREFIX.png with Graphviz's `dot`, or PREFIX.png with
-        matplotlib where Graphviz is not installed; with neither, the DOT file and a log line."""
-        os.makedirs(os.path.dirname(os.path.abspath(prefix)) or ".", exist_ok=True)
-        written = [f"{prefix}.dot"]
-        with open(written[0], "w") as f:
-            f.write(self.to_dot() + "\n")
-        exe = shutil.which("dot")
-        if exe is not None:
-            for fmt in ("svg", "png"):
-                subprocess.run([exe, f"-T{fmt}", written[0], "-o", f"{prefix}.{fmt}"], check=True, capture_output=True)
-                written.append(f"{prefix}.{fmt}")
-        elif _has_matplotlib():
-            written.append(self.to_png(f"{prefix}.png"))
-        else:
-            import logging
-
-            logging.getLogger(__name__).warning(
-                "Graphviz's `dot` is not installed: wrote %s only; render it with `dot -Tsvg %s -o %s.svg` "
-                "(install graphviz, e.g. `apt-get install graphviz`)", written[0], written[0], prefix
-            )
-        return written
-
-
-def _has_matplotlib() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("matplotlib") is not None
-
-
-def _dot_escape(s: str) -> str:
-    return str(s).replace("\\", "\\\\").replace('"', '\\"')
+        matplotlib where Graphviz is not installed; returns the files written. A picture that cannot
+        be drawn or written is a warning on `dsd_fx.draw`'s logger, naming the file and the cause: never raised."""
+        return draw.write_pictures(*self.union(), prefix, self.title)
 
 
 def _as_gm(model: torch.nn.Module) -> fx.GraphModule:
@@ -299,9 +131,10 @@ def diff(before: torch.nn.Module, after: torch.nn.Module, title: str = "") -> Gr
 
 
 def diff_graphs(ga: nx.DiGraph, gb: nx.DiGraph, code_a: str, code_b: str, title: str = "") -> GraphDiff:
+    """The diff of two graphs already converted (`dsd_fx.graphs.fx_to_nx` or `onnx_to_nx`) and their text."""
     matched, changed = match_graphs(ga, gb)
     seen_b = set(matched.values()) | set(changed.values())
-    d = GraphDiff(
+    return GraphDiff(
         ga, gb, code_diff(code_a, code_b),
         added=[n for n in gb.nodes if n not in seen_b],
         removed=[n for n in ga.nodes if n not in matched and n not in changed],
@@ -309,24 +142,21 @@ def diff_graphs(ga: nx.DiGraph, gb: nx.DiGraph, code_a: str, code_b: str, title:
         title=title,
         matched=matched,
     )
-    return d
 
 
 # ---------------------------------------------------------------- ONNX
 
 
-def diff_onnx(before, after, title: str = "") -> GraphDiff:
+def diff_onnx(before: onnx.ModelProto | str | os.PathLike, after: onnx.ModelProto | str | os.PathLike, title: str = "") -> GraphDiff:
     """The diff of two ONNX models (ModelProto or file paths): text of the graphs, nodes and initializers."""
     import onnx
-
-    from dsd_fx.export import onnx_to_nx
 
     a = onnx.load(before) if isinstance(before, (str, os.PathLike)) else before
     b = onnx.load(after) if isinstance(after, (str, os.PathLike)) else after
     return diff_graphs(onnx_to_nx(a), onnx_to_nx(b), _onnx_text(a), _onnx_text(b), title)
 
 
-def _onnx_text(proto) -> str:
+def _onnx_text(proto: onnx.ModelProto) -> str:
     """The graph in ONNX's text form, initializers listed by name, type and shape, not values."""
     import onnx
     from onnx import printer

@@ -1,5 +1,12 @@
 import copy
+import importlib
+import importlib.util
+import logging
+import os
+import pathlib
 import shutil
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -99,15 +106,20 @@ def test_bad_print_changed_mode():
 
 def test_dot_parses_and_colours(tmp_path):
     model = TinyMLP()
-    d = dsd_fx.diff(model, dsd_fx.transform(copy.deepcopy(model)))
+    sparse = dsd_fx.transform(copy.deepcopy(model))
+    d = dsd_fx.diff(model, sparse)
     pydot = pytest.importorskip("pydot")  # in the test extra: an independent DOT parser
     files = d.write_pictures(str(tmp_path / "diff"))
     (graph,) = pydot.graph_from_dot_file(files[0])
     nodes = [n for n in graph.get_nodes() if n.get_name() not in ("node", "graph", "edge")]
-    assert len(nodes) == len(d.after.nodes) + len(d.removed)
+    # expected from the model's layers and the sparse graph itself, not from the diff object
+    layers = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert len(nodes) == len(sparse.graph.nodes)  # nothing is removed: the union is the sparse graph
     colours = [n.get("fillcolor") for n in nodes]
-    assert colours.count("palegreen") == len(d.added) and colours.count("khaki") == len(d.changed)
-    assert len(graph.get_edges()) >= len(d.after.edges)
+    assert colours.count("palegreen") == 4 * layers  # per layer: weight, mask and bias reads, the mask_mul
+    assert colours.count("khaki") == layers  # per layer: the module call became F.linear
+    assert colours.count("white") == len(sparse.graph.nodes) - 5 * layers  # x, relu, output
+    assert len(graph.get_edges()) == sum(len(n.all_input_nodes) for n in sparse.graph.nodes)
 
 
 @pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
@@ -132,10 +144,8 @@ def test_without_graphviz_matplotlib_draws_the_png(tmp_path, monkeypatch):
 
 
 def test_without_graphviz_or_matplotlib_the_dot_file_is_still_written(tmp_path, monkeypatch, caplog):
-    import importlib
-
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    monkeypatch.setattr(importlib.import_module("dsd_fx.diff"), "_has_matplotlib", lambda: False)
+    monkeypatch.setattr(importlib.import_module("dsd_fx.draw"), "_has_matplotlib", lambda: False)
     d = dsd_fx.diff(TinyMLP(), dsd_fx.transform(TinyMLP()))
     assert d.write_pictures(str(tmp_path / "d")) == [str(tmp_path / "d") + ".dot"]
     assert "dot -Tsvg" in caplog.text
@@ -154,3 +164,59 @@ def test_onnx_diff_names_the_extra_nodes(tmp_path):
     files = d.write_pictures(str(tmp_path / "onnx"))
     pydot = pytest.importorskip("pydot")
     assert pydot.graph_from_dot_file(files[0])
+
+
+def _fake_dot(tmp_path, monkeypatch) -> None:
+    """A Graphviz `dot` first on PATH that fails as a broken install does: a message and status 1."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    exe = folder / "dot"
+    exe.write_text("#!/bin/sh\necho 'dot: cannot load plugin' >&2\nexit 1\n")
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ.get('PATH', '')}")
+    assert shutil.which("dot") == str(exe)
+
+
+def test_a_failing_dot_is_logged_not_raised(tmp_path, monkeypatch, caplog):
+    _fake_dot(tmp_path, monkeypatch)
+    d = dsd_fx.diff(TinyMLP(), dsd_fx.transform(TinyMLP()))
+    with caplog.at_level(logging.WARNING, logger="dsd_fx.draw"):
+        files = d.write_pictures(str(tmp_path / "d"))
+    assert files[0] == str(tmp_path / "d.dot") and (tmp_path / "d.dot").stat().st_size > 0
+    assert not (tmp_path / "d.svg").exists()
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(str(tmp_path / "d.svg") in w and "status 1" in w and "cannot load plugin" in w for w in warned), warned
+    if importlib.util.find_spec("matplotlib") is not None:  # the PNG comes from matplotlib instead
+        assert files == [str(tmp_path / "d.dot"), str(tmp_path / "d.png")]
+        assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_transform_with_a_failing_dot_keeps_its_result(tmp_path, monkeypatch, caplog):
+    _fake_dot(tmp_path, monkeypatch)
+    sparse = dsd_fx.transform(TinyMLP(), pattern="2:4", pack=True, print_changed_dir=str(tmp_path / "tree"))
+    assert (tmp_path / "tree" / "00_sparse_pack_nm" / "diff.dot").exists()
+    assert "cannot load plugin" in caplog.text
+    sparse(*mlp_args())  # the packed graph is whole
+
+
+def test_a_picture_that_cannot_be_written_is_logged(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("a plain file, not a folder")
+    d = dsd_fx.diff(TinyMLP(), dsd_fx.transform(TinyMLP()))
+    assert d.write_pictures(str(blocker / "d")) == []
+    assert str(blocker / "d.dot") in caplog.text
+
+
+def test_drawing_leaves_matplotlib_global_state_alone(tmp_path):
+    pytest.importorskip("matplotlib")
+    code = (
+        # get_backend() would itself resolve (and set) the backend: read the setting as it is
+        "import sys, matplotlib, dsd_fx; from conftest import TinyMLP; "
+        "before = matplotlib.rcParams._get_backend_or_none(); "
+        f"dsd_fx.diff(TinyMLP(), dsd_fx.transform(TinyMLP())).to_png({str(tmp_path / 'd.png')!r}); "
+        "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported'; "
+        "after = matplotlib.rcParams._get_backend_or_none(); assert after == before, (before, after)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(__file__).parent, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
