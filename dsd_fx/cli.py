@@ -113,7 +113,7 @@ def cmd_export(args) -> int:
 def cmd_check(args) -> int:
     import onnx
 
-    from dsd_fx.export import compare_onnx
+    from dsd_fx.verify import compare_onnx
 
     protos = []
     for path in (args.reference, args.final):
