@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, TextIO
 
 from dsd_fx.diff import colorize
 from dsd_fx.pipeline import PassRecord
@@ -39,7 +40,28 @@ class PrintChanged:
             passes = [p.strip() for p in env["DSD_FX_PRINT_CHANGED_PASSES"].split(",") if p.strip()]
         return cls(mode, directory, tuple(passes) if passes is not None else None)
 
-    def emit(self, records: Sequence[PassRecord], phase: str, stream=None) -> None:
+    def check(self) -> None:
+        """Fail now, before any work, if `directory` cannot be written: create it and write a probe file.
+
+        Raises ValueError naming the folder and the cause. A transform calls it before its first pass,
+        so that writing the per-pass files later cannot fail on the folder.
+        """
+        if self.directory is None:
+            return
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.directory):
+                pass
+        except OSError as err:
+            raise ValueError(
+                f"print_changed_dir {self.directory!r} cannot be written ({err.strerror or err}); "
+                "pass a folder you can write to, or none"
+            ) from err
+
+    def emit(self, records: Sequence[PassRecord], phase: str, stream: TextIO | None = None) -> None:
+        """Print (to `stream`, default stderr) and write under `directory` each changed pass of `records`.
+
+        The text files raise on failure (call `check()` first); a picture that fails is logged, never raised."""
         stream = stream or sys.stderr
         shown = [r for r in records if r.modified and r.diff is not None and (self.passes is None or r.name in self.passes)]
         for r in shown:

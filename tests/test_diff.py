@@ -220,3 +220,26 @@ def test_drawing_leaves_matplotlib_global_state_alone(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=pathlib.Path(__file__).parent, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_print_changed_check_creates_the_folder(tmp_path):
+    from dsd_fx.print_changed import PrintChanged
+
+    folder = tmp_path / "a" / "b"
+    PrintChanged(directory=str(folder)).check()
+    assert folder.is_dir() and list(folder.iterdir()) == []  # the probe file is gone
+    PrintChanged(mode="diff").check()  # no folder: nothing to check
+
+
+def test_print_changed_check_names_a_folder_that_cannot_be_written(tmp_path):
+    from dsd_fx.print_changed import PrintChanged
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a plain file, not a folder")
+    with pytest.raises(ValueError, match=r"print_changed_dir '.*/file/tree' cannot be written \(.*\); pass a folder"):
+        PrintChanged(directory=str(blocker / "tree")).check()
+    if hasattr(os, "geteuid") and os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(ValueError, match="locked"):
+            PrintChanged(directory=str(locked)).check()
