@@ -2,16 +2,45 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import re
 import sys
+import warnings
 
 import torch
 
 from dsd_fx import demo
+from dsd_fx.config import SparseConfig
+
+# SparseConfig's options that are flags here: its errors are reworded in the flags' names
+FLAGS = {"sparsity": "--sparsity", "pattern": "--pattern", "method": "--method", "pack": "--pack", "kernel": "--kernel"}
+KERNEL_ENV = "DSD_FX_NM_KERNEL"  # the default of --kernel
 
 
 class CliError(Exception):
     """A command-line mistake: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported in one line (no usage block), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def in_flag_words(message: str) -> str:
+    """A SparseConfig message in the command line's words: `pack=True` -> `--pack`, `pack=False` ->
+    `no --pack`, `pattern='2:4'` -> `--pattern 2:4`, a leading `sparsity` -> `--sparsity`."""
+    names = "|".join(FLAGS)
+    message = re.sub(rf"\b({names})=True\b", lambda m: FLAGS[m[1]], message)
+    message = re.sub(rf"\b({names})=False\b", lambda m: f"no {FLAGS[m[1]]}", message)
+    message = re.sub(rf"\b({names})=('[^']*'|[^\s,;)]+)", lambda m: f"{FLAGS[m[1]]} {m[2].strip(chr(39))}", message)
+    return re.sub(rf"^({names})\b", lambda m: FLAGS[m[1]], message)
 
 
 def _factory(spec: str):
@@ -47,30 +76,34 @@ def _shapes(text: str) -> tuple:
     return tuple(torch.randn(*s) for s in shapes)
 
 
-def _sparse_options(args) -> dict:
-    opts = {}
-    if args.pattern:
-        opts.update(pattern=args.pattern, method=args.method, pack=args.pack)
-    else:
-        if args.method != "fixed" or args.pack:
-            raise CliError("--method and --pack need --pattern N:M")
-        opts["sparsity"] = args.sparsity
-    return opts
+def _sparse_options(args: argparse.Namespace) -> SparseConfig:
+    """The one SparseConfig the flags ask for; its own checks, worded in flag names."""
+    given = {"sparsity": args.sparsity, "pattern": args.pattern, "method": args.method, "pack": args.pack or None}
+    if "kernel" in {f.name for f in dataclasses.fields(SparseConfig)}:
+        given["kernel"] = args.kernel or os.environ.get(KERNEL_ENV) or None
+    elif args.kernel is not None:  # until SparseConfig takes it, the op itself reads the environment variable
+        raise CliError(f"--kernel {args.kernel}: this dsd_fx has no kernel option yet; set {KERNEL_ENV}={args.kernel} instead")
+    try:
+        return SparseConfig(**{k: v for k, v in given.items() if v is not None})
+    except (ValueError, TypeError) as err:
+        raise CliError(in_flag_words(str(err))) from err
 
 
 def _add_model_args(p) -> None:
     p.add_argument("factory", metavar="MODULE:FACTORY", help="a callable that returns the nn.Module, e.g. mypkg.models:make_model")
     p.add_argument("--input-shape", required=True, help="example input shape, e.g. 1,3,32,32 (several inputs: 1,8;1,4)")
     p.add_argument("--phase", choices=["sparse"], default="sparse", help="the phase to show (sparse, then its re-dense)")
-    p.add_argument("--sparsity", type=float, default=0.5, help="unstructured fraction pruned (default 0.5)")
+    p.add_argument("--sparsity", type=float, help="unstructured fraction pruned (default 0.5)")
     p.add_argument("--pattern", help="N:M pattern instead of a fraction, e.g. 2:4")
-    p.add_argument("--method", default="fixed", choices=["fixed", "sr-ste", "ste"], help="N:M method (default fixed)")
+    p.add_argument("--method", choices=["fixed", "sr-ste", "ste"], help="N:M method (default fixed)")
     p.add_argument("--pack", action="store_true", help="N:M-packed weights and matmuls")
+    p.add_argument("--kernel", help=f"the packed N:M matmul's kernel (default: ${KERNEL_ENV}, else dsd_fx's choice)")
 
 
-def cmd_diff(args) -> int:
+def cmd_diff(args: argparse.Namespace) -> int:
     import dsd_fx
 
+    config = _sparse_options(args)
     model = _factory(args.factory)
     example = _shapes(args.input_shape)
     try:  # before anything is printed: the example input fits the model
@@ -79,11 +112,8 @@ def cmd_diff(args) -> int:
     except Exception as err:  # noqa: BLE001 - a shape that does not fit the model
         raise CliError(f"the model does not run on --input-shape {args.input_shape}: {type(err).__name__}: {err}") from err
     mode = "cdiff" if sys.stderr.isatty() else "diff"
-    try:
-        sparse = dsd_fx.transform(model, phase="sparse", print_changed=mode, print_changed_dir=args.out, **_sparse_options(args))
-        dense = dsd_fx.transform(sparse, phase="dense", print_changed=mode, print_changed_dir=args.out)
-    except (ValueError, TypeError) as err:
-        raise CliError(str(err)) from err
+    sparse = dsd_fx.transform(model, phase="sparse", config=config, print_changed=mode, print_changed_dir=args.out)
+    dense = dsd_fx.transform(sparse, phase="dense", print_changed=mode, print_changed_dir=args.out)
     with torch.no_grad():  # and the rewritten graphs run on it
         sparse(*example)
         dense(*example)
@@ -92,25 +122,26 @@ def cmd_diff(args) -> int:
     return 0
 
 
-def cmd_export(args) -> int:
+def cmd_export(args: argparse.Namespace) -> int:
     import dsd_fx
 
+    config = _sparse_options(args)
+    sparse = bool(args.pattern or args.sparse)
+    if not sparse and config != SparseConfig():  # options of a sparse phase that would not run
+        raise CliError("--sparsity, --method, --pack and --kernel shape the sparse-phase model: add --sparse or --pattern")
     model = _factory(args.factory)
     example = _shapes(args.input_shape)
     folder = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise CliError(f"cannot write {args.output}: folder {folder} does not exist or is not writable")
-    try:
-        if args.pattern or args.sparse:
-            model = dsd_fx.transform(model, phase="sparse", **_sparse_options(args))
-        dsd_fx.export_onnx(model, example, args.output)
-    except (ValueError, TypeError) as err:
-        raise CliError(str(err)) from err
+    if sparse:
+        model = dsd_fx.transform(model, phase="sparse", config=config)
+    dsd_fx.export_onnx(model, example, args.output)
     print(f"wrote {args.output}")
     return 0
 
 
-def cmd_check(args) -> int:
+def cmd_check(args: argparse.Namespace) -> int:
     import onnx
 
     from dsd_fx.verify import compare_onnx
@@ -124,18 +155,13 @@ def cmd_check(args) -> int:
         except Exception as err:  # noqa: BLE001
             raise CliError(f"{path} is not an ONNX model: {type(err).__name__}: {err}") from err
     result = compare_onnx(*protos)
-    rows = [("check", "reference", "final", "ok")] + [(c.name, c.reference, c.final, "yes" if c.ok else "NO") for c in result.checks]
-    widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
-    for r in rows:
-        print(" | ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip())
-    print(f"zero overhead: {'PROVEN' if result.ok else 'NOT PROVEN'}")
-    for d in result.differences:
-        print(f"  - {d}")
+    print(result.table)
     return 0 if result.ok else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dsd-fx", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    """The dsd-fx parser and its subcommands (each sets `fn`, the function that runs it)."""
+    parser = _Parser(prog="dsd-fx", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("diff", help="show what each pass does to a model: code diffs per pass, node counts, pictures",
                        description="Build the model with FACTORY, run the sparse transform and its re-dense, and "
@@ -162,11 +188,22 @@ def main(argv: list[str] | None = None) -> int:
                                    "zero_overhead.txt, training.png, metrics.json and diffs/ to --out.")
     demo.add_arguments(p)
     p.set_defaults(fn=demo.run)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run dsd-fx. A user error (a bad flag, a CliError, or the ValueError/TypeError by which dsd_fx
+    refuses its input before changing anything) is one line on stderr and exit status 2."""
+    args = build_parser().parse_args(argv)
+    # the application may set process-wide filters: this one is torch's own deprecation inside its exporter
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
     try:
         return args.fn(args)
     except (CliError, demo.DemoError) as err:
-        print(f"dsd-fx {args.command}: error: {err}", file=sys.stderr)
+        print(f"dsd-fx {args.command}: error: {_one_line(str(err))}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError) as err:
+        print(f"dsd-fx {args.command}: error: {_one_line(in_flag_words(str(err)))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # files are written atomically: nothing half-written is left behind
         print(f"\ndsd-fx {args.command}: interrupted", file=sys.stderr)

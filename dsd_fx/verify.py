@@ -30,6 +30,26 @@ class Check:
     ok: bool
 
 
+def format_table(rows: Sequence[tuple[str, str, str, str]], ok: bool, differences: Sequence[str] = (),
+                 notes: Sequence[str] = ()) -> str:
+    """Rows (check, reference, final, ok) as aligned columns, the verdict, then each difference and note."""
+    rows = [("check", "reference", "final", "ok"), *rows]
+    widths = [min(60, max(len(r[i]) for r in rows)) for i in range(4)]
+    lines = []
+    for k, r in enumerate(rows):
+        lines.append(" | ".join(str(x)[:60].ljust(w) for x, w in zip(r, widths)).rstrip())
+        if k == 0:
+            lines.append("-+-".join("-" * w for w in widths))
+    lines.append(f"zero overhead: {'PROVEN' if ok else 'NOT PROVEN'}")
+    lines += [f"  - {d}" for d in differences]
+    lines += [f"note: {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def _rows(checks: Sequence[Check]) -> list[tuple[str, str, str, str]]:
+    return [(c.name, c.reference, c.final, "yes" if c.ok else "NO") for c in checks]
+
+
 @dataclass
 class OnnxComparison:
     """The checks of `compare_onnx` and every difference found, by name."""
@@ -40,6 +60,10 @@ class OnnxComparison:
     @property
     def ok(self) -> bool:
         return all(c.ok for c in self.checks)
+
+    @property
+    def table(self) -> str:
+        return format_table(_rows(self.checks), self.ok, self.differences)
 
 
 # ---------------------------------------------------------------- ONNX comparison
@@ -257,23 +281,10 @@ class ZeroOverheadReport:
 
     @property
     def table(self) -> str:
-        rows = [("check", "reference", "final", "ok")]
-        rows += [(c.name, c.reference, c.final, "yes" if c.ok else "NO") for c in self.checks]
-        rows.append(
-            ("onnxruntime latency (median)" + (" (float32 copy)" if self.onnxruntime_float32_copy else ""),
-             f"{self.latency_ms[0]:.3f} ms", f"{self.latency_ms[1]:.3f} ms",
-             f"ratio {self.latency_ratio:.3f} (not checked)")
-        )
-        widths = [min(60, max(len(r[i]) for r in rows)) for i in range(4)]
-        lines = []
-        for k, r in enumerate(rows):
-            lines.append(" | ".join(str(x)[:60].ljust(w) for x, w in zip(r, widths)).rstrip())
-            if k == 0:
-                lines.append("-+-".join("-" * w for w in widths))
-        lines.append(f"zero overhead: {'PROVEN' if self.ok else 'NOT PROVEN'}")
-        lines += [f"  - {d}" for d in self.differences]
-        lines += [f"note: {n}" for n in self.notes]
-        return "\n".join(lines)
+        latency = ("onnxruntime latency (median)" + (" (float32 copy)" if self.onnxruntime_float32_copy else ""),
+                   f"{self.latency_ms[0]:.3f} ms", f"{self.latency_ms[1]:.3f} ms",
+                   f"ratio {self.latency_ratio:.3f} (not checked)")
+        return format_table([*_rows(self.checks), latency], self.ok, self.differences, self.notes)
 
     def __str__(self) -> str:
         return self.table

@@ -65,7 +65,13 @@ def test_check_fails_naming_the_difference(tmp_path):
         (["diff", "examples.models:mlp", "--input-shape", "1,x"], "is not comma-separated integers"),
         (["diff", "examples.models:mlp", "--input-shape", "1,5"], "does not run on --input-shape 1,5"),
         (["diff", "examples.models:mlp", "--input-shape", "1,8", "--sparsity", "2"], "[0, 1)"),
-        (["diff", "examples.models:mlp", "--input-shape", "1,8", "--pack"], "need --pattern"),
+        (["diff", "examples.models:mlp", "--input-shape", "1,8", "--pack"], "--pack stores N:M-packed weights and needs a pattern such as --pattern 2:4"),
+        (["diff", "examples.models:mlp", "--input-shape", "1,8", "--pattern", "5:4"], "--pattern '5:4' needs 1 <= N < M"),
+        (["diff", "examples.models:mlp", "--input-shape", "1,8", "--pattern", "2:4", "--sparsity", "0.3"], "drop --sparsity 0.3"),
+        (["diff", "examples.models:mlp", "--input-shape", "1,8", "--method", "sr-ste"], "--method sr-ste recomputes an N:M mask"),
+        (["diff", "examples.models:mlp", "--input-shape", "1,8", "--method", "bogus"], "invalid choice: 'bogus'"),
+        (["diff", "examples.models:mlp", "--input-shape", "1,8", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["export", "examples.models:mlp", "--input-shape", "1,8", "--sparsity", "0.2", "-o", "m.onnx"], "add --sparse or --pattern"),
         (["export", "examples.models:mlp", "--input-shape", "1,8", "-o", "/nonexistent/dir/m.onnx"], "not writable"),
         (["check", "missing_a.onnx", "missing_b.onnx"], "no such file: missing_a.onnx"),
     ],
@@ -90,3 +96,45 @@ def test_installed_console_script():
         pytest.skip("dsd-fx is not on PATH (package not installed)")
     out = subprocess.run([exe, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "demo" in out.stdout and "check" in out.stdout
+
+
+def _args(*flags: str):
+    from dsd_fx.cli import build_parser
+
+    return build_parser().parse_args(["diff", "examples.models:mlp", "--input-shape", "1,8", *flags])
+
+
+def test_flags_build_one_sparse_config():
+    from dsd_fx.cli import _sparse_options
+    from dsd_fx.config import SparseConfig
+
+    assert _sparse_options(_args()) == SparseConfig()
+    assert _sparse_options(_args("--sparsity", "0.25")) == SparseConfig(sparsity=0.25)
+    assert _sparse_options(_args("--pattern", "2:4", "--method", "sr-ste")) == SparseConfig(pattern="2:4", method="sr-ste")
+    assert _sparse_options(_args("--pattern", "4:8", "--pack")) == SparseConfig(pattern="4:8", pack=True)
+
+
+def test_config_errors_in_flag_words():
+    from dsd_fx.cli import in_flag_words
+
+    assert in_flag_words("pack=True keeps only the kept values; method='sr-ste' recomputes it. Use method='fixed' "
+                         "with pack=True, or pack=False") == (
+        "--pack keeps only the kept values; --method sr-ste recomputes it. Use --method fixed with --pack, or no --pack")
+    assert in_flag_words("sparsity must be in [0, 1)") == "--sparsity must be in [0, 1)"
+    assert in_flag_words("drop sparsity=0.3 (use sparsity without a pattern)") == "drop --sparsity 0.3 (use sparsity without a pattern)"
+
+
+def test_kernel_flag_and_its_environment_default(monkeypatch):
+    import dataclasses
+
+    from dsd_fx.cli import CliError, _sparse_options
+    from dsd_fx.config import SparseConfig
+
+    monkeypatch.setenv("DSD_FX_NM_KERNEL", "dense")
+    if "kernel" in {f.name for f in dataclasses.fields(SparseConfig)}:
+        assert _sparse_options(_args("--pattern", "2:4", "--pack")).kernel == "dense"
+        assert _sparse_options(_args("--pattern", "2:4", "--pack", "--kernel", "semi-structured")).kernel == "semi-structured"
+    else:  # the op reads the variable itself; an explicit flag it cannot pass on is refused, by name
+        assert _sparse_options(_args("--pattern", "2:4", "--pack")) == SparseConfig(pattern="2:4", pack=True)
+        with pytest.raises(CliError, match="--kernel dense: this dsd_fx has no kernel option yet"):
+            _sparse_options(_args("--kernel", "dense"))
