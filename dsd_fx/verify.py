@@ -1,20 +1,17 @@
-"""Proofs on exported graphs: the ONNX comparison and the zero-overhead report (state_dict, onnxruntime, latency)."""
+"""Proofs on exported graphs: the ONNX comparison and the zero-overhead report (state_dict, onnxruntime parity, latency)."""
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import networkx as nx
-import numpy as np
 import onnx
 import torch
-from torch.utils._pytree import tree_flatten, tree_map
 
-from dsd_fx.export import as_args, eval_mode, export_onnx
+from dsd_fx import runtime
+from dsd_fx.export import as_args, export_onnx
 from dsd_fx.graphs import onnx_initializers, onnx_op, onnx_to_nx
 
 __all__ = ["Check", "OnnxComparison", "ZeroOverheadReport", "compare_onnx", "verify_zero_overhead"]
@@ -161,98 +158,14 @@ def state_dict_checks(reference: Mapping[str, Any], final: Mapping[str, Any]) ->
     return checks, diffs
 
 
-# ---------------------------------------------------------------- onnxruntime
-
-
-def _ort_session(proto: onnx.ModelProto):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
-def _feeds(session, args: Sequence[Any]) -> dict[str, np.ndarray]:
-    flat = [a for a in tree_flatten(list(args))[0] if isinstance(a, torch.Tensor)]
-    names = [i.name for i in session.get_inputs()]
-    if len(names) != len(flat):
-        raise ValueError(f"the ONNX graph takes {len(names)} inputs but the example args hold {len(flat)} tensors")
-    return {n: t.detach().cpu().numpy() for n, t in zip(names, flat)}
-
-
-def _low_precision(model: torch.nn.Module, args: tuple) -> list[str]:
-    """The floating dtypes other than float32 that `model` and `args` hold (numpy has no bfloat16)."""
-    tensors = [*model.state_dict().values(), *tree_flatten(list(args))[0]]
-    found = {t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()}
-    return sorted(str(d).removeprefix("torch.") for d in found - {torch.float32})
-
-
-def _float32(value: Any) -> Any:
-    return tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, value)
-
-
-@dataclass
-class _Runtime:
-    """The onnxruntime sessions a proof runs, and the torch model and inputs they are checked against."""
-
-    reference: Any
-    final: Any
-    model: torch.nn.Module
-    args: tuple
-    float32_copy: str = ""  # why onnxruntime runs float32 copies instead of the exported graphs
-
-
-def _runtime(reference: torch.nn.Module, final: torch.nn.Module, args: tuple,
-             ref_proto: onnx.ModelProto, fin_proto: onnx.ModelProto, optimize: bool) -> _Runtime:
-    """Sessions for the two exports; where onnxruntime's CPU provider has no kernel for their dtype
-    (bfloat16 Gemm, for one), sessions for float32 copies of both models instead."""
-    from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as OrtNotImplemented
-
-    try:
-        return _Runtime(_ort_session(ref_proto), _ort_session(fin_proto), final, args)
-    except OrtNotImplemented as err:
-        dtypes = _low_precision(final, args)
-        if not dtypes:
-            raise
-        why = f"{'/'.join(dtypes)}: {str(err).split(' : ')[-1].strip()}"
-    ref32, fin32, args32 = copy.deepcopy(reference).float(), copy.deepcopy(final).float(), _float32(args)
-    sessions = [_ort_session(export_onnx(m, args32, optimize=optimize, fold=False)) for m in (ref32, fin32)]
-    return _Runtime(*sessions, fin32, args32, why)
-
-
-def _parity(rt: _Runtime, rtol: float, atol: float, diffs: list[str]) -> tuple[Check, float, float]:
-    ort_out = rt.final.run(None, _feeds(rt.final, rt.args))
-    with eval_mode(rt.model), torch.no_grad():
-        torch_out = [t for t in tree_flatten(rt.model(*rt.args))[0] if isinstance(t, torch.Tensor)]
-    max_diff, scale = 0.0, 0.0
-    if len(torch_out) != len(ort_out):
-        diffs.append(f"onnxruntime gave {len(ort_out)} outputs, torch {len(torch_out)}")
-        max_diff = float("inf")
-    for t, o in zip(torch_out, ort_out):
-        t = t.detach().float().cpu().numpy()
-        max_diff = max(max_diff, float(np.max(np.abs(t - o.astype(np.float32)))) if t.size else 0.0)
-        scale = max(scale, float(np.max(np.abs(t))) if t.size else 0.0)
+def _parity(rt: runtime.Runtime, rtol: float, atol: float, diffs: list[str]) -> tuple[Check, float, float]:
+    max_diff, scale, mismatch = runtime.max_abs_diff(rt)
+    if mismatch:
+        diffs.append(mismatch)
     tolerance = atol + rtol * scale
     name = "onnxruntime vs torch max |diff|" + (" (float32 copy)" if rt.float32_copy else "")
     reference = f"tol {tolerance:.2e}" + (f" ({rt.float32_copy.split(':')[0]} not runnable)" if rt.float32_copy else "")
     return Check(name, reference, f"{max_diff:.2e}", max_diff <= tolerance), max_diff, tolerance
-
-
-def _latency(rt: _Runtime, runs: int) -> tuple[float, float]:
-    """Median milliseconds per run of the reference and the final session, measured interleaved."""
-    feeds = (_feeds(rt.reference, rt.args), _feeds(rt.final, rt.args))
-    sessions = (rt.reference, rt.final)
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(2):  # warm-up
-        for s, f in zip(sessions, feeds):
-            s.run(None, f)
-    for _ in range(runs):
-        for k, (s, f) in enumerate(zip(sessions, feeds)):
-            t0 = time.perf_counter()
-            s.run(None, f)
-            times[k].append(time.perf_counter() - t0)
-    return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
 
 
 # ---------------------------------------------------------------- the proof
@@ -335,9 +248,9 @@ def verify_zero_overhead(
     fin = export_onnx(final_model, args, optimize=optimize, fold=False)
     comparison = compare_onnx(ref, fin)
     diffs = comparison.differences + state_diffs
-    rt = _runtime(reference_model, final_model, args, ref, fin, optimize)
+    rt = runtime.sessions_for(reference_model, final_model, args, ref, fin, optimize)
     parity, max_diff, tolerance = _parity(rt, rtol, atol, diffs)
-    ref_ms, fin_ms = _latency(rt, latency_runs)
+    ref_ms, fin_ms = runtime.latency_ms(rt, latency_runs)
     notes = []
     if rt.float32_copy:
         notes.append(f"onnxruntime's CPUExecutionProvider cannot run these graphs ({rt.float32_copy}); "
