@@ -77,12 +77,14 @@ def _shapes(text: str) -> tuple:
 
 
 def _sparse_options(args: argparse.Namespace) -> SparseConfig:
-    """The one SparseConfig the flags ask for; its own checks, worded in flag names."""
-    given = {"sparsity": args.sparsity, "pattern": args.pattern, "method": args.method, "pack": args.pack or None}
+    """The one SparseConfig the flags ask for; its own checks, worded in flag names. A command
+    without some of these flags (the demo has no --pack or --kernel) leaves those options unset."""
+    kernel = getattr(args, "kernel", None)
+    given = {"sparsity": args.sparsity, "pattern": args.pattern, "method": args.method, "pack": getattr(args, "pack", False) or None}
     if "kernel" in {f.name for f in dataclasses.fields(SparseConfig)}:
-        given["kernel"] = args.kernel or os.environ.get(KERNEL_ENV) or None
-    elif args.kernel is not None:  # until SparseConfig takes it, the op itself reads the environment variable
-        raise CliError(f"--kernel {args.kernel}: this dsd_fx has no kernel option yet; set {KERNEL_ENV}={args.kernel} instead")
+        given["kernel"] = kernel or os.environ.get(KERNEL_ENV) or None
+    elif kernel is not None:  # until SparseConfig takes it, the op itself reads the environment variable
+        raise CliError(f"--kernel {kernel}: this dsd_fx has no kernel option yet; set {KERNEL_ENV}={kernel} instead")
     try:
         return SparseConfig(**{k: v for k, v in given.items() if v is not None})
     except (ValueError, TypeError) as err:

@@ -1,3 +1,4 @@
+import argparse
 import pathlib
 import shutil
 import subprocess
@@ -112,6 +113,8 @@ def test_flags_build_one_sparse_config():
     assert _sparse_options(_args("--sparsity", "0.25")) == SparseConfig(sparsity=0.25)
     assert _sparse_options(_args("--pattern", "2:4", "--method", "sr-ste")) == SparseConfig(pattern="2:4", method="sr-ste")
     assert _sparse_options(_args("--pattern", "4:8", "--pack")) == SparseConfig(pattern="4:8", pack=True)
+    demo_like = argparse.Namespace(sparsity=None, pattern="2:4", method="sr-ste")  # no --pack, no --kernel
+    assert _sparse_options(demo_like) == SparseConfig(pattern="2:4", method="sr-ste")
 
 
 def test_config_errors_in_flag_words():
