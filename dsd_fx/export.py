@@ -70,9 +70,10 @@ def export_onnx(
     atomically (a temporary file renamed into place), so an interrupted export leaves no partial file.
     """
     if fold and isinstance(model, fx.GraphModule) and has_dsd_nodes(model.graph):
-        from dsd_fx.transform import transform
+        from dsd_fx.passes.fold_masks import fold_masks
 
-        model = transform(model, phase="dense", copy=True)
+        model = copy.deepcopy(model)
+        fold_masks(model)
     args = _as_tuple(example_args)
     with _eval_mode(model), _quiet_exporter():
         program = torch.onnx.export(

@@ -7,9 +7,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from dsd_fx.ops import module_call
-from dsd_fx.tags import tag_of, tagged, untagged_meta
-
-
+from dsd_fx.tags import Role, tag_of, tagged, untagged_meta
 
 def strip_masks(gm: fx.GraphModule) -> PassResult:
     """Remove every node and buffer that insert_masks or insert_nm made; restore the module calls.
@@ -33,7 +31,7 @@ def strip_masks(gm: fx.GraphModule) -> PassResult:
     values: writing W * M into the weights is the caller's (transform's) commit step.
     """
     old = gm.graph
-    mask_buffers = {n.target for n in tagged(old, role="mask")}
+    mask_buffers = {n.target for n in tagged(old, role=Role.MASK_BUFFER)}
     if next(tagged(old), None) is None:
         return PassResult(gm, modified=False)
     new = fx.Graph(owning_module=gm, tracer_cls=old._tracer_cls)
@@ -41,30 +39,27 @@ def strip_masks(gm: fx.GraphModule) -> PassResult:
     env: dict[fx.Node, fx.Node] = {}
     made: list[fx.Node] = []  # copies of tagged nodes, erased if nothing uses them
 
+    by_name = {n.name: n for n in old.nodes}
+
     def arg(n):
         return env[n]
 
     for node in old.nodes:
         t = tag_of(node)
         role = t["role"] if t else None
-        if role == "layer":  # the module a module_call reads; the restored call names it itself
+        if role in (Role.LAYER, Role.HELPER):  # the restored module call reads its layer and input itself
             continue
-        if role == "masked":  # mask_mul / sparsify_nm: the weight itself stands in
+        if role == Role.MASKED_WEIGHT:  # mask_mul / sparsify_nm: the weight itself stands in
             env[node] = env[node.args[0]]
-        elif role == "restored":  # a node unpack_nm gave back: keep it, under its original name
+        elif role == Role.RESTORED:  # a node unpack_nm gave back: keep it, under its original name
             env[node] = new.create_node(node.op, node.target, *fx.node.map_arg((node.args, node.kwargs), arg), name=t["name"])
             env[node].meta = untagged_meta(node)
-        elif role == "op" and node.target is module_call:  # module_call(layer, names, weights, args, kwargs)
-            args, kwargs = fx.node.map_arg((node.args[3], node.args[4]), arg)
+        elif role == Role.OP:
+            if node.target is module_call:  # module_call(layer, names, weights, args, kwargs)
+                args, kwargs = fx.node.map_arg((node.args[3], node.args[4]), arg)
+            else:  # a functional form of (input, weight, bias)
+                args, kwargs = (env[by_name[t["input"]]],), {}
             restored = new.create_node("call_module", t["module"], tuple(args), dict(kwargs), name=t["name"])
-            restored.meta = dict(t["meta"])
-            env[node] = restored
-        elif role == "op":
-            x = node.args[0]
-            xt = tag_of(x)
-            if xt and xt["role"] == "pad":
-                x = x.args[0]
-            restored = new.create_node("call_module", t["module"], (env[x],), {}, name=t["name"])
             restored.meta = dict(t["meta"])
             env[node] = restored
         else:

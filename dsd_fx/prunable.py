@@ -3,83 +3,16 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import operator
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import fx
 
 from dsd_fx.config import SparseConfig
-
-# Module ops: the weight is `<module>.weight`; the reduction dimension is where N:M groups run
-# (input features of a Linear, input channels of a Conv, dim 0 = in_channels of a ConvTranspose).
-MODULE_OPS: dict[type, tuple[str, int]] = {
-    nn.Linear: ("linear", 1),
-    nn.Conv1d: ("conv1d", 1),
-    nn.Conv2d: ("conv2d", 1),
-    nn.Conv3d: ("conv3d", 1),
-    nn.ConvTranspose1d: ("conv_transpose1d", 0),
-    nn.ConvTranspose2d: ("conv_transpose2d", 0),
-    nn.ConvTranspose3d: ("conv_transpose3d", 0),
-}
-
-# Layers whose inside fx does not see, with weights of their own (beside their child modules'):
-# the S-phase graph calls them functionally (dsd_fx.ops.module_call) with the masked weights.
-# Every one of these weights multiplies its input along dim 1, where N:M groups run.
-def _rnn_weights(m: nn.Module) -> list[str]:
-    return [n for n in m._flat_weights_names if n.startswith("weight_")]  # weight_ih_l0, weight_hh_l0_reverse, ...
-
-
-def _attention_weights(m: nn.Module) -> list[str]:
-    names = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-    return [n for n in names if getattr(m, n, None) is not None]
-
-
-OWN_WEIGHTS: dict[type, tuple[str, Callable[[nn.Module], list[str]]]] = {
-    nn.LSTM: ("lstm", _rnn_weights),
-    nn.GRU: ("gru", _rnn_weights),
-    nn.RNN: ("rnn", _rnn_weights),
-    nn.LSTMCell: ("lstm_cell", lambda m: ["weight_ih", "weight_hh"]),
-    nn.GRUCell: ("gru_cell", lambda m: ["weight_ih", "weight_hh"]),
-    nn.RNNCell: ("rnn_cell", lambda m: ["weight_ih", "weight_hh"]),
-    nn.MultiheadAttention: ("multihead_attention", _attention_weights),
-    nn.Embedding: ("embedding", lambda m: ["weight"]),  # opt-in: SparseConfig.embeddings
-}
-
-@dataclass(frozen=True)
-class FunctionOp:
-    """A function op that reads weights. `slots`: {argument index: (kwarg name, kind, reduction dim
-    of that operand)}, a negative dim counting from the end of the weight's shape. `packed`: where
-    the op computes x @ W.T-like (+ b) with the weight at `packed["slot"]`, where x and b are, so
-    that pack_nm can give it the packed N:M kernel; None for ops that keep dense compute."""
-
-    slots: dict[int, tuple[str, str, int]]
-    packed: dict | None = None
-
-
-_W = "weight"
-_MM = {"slot": 1, "x": 0, "b": None}
-FUNCTION_OPS: dict[tuple[str, object], FunctionOp] = {
-    ("call_function", F.linear): FunctionOp({1: (_W, "linear", -1)}, {"slot": 1, "x": 0, "b": 2, "b_kw": "bias"}),
-    ("call_function", F.conv1d): FunctionOp({1: (_W, "conv1d", 1)}),
-    ("call_function", F.conv2d): FunctionOp({1: (_W, "conv2d", 1)}),
-    ("call_function", F.conv3d): FunctionOp({1: (_W, "conv3d", 1)}),
-    ("call_function", F.conv_transpose1d): FunctionOp({1: (_W, "conv_transpose1d", 0)}),
-    ("call_function", F.conv_transpose2d): FunctionOp({1: (_W, "conv_transpose2d", 0)}),
-    ("call_function", F.conv_transpose3d): FunctionOp({1: (_W, "conv_transpose3d", 0)}),
-    ("call_function", torch.matmul): FunctionOp({0: ("input", "matmul", -1), 1: ("other", "matmul", -2)}, _MM),
-    ("call_function", operator.matmul): FunctionOp({0: ("", "matmul", -1), 1: ("", "matmul", -2)}, _MM),
-    ("call_function", torch.mm): FunctionOp({0: ("input", "mm", -1), 1: ("mat2", "mm", -2)}, _MM),
-    ("call_function", torch.addmm): FunctionOp({1: ("mat1", "addmm", -1), 2: ("mat2", "addmm", -2)}, {"slot": 2, "x": 1, "b": 0}),
-    ("call_function", torch.bmm): FunctionOp({0: ("input", "bmm", -1), 1: ("mat2", "bmm", -2)}),
-    ("call_method", "bmm"): FunctionOp({0: ("", "bmm", -1), 1: ("mat2", "bmm", -2)}),
-    ("call_method", "matmul"): FunctionOp({0: ("", "matmul", -1), 1: ("other", "matmul", -2)}, _MM),
-    ("call_method", "mm"): FunctionOp({0: ("", "mm", -1), 1: ("mat2", "mm", -2)}, _MM),
-}
-
+from dsd_fx.op_table import EINSUM, OpRow, Slot, einsum_slots, function_row, known_ops, module_row, slot_arg
 
 @dataclass(frozen=True)
 class WeightUse:
@@ -90,33 +23,13 @@ class WeightUse:
     """
 
     node: fx.Node
-    kind: str
+    row: OpRow
     reduction_dim: int | None  # None: several contracted dims (an einsum), no single N:M direction
     param: str = "weight"
 
-
-def _einsum_operands(node: fx.Node) -> tuple[str, list]:
-    equation, *ops = node.args
-    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
-        ops = list(ops[0])
-    return equation, ops
-
-
-def einsum_reduction_dims(equation: str, n_operands: int) -> list[int | None]:
-    """Per operand of `equation`: the position of its one contracted index, or None (none or several, or '...')."""
-    eq = equation.replace(" ", "")
-    lhs, arrow, out = eq.partition("->")
-    inputs = lhs.split(",")
-    if len(inputs) != n_operands:
-        return [None] * n_operands
-    if not arrow:  # implicit output: the indices that appear once, sorted
-        letters = [c for c in lhs if c.isalpha()]
-        out = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
-    dims = []
-    for sub in inputs:
-        contracted = [k for k, c in enumerate(sub) if c.isalpha() and c not in out]
-        dims.append(contracted[0] if len(contracted) == 1 and "." not in sub else None)
-    return dims
+    @property
+    def kind(self) -> str:
+        return self.row.kind
 
 
 @dataclass
@@ -158,33 +71,23 @@ def _resolve(gm: fx.GraphModule, target: str) -> object:
     return obj
 
 
-def _module_kind(module: nn.Module) -> tuple[str, int] | None:
-    for cls, row in MODULE_OPS.items():
-        # a subclass that overrides forward computes something else; leave it alone
-        if isinstance(module, cls) and type(module).forward is cls.forward:
-            return row
-    return None
-
-
-def module_weights(module: nn.Module) -> list[tuple[str, str, int]]:
-    """(parameter name inside `module`, kind, reduction dim) of every prunable weight a call of
-    `module` reads: its own (Linear, Conv, LSTM, MultiheadAttention, ...) and its children's
-    (a TransformerEncoderLayer's attention and feed-forward weights)."""
-    row = _module_kind(module)
-    if row is not None:
-        return [("weight", *row)]
-    out = []
-    for cls, (kind, names) in OWN_WEIGHTS.items():
-        if isinstance(module, cls) and type(module).forward is cls.forward:
-            out += [(n, kind, 1) for n in names(module)]
+def module_weights(module: nn.Module) -> list[tuple[str, OpRow, Slot]]:
+    """(parameter name inside `module`, row, slot) of every prunable weight a call of `module`
+    reads: its own (Linear, Conv, LSTM, MultiheadAttention, ...) and its children's (a
+    TransformerEncoderLayer's attention and feed-forward weights)."""
+    row = module_row(module)
+    if row is not None and row.functional is not None:
+        return [(s.name, row, s) for s in row.slots_of(module)]
+    out = [(s.name, row, s) for s in row.slots_of(module)] if row is not None else []
     for child_name, child in module.named_children():
-        out += [(f"{child_name}.{n}", kind, dim) for n, kind, dim in module_weights(child)]
+        out += [(f"{child_name}.{n}", r, s) for n, r, s in module_weights(child)]
     return out
 
 
 def is_direct(module: nn.Module) -> bool:
     """True for layers with a functional form of (input, weight, bias): Linear, Conv*, ConvTranspose*."""
-    return _module_kind(module) is not None
+    row = module_row(module)
+    return row is not None and row.functional is not None
 
 
 def find_prunable(gm: fx.GraphModule) -> list[PrunableWeight]:
@@ -205,34 +108,29 @@ def find_prunable(gm: fx.GraphModule) -> list[PrunableWeight]:
     for node in gm.graph.nodes:
         if node.op == "call_module":
             module = gm.get_submodule(node.target)
-            for pname, kind, dim in module_weights(module):
+            for pname, row, slot in module_weights(module):
                 param = module.get_parameter(pname)
                 if param.dim() < 2:
                     continue
                 pw = entry(param, f"{node.target}.{pname}")
-                pw.uses.append(WeightUse(node, kind, dim, pname))
+                pw.uses.append(WeightUse(node, row, slot.reduction, pname))
                 if node not in pw.modules:
                     pw.modules.append(node)
             continue
-        if node.op == "call_function" and node.target is torch.functional.einsum and isinstance(node.args[0], str):
-            equation, ops = _einsum_operands(node)
-            for arg, dim in zip(ops, einsum_reduction_dims(equation, len(ops))):
-                param = _resolve(gm, arg.target) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
-                if isinstance(param, torch.nn.Parameter) and param.dim() >= 2:
-                    entry(param, arg.target).uses.append(WeightUse(arg, "einsum", dim))
-            continue
-        row = FUNCTION_OPS.get((node.op, node.target))
+        row = function_row(node)
         if row is None:
             continue
-        for index, (kwarg, kind, dim) in row.slots.items():
-            arg = node.args[index] if index < len(node.args) else node.kwargs.get(kwarg)
+        if row is EINSUM and not isinstance(node.args[0], str):
+            continue
+        for slot in einsum_slots(node) if row is EINSUM else row.slots_of():
+            arg = slot_arg(node, slot)
             if not isinstance(arg, fx.Node) or arg.op != "get_attr":
                 continue
             param = _resolve(gm, arg.target)
             if not isinstance(param, torch.nn.Parameter) or param.dim() < 2:
                 continue
-            pw = entry(param, arg.target)
-            pw.uses.append(WeightUse(arg, kind, dim % param.dim()))
+            dim = None if slot.reduction is None else slot.reduction % param.dim()
+            entry(param, arg.target).uses.append(WeightUse(arg, row, dim))
     # every get_attr of a selected parameter gets the mask, whatever op reads it
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -310,17 +208,17 @@ def _check_usable(gm: fx.GraphModule, weights: list[PrunableWeight]) -> None:
                 )
 
 
-def select(gm: fx.GraphModule, config: SparseConfig) -> list[tuple[PrunableWeight, float]]:
+def select_weights(gm: fx.GraphModule, config: SparseConfig) -> list[tuple[PrunableWeight, float]]:
     """The weights to prune under `config`, each with its sparsity; raises before any change."""
     candidates = find_prunable(gm)
     if not candidates:
         raise ValueError(
             f"select: {type(gm).__name__} has no prunable weight: no parameter of 2 or more dimensions is "
-            "used by Linear, Conv*, ConvTranspose*, LSTM/GRU/RNN (and cells), MultiheadAttention, "
-            "F.linear, F.conv*, matmul, mm, bmm or addmm (nn.Embedding with embeddings=True). "
-            "Is the model's weight held in a module type dsd_fx does not know?"
+            f"used by an op dsd_fx knows ({known_ops()}; nn.Embedding with embeddings=True). "
+            "Is the model's weight held in a module type dsd_fx does not know? A function op can be "
+            "taught with dsd_fx.op_table.register_function"
         )
-    embedding_only = [w for w in candidates if all(u.kind == "embedding" for u in w.uses)]
+    embedding_only = [w for w in candidates if all(u.row.opt_in for u in w.uses)]
     if not config.embeddings:
         candidates = [w for w in candidates if w not in embedding_only]
         if not candidates:
@@ -390,8 +288,6 @@ def select_nm(
     chosen: list[tuple[PrunableWeight, object]], n: int, m: int, strict: bool
 ) -> list[tuple[PrunableWeight, int]]:
     """The weights an N:M pattern can cover, each with its reduction dim; skips (or, strict, refuses) the rest."""
-    import warnings
-
     keep, skipped = [], []
     for w, _ in chosen:
         dim = reduction_dim(w)
