@@ -238,15 +238,14 @@ def _packed_plan(gm: fx.GraphModule, chosen, config: SparseConfig) -> Plan:
 
 def _all_uses_masked(g: fx.GraphModule) -> None:
     """No get_attr of a masked (or packed) weight feeds anything but dsd_fx's own nodes."""
-    for r in masks_of(g):
-        for node in g.graph.nodes:
-            if node.op != "get_attr" or node.target != r.weight:
-                continue
-            if r.kind is MaskKind.PACKED:
-                raise AssertionError(f"packed weight {r.weight} is still read by {node.name}")
-            bare = [u.name for u in node.users if "dsd_fx" not in u.meta]
-            if bare:
-                raise AssertionError(f"weight {r.weight} reaches {', '.join(bare)} unmasked")
+    kinds = {r.weight: r.kind for r in masks_of(g)}
+    for node in g.graph.nodes:
+        kind = kinds.get(node.target) if node.op == "get_attr" else None
+        if kind is MaskKind.PACKED:
+            raise AssertionError(f"packed weight {node.target} is still read by {node.name}")
+        bare = [u.name for u in node.users if "dsd_fx" not in u.meta] if kind is not None else []
+        if bare:
+            raise AssertionError(f"weight {node.target} reaches {', '.join(bare)} unmasked")
 
 
 # ---------------------------------------------------------------- dense
