@@ -1,0 +1,284 @@
+"""Grow-Push-Prune's push: tap a deep layer, add a deep-LDA objective to the user's loss, score the tapped units.
+
+Formulas (see each function): scatter matrices of CVIU21 §3 (Tian, Arbel, Clark, "Task dependent deep LDA
+pruning of neural networks", arXiv 1803.08134); the separation term is DeepLDA's (Dorfer, Kelz, Widmer,
+arXiv 1511.04707: the mean of the smallest of the C-1 non-trivial generalised eigenvalues of
+S_b e = v (S_w + rI) e, those within `margin` of the smallest); the covariance penalty and the
+alignment with single neurons are GPP's (arXiv 2009.13716, abstract only) made concrete here.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import fx
+
+from dsd_fx.capture import capture
+from dsd_fx.passes.insert_taps import insert_taps
+from dsd_fx.pipeline import run_passes
+from dsd_fx.tags import persist
+from dsd_fx.taps import TapRecorder, recorder_of
+
+log = logging.getLogger(__name__)
+
+RIDGE = 1e-3  # r = RIDGE * tr(S_t) / d: scale-free, so the eigenvalues do not depend on the features' scale
+MARGIN = 1.0  # DeepLDA's epsilon (1 in the authors' code): eigenvalues within it of the smallest are averaged
+_TINY = 1e-12  # keeps S_w + rI positive definite when a batch has no spread at all (tr(S_t) = 0)
+
+
+def tap_push(
+    model: torch.nn.Module, taps: Sequence[str] | None = None, *, copy: bool = False,
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Capture `model` and tap the chosen layers (default: the final classifier's input) for `push_loss`.
+
+    The GraphModule shares the model's parameters (unless `copy=True`) and computes bitwise the same
+    outputs; each forward records the tapped activations for `push_loss(gm, labels)`.
+    """
+    gm = capture(model, copy=copy, concrete_args=concrete_args)
+    records = run_passes(gm, [("insert_taps", functools.partial(insert_taps, taps=taps))])
+    old = dict(gm.meta.get("dsd_fx", {}))  # a sparse-phase graph keeps its own record
+    gm.meta["dsd_fx"] = {**old, "taps": recorder_of(gm).names, "changes": [*old.get("changes", []), *records]}
+    persist(gm)
+    return gm
+
+
+def pooled(x: torch.Tensor, name: str = "features") -> torch.Tensor:
+    """(B, C) features of a tapped activation: (B, C) as is, (B, C, *spatial) globally average-pooled."""
+    if x.dim() < 2:
+        raise ValueError(f"tap {name!r}: activations of shape {tuple(x.shape)} have no (batch, channel) dims; tap a layer with (B, C, ...) output")
+    return x if x.dim() == 2 else x.flatten(2).mean(-1)
+
+
+def scatter(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(S_w, S_b, classes present) of features `x` (B, d): CVIU21 §3's scatter matrices.
+
+    S_w = sum_c X~_c^T X~_c with X~_c the class-c rows centred on their class mean; S_b = S_t - S_w,
+    computed as sum_c n_c (mu_c - mu)(mu_c - mu)^T, which is the same matrix and exactly symmetric PSD.
+    A class with one sample adds nothing to S_w; a class absent from the batch adds nothing at all.
+    """
+    classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    n = counts.to(x.dtype)[:, None]
+    means = x.new_zeros(len(classes), x.shape[1]).index_add_(0, inverse, x) / n
+    within = x - means[inverse]
+    spread = means - x.mean(0)
+    return within.T @ within, (spread * n).T @ spread, len(classes)
+
+
+def _ridge(s_w: torch.Tensor, s_b: torch.Tensor, ridge: float) -> torch.Tensor:
+    return ridge * (torch.diagonal(s_w).sum() + torch.diagonal(s_b).sum()) / s_w.shape[0] + _TINY
+
+
+def _whitened(s_w: torch.Tensor, s_b: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, L): L the Cholesky factor of S_w + rI and M = L^-1 S_b L^-T, symmetric, with the eigenvalues of
+    S_b e = v (S_w + rI) e. eigvalsh of M has a stable gradient (V diag(dv) V^T: no 1/(v_i - v_j) terms
+    when only eigenvalues are used), where a general eigensolver of (S_w + rI)^-1 S_b would not."""
+    eye = torch.eye(s_w.shape[0], dtype=s_w.dtype, device=s_w.device)
+    chol, _ = torch.linalg.cholesky_ex(s_w + _ridge(s_w, s_b, ridge) * eye)
+    half = torch.linalg.solve_triangular(chol, s_b, upper=False)
+    m = torch.linalg.solve_triangular(chol, half.T, upper=False)
+    return (m + m.T) / 2, chol
+
+
+def fisher_eigenvalues(s_w: torch.Tensor, s_b: torch.Tensor, ridge: float = RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ascending eigenvalues v and eigenvectors E (columns) of S_b e = v (S_w + rI) e; E^T (S_w + rI) E = I."""
+    m, chol = _whitened(s_w, s_b, ridge)
+    values, vectors = torch.linalg.eigh(m)
+    return values, torch.linalg.solve_triangular(chol.T, vectors, upper=True)
+
+
+def _separation(s_w: torch.Tensor, s_b: torch.Tensor, classes: int, ridge: float, margin: float) -> torch.Tensor:
+    """DeepLDA's term: the mean of the non-trivial eigenvalues within `margin` of the smallest of them."""
+    k = min(classes - 1, s_w.shape[0])
+    if k < 1:  # one class in the batch: no between-class scatter to measure
+        return s_b.sum() * 0
+    top = torch.linalg.eigvalsh(_whitened(s_w, s_b, ridge)[0])[-k:]  # rank S_b <= classes - 1: the rest are 0
+    chosen = (top <= top[0].detach() + margin).to(top.dtype)  # a mask, not indexing: no dynamic shape
+    return (top * chosen).sum() / chosen.sum()
+
+
+def _off_diagonal(s: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Mean squared off-diagonal correlation of S + rI: S_ij^2 / ((S_ii + r)(S_jj + r)), i != j, in [0, 1)."""
+    d = s.shape[0]
+    if d < 2:
+        return s.sum() * 0
+    diag = torch.diagonal(s) + r
+    rho2 = s.square() / (diag[:, None] * diag[None, :])
+    return (rho2.sum() - torch.diagonal(rho2).sum()) / (d * (d - 1))
+
+
+def push_objective(
+    features: torch.Tensor, labels: torch.Tensor, *, ridge: float = RIDGE, margin: float = MARGIN,
+    decorrelation: float = 1.0,
+) -> torch.Tensor:
+    """The push objective of one batch of features (B, C, ...): lower is better separated and aligned.
+
+    -DeepLDA(S_w, S_b) + decorrelation * (offdiag(S_w) + offdiag(S_b)) / 2, computed in float64 and
+    returned in the features' dtype. The first term maximises class separation. The second penalises
+    correlations between neurons, within classes and between class means: when both scatter matrices
+    are diagonal, the Fisher directions are single neurons and each neuron's eigenvalue is its own
+    sigma_b^2 / sigma_w^2 (CVIU21's pre-decision-layer observation, made a training target); since
+    rank S_b <= C - 1, a diagonal S_b puts all class information on at most C - 1 neurons.
+    Finite for any batch: one sample, one class, classes with one sample, more neurons than samples.
+    """
+    x = pooled(features).double()
+    y = labels.reshape(-1)
+    if y.shape[0] != x.shape[0] or y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise ValueError(
+            f"push_objective: labels must be {x.shape[0]} integer class ids (one per sample), got shape "
+            f"{tuple(labels.shape)} of {labels.dtype}; pass the batch's class ids, not one-hot or logits"
+        )
+    s_w, s_b, classes = scatter(x, y.to(x.device))
+    loss = -_separation(s_w, s_b, classes, ridge, margin)
+    if decorrelation:
+        r = _ridge(s_w, s_b, ridge)
+        loss = loss + decorrelation * (_off_diagonal(s_w, r) + _off_diagonal(s_b, r)) / 2
+    return loss.to(features.dtype)
+
+
+def _recorded(gm: fx.GraphModule, taps: Sequence[str] | None) -> dict[str, torch.Tensor]:
+    rec = recorder_of(gm)
+    if rec is None or not rec.names:
+        raise ValueError(
+            f"push_loss: {type(gm).__name__} has no taps; make the push graph with dsd_fx.push.tap_push(model) "
+            "(or transform(model, phase='push')) and train that"
+        )
+    names = rec.names if taps is None else tuple(taps)
+    unknown = [n for n in names if n not in rec.names]
+    if unknown:
+        raise ValueError(f"push_loss: no tap named {unknown[0]!r}; this graph's taps are {', '.join(rec.names)}")
+    missing = [n for n in names if n not in rec.activations]
+    if missing:
+        raise ValueError(
+            f"push_loss: tap {missing[0]!r} has recorded nothing yet; run the batch through the graph "
+            "(out = gm(inputs)) before push_loss(gm, labels)"
+        )
+    return {n: rec.activations[n] for n in names}
+
+
+def push_loss(
+    gm: fx.GraphModule, labels: torch.Tensor, *, taps: Sequence[str] | None = None, ridge: float = RIDGE,
+    margin: float = MARGIN, decorrelation: float = 1.0,
+) -> torch.Tensor:
+    """The push objective of the batch last run through `gm`, averaged over its taps (or `taps`).
+
+    Add it to your loss with a weight: `loss = F.cross_entropy(gm(x), y) + w * push_loss(gm, y)`; it
+    decreases as the tapped layer's classes separate and its neurons decorrelate (see push_objective).
+    The separation term grows with the Fisher ratio (up to d / ridge), so w about 1e-2 suits
+    cross-entropy; `decorrelation` weighs the covariance penalty (in [0, 1)) against it.
+    """
+    acts = _recorded(gm, taps)
+    losses = []
+    for name, x in acts.items():
+        if labels.numel() != x.shape[0]:
+            raise ValueError(
+                f"push_loss: tap {name!r} recorded a batch of {x.shape[0]} but labels has {labels.numel()} entries; "
+                "pass the labels of the batch last run through the graph"
+            )
+        losses.append(push_objective(pooled(x, name), labels, ridge=ridge, margin=margin, decorrelation=decorrelation))
+    return torch.stack(losses).mean()
+
+
+class _Moments:
+    """Running sums of one tap's pooled features, in float64, shifted by the first batch's mean against cancellation."""
+
+    def __init__(self, first: torch.Tensor) -> None:
+        self.shift = first.mean(0)
+        d = first.shape[1]
+        self.n, self.total = 0, first.new_zeros(d)
+        self.second = first.new_zeros(d, d)
+        self.per_class: dict[int, list] = {}  # label -> [count, sum]
+
+    def add(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        x = x - self.shift
+        self.n += x.shape[0]
+        self.total += x.sum(0)
+        self.second += x.T @ x
+        classes, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+        sums = x.new_zeros(len(classes), x.shape[1]).index_add_(0, inverse, x)
+        for c, k, s in zip(classes.tolist(), counts.tolist(), sums):
+            entry = self.per_class.setdefault(c, [0, torch.zeros_like(s)])
+            entry[0] += k
+            entry[1] += s
+
+    def scatter(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(S_w, S_b, classes) over everything added: S_t = sum x x^T - N mu mu^T, S_b = sum_c n_c mu_c mu_c^T - N mu mu^T."""
+        mu = self.total / self.n
+        s_t = self.second - self.n * torch.outer(mu, mu)
+        s_b = -self.n * torch.outer(mu, mu)
+        for k, s in self.per_class.values():
+            s_b = s_b + torch.outer(s, s) / k
+        s_b = (s_b + s_b.T) / 2
+        return (s_t - s_b + (s_t - s_b).T) / 2, s_b, len(self.per_class)
+
+
+def _ratio_utility(s_w: torch.Tensor, s_b: torch.Tensor, ridge: float) -> torch.Tensor:
+    """sigma_b^2(j) / (sigma_w^2(j) + r) per neuron: CVIU21 §3's utility of a pre-decision neuron."""
+    return torch.diagonal(s_b) / (torch.diagonal(s_w) + _ridge(s_w, s_b, ridge))
+
+
+def _fisher_utility(s_w: torch.Tensor, s_b: torch.Tensor, classes: int, ridge: float) -> torch.Tensor:
+    """sum_k v_k e_kj^2 over the C - 1 Fisher directions e_k (unit length), in units of each neuron's
+    within-class spread, so that a neuron's scale does not decide its score. It equals the ratio
+    utility when S_w and S_b are diagonal."""
+    a = s_w + _ridge(s_w, s_b, ridge) * torch.eye(s_w.shape[0], dtype=s_w.dtype, device=s_w.device)
+    scale = torch.outer(torch.diagonal(a).rsqrt(), torch.diagonal(a).rsqrt())
+    values, vectors = fisher_eigenvalues(a * scale, s_b * scale, ridge=0.0)  # S_w + rI: unit diagonal, PD
+    k = min(max(classes - 1, 0), s_w.shape[0])
+    values, vectors = values[s_w.shape[0] - k:], vectors[:, s_w.shape[0] - k:]
+    vectors = vectors / vectors.norm(dim=0, keepdim=True).clamp_min(_TINY)
+    return (vectors.square() * values.clamp_min(0)).sum(1)
+
+
+def _run_batches(gm: fx.GraphModule, data: Iterable, rec: TapRecorder) -> dict[str, _Moments]:
+    moments: dict[str, _Moments] = {}
+    for i, batch in enumerate(data):
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise ValueError(f"tap_utility: batch {i} is a {type(batch).__name__}; data must yield (inputs, labels) pairs")
+        inputs, labels = batch
+        rec.clear()
+        gm(*inputs) if isinstance(inputs, (tuple, list)) else gm(inputs)
+        for name in rec.names:
+            x = pooled(rec.activations[name], name).double()
+            if name not in moments:
+                moments[name] = _Moments(x)
+            moments[name].add(x, labels.reshape(-1).to(x.device))
+    if not moments:
+        raise ValueError("tap_utility: data yielded no batch")
+    return moments
+
+
+def tap_utility(
+    gm: fx.GraphModule, data: Iterable, *, method: str = "ratio", ridge: float = RIDGE,
+) -> dict[str, torch.Tensor]:
+    """Discriminant utility of each tapped unit (neuron or channel) over `data`, per tap: {tap: Tensor(C)}.
+
+    `data` yields (inputs, labels) batches (a DataLoader will do); inputs is a tensor or a tuple of the
+    graph's inputs. The graph runs in eval mode without gradients (its mode is restored after); S_w and
+    S_b are accumulated over all of `data` in float64.
+    method="ratio" (default): sigma_b^2(j) / (sigma_w^2(j) + r), CVIU21 §3's observation that in the
+        pre-decision layer S_w and S_b are nearly diagonal, so discriminants align with single neurons;
+        exact after a push, which makes them diagonal.
+    method="fisher": the eigenvalue-weighted squared loadings of the C - 1 Fisher directions, for a
+        layer whose neurons are still correlated (before pushing).
+    """
+    if method not in ("ratio", "fisher"):
+        raise ValueError(f"tap_utility: unknown method {method!r}; use 'ratio' (CVIU21's per-neuron ratio) or 'fisher'")
+    rec = recorder_of(gm)
+    if rec is None or not rec.names:
+        raise ValueError(f"tap_utility: {type(gm).__name__} has no taps; tap it first with dsd_fx.push.tap_push(model)")
+    was_training = gm.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            moments = _run_batches(gm, data, rec)
+    finally:
+        gm.train(was_training)
+        rec.clear()
+    out = {}
+    for name, m in moments.items():
+        s_w, s_b, classes = m.scatter()
+        out[name] = _ratio_utility(s_w, s_b, ridge) if method == "ratio" else _fisher_utility(s_w, s_b, classes, ridge)
+    return out
