@@ -56,7 +56,8 @@ def tap(recorder: TapRecorder, x: torch.Tensor, name: str) -> torch.Tensor:
     nothing: an exported graph has no tap in it.
     """
     if isinstance(x, fx.Proxy):
-        return x.tracer.create_proxy("call_function", tap, (recorder, x, name), {})
+        # named as insert_taps names it, so that tags kept for torch.load find the node again
+        return x.tracer.create_proxy("call_function", tap, (recorder, x, name), {}, name=f"{name}_tap")
     if torch.compiler.is_exporting():
         return x
     if not isinstance(x, torch.Tensor):
