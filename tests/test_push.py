@@ -482,18 +482,25 @@ def _train(base: nn.Module, weight: float, x, y, steps: int = 30) -> fx.GraphMod
 
 
 def test_training_with_push_raises_the_fisher_ratio_and_concentrates_utility():
-    torch.manual_seed(0)
-    base = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 3))
-    x, y = _rings(600, seed=1)
-    test_x, test_y = _rings(600, seed=2)
-    ratios, shares = {}, {}
-    for weight in (0.0, 1.0):
-        gm = _train(base, weight, x, y)
-        with torch.no_grad():
-            gm(test_x)
-        (f,) = recorder_of(gm).activations.values()
-        ratios[weight] = _np_fisher_ratio(f, test_y)
-        (u,) = tap_utility(gm, [(test_x, test_y)]).values()
-        shares[weight] = (u.topk(2).values.sum() / u.sum()).item()
-    assert ratios[1.0] > 1.5 * ratios[0.0], ratios
-    assert shares[1.0] > shares[0.0], shares
+    """30 steps of CE vs CE + push_loss from the same initialisations, over 5 seeds. As measured: the
+    held-out Fisher ratio about doubles (mean 12 -> 24), and the top two units' share of the tapped
+    layer's utility rises in every seed (mean about 0.58 -> 0.85). With other data seeds one seed in
+    five can have CE ahead on the ratio at 30 steps, hence the mean over seeds."""
+    x, y = _rings(600, seed=100)
+    test_x, test_y = _rings(600, seed=200)
+    ratios: dict[float, list[float]] = {0.0: [], 1.0: []}
+    shares: dict[float, list[float]] = {0.0: [], 1.0: []}
+    for seed in range(5):
+        torch.manual_seed(seed)
+        base = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 3))
+        for weight in (0.0, 1.0):
+            gm = _train(base, weight, x, y)
+            with torch.no_grad():
+                gm(test_x)
+            (f,) = recorder_of(gm).activations.values()
+            ratios[weight].append(_np_fisher_ratio(f, test_y))
+            (u,) = tap_utility(gm, [(test_x, test_y)]).values()
+            shares[weight].append((u.topk(2).values.sum() / u.sum()).item())
+    assert np.mean(ratios[1.0]) > 1.5 * np.mean(ratios[0.0]), ratios
+    assert all(p > c for p, c in zip(shares[1.0], shares[0.0])), shares
+    assert np.mean(shares[1.0]) > np.mean(shares[0.0]) + 0.15, shares
