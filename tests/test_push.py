@@ -240,6 +240,19 @@ def test_tapped_graph_survives_torch_save_and_load():
     assert loaded.code == _code(TinyMLP())
 
 
+def test_onnx_of_a_tapped_graph_has_no_tap_and_the_zero_overhead_proof_holds():
+    from dsd_fx.export import export_onnx, verify_zero_overhead
+
+    model = TinyMLP()
+    gm = tap_push(model)
+    x = torch.randn(2, 8)
+    gm(x)
+    ops = [n.op_type for n in export_onnx(gm, (x,)).graph.node]
+    assert ops == [n.op_type for n in export_onnx(model, (x,)).graph.node]
+    assert verify_zero_overhead(model, gm, (x,), latency_runs=1).ok
+    assert "relu_tap" in [n.name for n in gm.graph.nodes]  # export translated a copy; the training graph keeps its tap
+
+
 def test_deepcopy_of_a_tapped_graph_drops_the_recorded_batch():
     gm = tap_push(TinyMLP())
     gm(torch.randn(3, 8))
