@@ -95,7 +95,7 @@ def _ridge(s_w: torch.Tensor, s_b: torch.Tensor, ridge: float) -> torch.Tensor:
     return ridge * (torch.diagonal(s_w).sum() + torch.diagonal(s_b).sum()) / s_w.shape[0] + _TINY
 
 
-def r_eye(s_w: torch.Tensor, s_b: torch.Tensor, ridge: float) -> torch.Tensor:
+def _ridge_eye(s_w: torch.Tensor, s_b: torch.Tensor, ridge: float) -> torch.Tensor:
     """The ridge rI added to S_w (and S_t): r = ridge * tr(S_t) / d + 1e-12."""
     return _ridge(s_w, s_b, ridge) * torch.eye(s_w.shape[0], dtype=s_w.dtype, device=s_w.device)
 
@@ -104,7 +104,7 @@ def _whitened(s_w: torch.Tensor, s_b: torch.Tensor, ridge: float) -> tuple[torch
     """(M, L): L the Cholesky factor of S_w + rI and M = L^-1 S_b L^-T, symmetric, with the eigenvalues of
     S_b e = v (S_w + rI) e. eigvalsh of M has a stable gradient (V diag(dv) V^T: no 1/(v_i - v_j) terms
     when only eigenvalues are used), where a general eigensolver of (S_w + rI)^-1 S_b would not."""
-    chol, _ = torch.linalg.cholesky_ex(s_w + r_eye(s_w, s_b, ridge))
+    chol, _ = torch.linalg.cholesky_ex(s_w + _ridge_eye(s_w, s_b, ridge))
     half = torch.linalg.solve_triangular(chol, s_b, upper=False)
     m = torch.linalg.solve_triangular(chol, half.T, upper=False)
     return (m + m.T) / 2, chol
@@ -120,7 +120,7 @@ def fisher_eigenvalues(s_w: torch.Tensor, s_b: torch.Tensor, ridge: float = RIDG
 def _log_det_ratio(s_w: torch.Tensor, s_b: torch.Tensor, k: int, ridge: float) -> torch.Tensor:
     """(log|S_t + rI| - log|S_w + rI|) / k = mean over the k non-trivial v_i of log(1 + v_i): two Cholesky
     factorisations, no eigendecomposition (S_b's other eigenvalues are 0 and add log 1 = 0)."""
-    eye = r_eye(s_w, s_b, ridge)
+    eye = _ridge_eye(s_w, s_b, ridge)
     within = torch.linalg.cholesky_ex(s_w + eye)[0]
     total = torch.linalg.cholesky_ex(s_w + s_b + eye)[0]
     return 2 * (torch.diagonal(total).log().sum() - torch.diagonal(within).log().sum()) / k
@@ -278,7 +278,7 @@ def _fisher_utility(s_w: torch.Tensor, s_b: torch.Tensor, classes: int, ridge: f
     """sum_k v_k e_kj^2 over the C - 1 Fisher directions e_k (unit length), in units of each neuron's
     within-class spread, so that a neuron's scale does not decide its score. It equals the ratio
     utility when S_w and S_b are diagonal."""
-    a = s_w + r_eye(s_w, s_b, ridge)
+    a = s_w + _ridge_eye(s_w, s_b, ridge)
     scale = torch.outer(torch.diagonal(a).rsqrt(), torch.diagonal(a).rsqrt())
     values, vectors = fisher_eigenvalues(a * scale, s_b * scale, ridge=0.0)  # S_w + rI: unit diagonal, PD
     k = min(max(classes - 1, 0), s_w.shape[0])
@@ -335,5 +335,6 @@ def tap_utility(
     out = {}
     for name, m in moments.items():
         s_w, s_b, classes = m.scatter()
+        log.debug("tap_utility: tap %s: %d samples, %d classes, %d units", name, m.n, classes, s_w.shape[0])
         out[name] = _ratio_utility(s_w, s_b, ridge) if method == "ratio" else _fisher_utility(s_w, s_b, classes, ridge)
     return out

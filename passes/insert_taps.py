@@ -68,13 +68,13 @@ def _key(node: fx.Node) -> str:
 
 
 def _match(gm: fx.GraphModule, spec: str) -> list[fx.Node]:
-    """The nodes `spec` names: a node name exactly, else an fnmatch pattern over called modules' names."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    if spec in nodes:
-        return [nodes[spec]]
+    """The nodes `spec` names: every call of the modules an fnmatch pattern matches, else the node of that name."""
     hits = [n for n in gm.graph.nodes if n.op == "call_module" and fnmatch.fnmatchcase(n.target, spec)]
     if hits:
         return hits
+    nodes = {n.name: n for n in gm.graph.nodes}
+    if spec in nodes:
+        return [nodes[spec]]
     names = sorted({n.target for n in gm.graph.nodes if n.op == "call_module"} | {n.name for n in gm.graph.nodes if n.op != "output"})
     near = difflib.get_close_matches(spec, names, n=3)
     hint = f" Did you mean {', '.join(map(repr, near))}?" if near else ""
@@ -91,20 +91,26 @@ def plan_taps(gm: fx.GraphModule, taps: Sequence[str] | None) -> list[tuple[str,
     targets = [final_classifier(gm)[1]] if taps is None else [n for spec in taps for n in _match(gm, spec)]
     if taps is not None and not taps:
         raise ValueError("insert_taps: taps=[] names no layer; pass None for the final classifier's input")
+    if hasattr(gm, RECORDER) and recorder_of(gm) is None:
+        raise ValueError(
+            f"insert_taps: {type(gm).__name__} already has an attribute {RECORDER!r} that is not dsd_fx's tap "
+            "recorder; rename it in the model"
+        )
     plan: dict[fx.Node, str] = {}
     for node in targets:
         t = tag_of(node)
         if node.op == "output" or (t is not None and t["pass"] == PASS):
             what = "the graph's output node" if node.op == "output" else f"a tap node ({t['role']})"
             raise ValueError(f"insert_taps: {node.name!r} is {what}; tap a layer or value node instead")
-        already = [u for u in node.users if (ut := tag_of(u)) is not None and ut["role"] == TAP_ROLE]
+        already = [u for u in node.users if (ut := tag_of(u)) is not None and (ut["pass"], ut["role"]) == (PASS, TAP_ROLE)]
         if already:
             raise ValueError(
                 f"insert_taps: {node.name!r} is already tapped (tap {already[0].args[2]!r}); strip_taps(gm) first "
                 "or choose another layer"
             )
         plan.setdefault(node, _key(node))
-    keys = list(plan.values())
+    # a module called more than once, or a name an earlier insert_taps took: the node name tells them apart
+    keys = list(plan.values()) + list(recorder_of(gm).names if recorder_of(gm) is not None else ())
     return [(k if keys.count(k) == 1 else n.name, n) for n, k in plan.items()]
 
 
@@ -125,8 +131,8 @@ def _recorder_node(gm: fx.GraphModule) -> fx.Node:
 def insert_taps(gm: fx.GraphModule, taps: Sequence[str] | None = None) -> PassResult:
     """Record the activations of the chosen layers at every forward, through one visible tap node each.
 
-    `taps`: node names (``"relu_1"``) or fnmatch patterns over module names (``"features.*"``); a tap
-    records the output of the node it names. Default (None): the input of the final classifier, the
+    `taps`: fnmatch patterns over module names (``"features.*"``: every call of each matching module)
+    or node names (``"relu_1"``); a tap records the output of the node it names. Default (None): the input of the final classifier, the
     last Linear / F.linear node in graph order that the output depends on.
 
     Before::

@@ -174,6 +174,29 @@ def test_pattern_taps_name_each_matched_layer_by_its_module_path():
     assert recorder_of(gm).activations["features.2"].shape == (2, 8, 5, 5)
 
 
+class Shared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x, scale):
+        return self.head(self.block(torch.relu(self.block(x))) * scale)
+
+
+def test_a_layer_called_twice_gets_two_taps_and_a_second_insert_adds_more():
+    gm = tap_push(Shared(), ["block"])
+    assert recorder_of(gm).names == ("block", "block_1")
+    insert_taps(gm, ["relu"])
+    gm.recompile()
+    assert recorder_of(gm).names == ("block", "block_1", "relu")
+    (u_block, u_block_1, u_relu) = tap_utility(gm, [((torch.randn(20, 4), torch.tensor(2.0)), torch.arange(20) % 2)]).values()
+    assert u_block.shape == u_relu.shape == (4,)
+    strip_taps(gm)
+    gm.recompile()
+    assert gm.code == _code(Shared())
+
+
 def test_tapping_an_input_works():
     gm = tap_push(Logistic(), ["x"])
     x = torch.randn(4, 8)
