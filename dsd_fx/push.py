@@ -156,7 +156,7 @@ def push_objective(
     """The push objective of one batch of features (B, C, ...); lower is better. Options: PushConfig's.
 
     -separation + decorrelation * (offdiag(S_w) + offdiag(S_b)) / 2, in float64, returned in the
-    features' dtype; v_i are the k = min(C_batch - 1, d) non-trivial eigenvalues of S_b e = v (S_w + rI) e.
+    features' dtype (float32 for half-precision features); v_i are the k = min(C_batch - 1, d) non-trivial eigenvalues of S_b e = v (S_w + rI) e.
 
     separation, criterion="log_det" (default): mean_i log(1 + v_i) = (log|S_t + rI| - log|S_w + rI|) / k,
         the log of Fisher's determinant ratio (CVIU21 §3) over the discriminant subspace. Two Cholesky
@@ -188,7 +188,7 @@ def push_objective(
     if cfg.decorrelation:
         r = _ridge(s_w, s_b, cfg.ridge)
         loss = loss + cfg.decorrelation * (_off_diagonal(s_w, r) + _off_diagonal(s_b, r)) / 2
-    return loss.to(features.dtype)
+    return loss.to(torch.promote_types(features.dtype, torch.float32))  # fp16/bf16 features: a float32 loss
 
 
 def _recorded(gm: fx.GraphModule, taps: Sequence[str] | None) -> dict[str, torch.Tensor]:

@@ -385,6 +385,12 @@ def test_push_objective_is_finite_on_degenerate_batches(case, criterion):
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
 
 
+def test_push_objective_of_half_precision_features_is_a_float32_loss():
+    x, y = _batch(n=16, d=4, c=2)
+    loss = push_objective(torch.from_numpy(x).to(torch.bfloat16), torch.from_numpy(y))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
 def test_push_loss_decreases_as_classes_separate():
     torch.manual_seed(0)
     y = torch.arange(30) % 3
