@@ -148,13 +148,15 @@ def test_strip_taps_restores_code_and_parameters(make, taps):
     assert not strip_taps(gm).modified
 
 
-def test_strip_taps_on_a_tapped_sparse_phase_graph_gives_the_sparse_code_back():
-    sparse = transform(TinyMLP(), phase="sparse", sparsity=0.5)
+@pytest.mark.parametrize("options", [dict(sparsity=0.5), dict(pattern="2:4", pack=True), dict(pattern="2:4", method="sr-ste")])
+def test_strip_taps_on_a_tapped_sparse_phase_graph_gives_the_sparse_code_back(options):
+    sparse = transform(TinyMLP(), phase="sparse", **options)
     sparse.recompile()
     code = sparse.code
     gm = tap_push(sparse)
     x = torch.randn(4, 8)
     assert torch.equal(gm(x), sparse(x))
+    assert recorder_of(gm).names == ("relu",)  # the classifier found as F.linear / nm_linear, not a module call
     strip_taps(gm)
     gm.recompile()
     assert gm.code == code
