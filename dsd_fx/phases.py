@@ -16,12 +16,13 @@ from dsd_fx.packing import unpack_nm as unpack_tensor
 from dsd_fx.passes.fold_masks import redense_plan
 from dsd_fx.passes.insert_masks import insert_masks
 from dsd_fx.passes.insert_nm import insert_nm
+from dsd_fx.passes.insert_taps import insert_taps, plan_taps
 from dsd_fx.passes.pack_nm import pack_nm
 from dsd_fx.pipeline import Invariant, PassRecord, run_passes
 from dsd_fx.print_changed import PrintChanged
 from dsd_fx.prunable import PrunableWeight, select_nm, select_weights
-from dsd_fx.state import STATE, MaskKind, MaskRecord, TransformState, current_masks, masks_of
-from dsd_fx.tags import Role, has_dsd_nodes, snapshot, tagged
+from dsd_fx.state import STATE, MaskKind, MaskRecord, TransformState, current_masks, masks_of, state_of
+from dsd_fx.tags import Role, has_dsd_nodes, persist, tagged
 
 TRANSFORM_OPTIONS = ("copy", "concrete_args", "print_changed", "print_changed_dir", "print_changed_passes")
 
@@ -43,8 +44,11 @@ class Plan:
     final: tuple = ()
 
 
+PHASES = ("sparse", "dense", "push")
+
+
 def transform(model: torch.nn.Module, phase: str = "sparse", *, config: SparseConfig | None = None, **options: Any) -> fx.GraphModule:
-    """Rewrite `model` into its sparse-phase or re-dense graph and return the new GraphModule.
+    """Rewrite `model` into the graph of `phase` and return the new GraphModule.
 
     phase="sparse": trace `model` (or take a GraphModule from any tracer), give every prunable
         weight a `<name>_mask` buffer and a visible mask op before its use, and zero the pruned
@@ -52,58 +56,67 @@ def transform(model: torch.nn.Module, phase: str = "sparse", *, config: SparseCo
         `pattern`, `method`, `lambda_w`, `pack`, `strict`, `embeddings`, `kernel`) are the fields of
         `SparseConfig`, which validates them; or pass `config=SparseConfig(...)` instead.
     phase="dense": write W * M into every masked weight (pruned weights restart from zero), remove
-        every dsd_fx node and buffer and restore the original ops and parameter names. It takes no
-        sparse option.
+        every dsd_fx node, tap and buffer and restore the original ops and parameter names.
+    phase="push": tap the layers `taps` names (default: the final classifier's input), so that each
+        forward records their activations for `dsd_fx.push_loss(gm, labels)`; outputs bitwise unchanged.
 
-    The returned GraphModule shares its parameter objects with `model`: training it trains
-    `model`'s weights, and the commit step (zeroing pruned weights, writing W * M) changes them in
-    place. Pass `copy=True` to work on a deep copy instead. Every check and every diagnostic runs
-    before the commit, so a transform that raises leaves `model` exactly as it was.
+    The returned GraphModule shares its parameter objects with `model` (unless `copy=True`): the
+    commit step (zeroing pruned weights, writing W * M) changes them in place. Every check and every
+    diagnostic runs before the commit, so a transform that raises leaves `model` exactly as it was.
 
     print_changed ("quiet", "diff", "cdiff"), print_changed_dir and print_changed_passes show each
     pass that changed the graph, like LLVM's -print-changed (also set by the environment variables
     DSD_FX_PRINT_CHANGED, DSD_FX_PRINT_CHANGED_DIR, DSD_FX_PRINT_CHANGED_PASSES). `concrete_args`
     goes to torch.fx's tracer. `dsd_fx.changes(gm)` lists the passes and, when recorded, their diffs.
     """
-    if phase not in ("sparse", "dense"):
-        raise ValueError(f"unknown phase {phase!r}; use phase='sparse' to prune or phase='dense' to re-dense")
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}; use phase='sparse' to prune, phase='dense' to re-dense "
+                         "or phase='push' to tap layers for the push loss")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"transform expects an nn.Module or a torch.fx.GraphModule, got {type(model).__name__}")
-    sparse = {k: v for k, v in options.items() if k in SparseConfig.option_names()}
-    unknown = sorted(set(options) - set(sparse) - set(TRANSFORM_OPTIONS))
-    if unknown:
-        raise TypeError(
-            f"transform got unknown option(s) {', '.join(unknown)}; the sparse options are "
-            f"{', '.join(SparseConfig.option_names())}, and every phase takes {', '.join(TRANSFORM_OPTIONS)}"
-        )
-    if phase == "dense":
-        if sparse or config is not None:
-            given = sorted(sparse) + (["config"] if config is not None else [])
-            raise TypeError(f"phase='dense' takes no sparsity options (got {', '.join(given)}): it removes the masks the sparse phase made")
-        if "concrete_args" in options:
-            raise TypeError("phase='dense' takes no concrete_args: it does not trace")
-    elif config is not None and sparse:
-        raise TypeError(f"give either config= or the sparse options ({', '.join(sorted(sparse))}), not both")
-    elif config is None:
-        config = SparseConfig(**sparse)
-    elif not isinstance(config, SparseConfig):
-        raise TypeError(f"config must be a dsd_fx.SparseConfig, got {type(config).__name__}")
+    config = _phase_config(phase, config, options)
     printer = PrintChanged.resolve(options.get("print_changed"), options.get("print_changed_dir"), options.get("print_changed_passes"))
     copy = bool(options.get("copy", False))
-    if phase == "sparse":
-        gm = capture(model, copy=copy, concrete_args=options.get("concrete_args"))
-        plan = _sparse_plan(gm, config)
-    else:
+    if phase == "dense":
         gm = _dense_capture(model, copy)
         plan = _dense_plan(gm)
+    else:
+        gm = capture(model, copy=copy, concrete_args=options.get("concrete_args"))
+        plan = _sparse_plan(gm, config) if phase == "sparse" else _push_plan(gm, options.get("taps"))
     observer = _DiffObserver() if printer.active else None
     records = run_passes(gm, plan.recipe, plan.invariants, final=plan.final, observer=observer)
     gm.meta["dsd_fx"] = {"changes": records}
-    if phase == "sparse":
-        gm.get_submodule(STATE).tags = snapshot(gm.graph)
+    persist(gm)
     printer.emit(records, phase)  # diagnostics: before the commit, so a failing one changes nothing
     plan.commit()
     return gm
+
+
+def _phase_config(phase: str, config: SparseConfig | None, options: dict) -> SparseConfig | None:
+    """Check that every option belongs to `phase`; the sparse phase's SparseConfig, built once."""
+    sparse = sorted(k for k in options if k in SparseConfig.option_names())
+    own = {"sparse": SparseConfig.option_names(), "dense": (), "push": ("taps",)}[phase]
+    unknown = sorted(set(options) - set(SparseConfig.option_names()) - set(TRANSFORM_OPTIONS) - {"taps"})
+    if unknown:
+        raise TypeError(
+            f"transform got unknown option(s) {', '.join(unknown)}; the sparse options are "
+            f"{', '.join(SparseConfig.option_names())}, phase='push' takes taps, and every phase takes "
+            f"{', '.join(TRANSFORM_OPTIONS)}"
+        )
+    foreign = sorted(k for k in options if k not in own and k not in TRANSFORM_OPTIONS) + (["config"] if config is not None and phase != "sparse" else [])
+    if foreign and phase == "dense":
+        raise TypeError(f"phase='dense' takes no sparsity options (got {', '.join(foreign)}): it removes what the sparse and push phases made")
+    if foreign:
+        raise TypeError(f"phase={phase!r} does not take {', '.join(foreign)}")
+    if phase == "dense" and "concrete_args" in options:
+        raise TypeError("phase='dense' takes no concrete_args: it does not trace")
+    if phase != "sparse":
+        return None
+    if config is not None and sparse:
+        raise TypeError(f"give either config= or the sparse options ({', '.join(sparse)}), not both")
+    if config is not None and not isinstance(config, SparseConfig):
+        raise TypeError(f"config must be a dsd_fx.SparseConfig, got {type(config).__name__}")
+    return config if config is not None else SparseConfig(**{k: options[k] for k in sparse})
 
 
 class _DiffObserver:
@@ -120,8 +133,13 @@ class _DiffObserver:
 # ---------------------------------------------------------------- sparse
 
 
+def _push_plan(gm: fx.GraphModule, taps) -> Plan:
+    plan_taps(gm, taps)  # a bad tap list raises before any change
+    return Plan([("insert_taps", functools.partial(insert_taps, taps=taps))], [], lambda: None, [])
+
+
 def _sparse_plan(gm: fx.GraphModule, config: SparseConfig) -> Plan:
-    if has_dsd_nodes(gm.graph):
+    if state_of(gm) is not None:
         raise ValueError(
             f"transform(phase='sparse'): {gm.__class__.__name__} is already a sparse-phase graph "
             f"(it has {sum(1 for _ in tagged(gm.graph, role=Role.MASKED_WEIGHT))} masked weights); "

@@ -17,10 +17,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import fx
 
-from dsd_fx.capture import capture
-from dsd_fx.passes.insert_taps import insert_taps, plan_taps
-from dsd_fx.pipeline import run_passes
-from dsd_fx.tags import persist
+from dsd_fx.phases import transform
 from dsd_fx.taps import TapRecorder, recorder_of
 
 log = logging.getLogger(__name__)
@@ -60,13 +57,8 @@ def tap_push(
     The GraphModule shares the model's parameters (unless `copy=True`) and computes bitwise the same
     outputs; each forward records the tapped activations for `push_loss(gm, labels)`.
     """
-    gm = capture(model, copy=copy, concrete_args=concrete_args)
-    plan_taps(gm, taps)  # a bad tap list raises its own ValueError here, not wrapped in the runner's PassError
-    records = run_passes(gm, [("insert_taps", functools.partial(insert_taps, taps=taps))])
-    old = dict(gm.meta.get("dsd_fx", {}))  # a sparse-phase graph keeps its own record
-    gm.meta["dsd_fx"] = {**old, "taps": recorder_of(gm).names, "changes": [*old.get("changes", []), *records]}
-    persist(gm)
-    return gm
+    options = {"concrete_args": concrete_args} if concrete_args is not None else {}
+    return transform(model, phase="push", taps=None if taps is None else list(taps), copy=copy, **options)
 
 
 def pooled(x: torch.Tensor, name: str = "features") -> torch.Tensor:

@@ -7,6 +7,9 @@ from typing import Any, Iterator
 import torch.fx as fx
 
 META_KEY = "dsd_fx"
+# the submodules that record a transform on a GraphModule (state.TransformState, taps.TapRecorder);
+# each keeps the tags of the whole graph, so that they survive torch.load
+RECORDS = ("_dsd_fx", "_dsd_fx_taps")
 
 
 class Role(str, Enum):
@@ -25,6 +28,7 @@ class Role(str, Enum):
     UNPACKED = "unpacked"  # dsd_fx::nm_unpack: the dense weight from packed storage
     RESTORED = "restored"  # a node unpack_nm gave back, under its original name
     TAP = "tap"  # a push tap recording activations
+    TAP_RECORDER = "tap_recorder"  # get_attr of the recorder the taps write to
 
 
 def tag(node: fx.Node, pass_name: str, role: Role, **info: Any) -> fx.Node:
@@ -68,17 +72,20 @@ def _target_key(target: Any) -> str:
     return target if isinstance(target, str) else f"{getattr(target, '__module__', '')}.{getattr(target, '__name__', target)}"
 
 
-def snapshot(graph: fx.Graph) -> dict[str, tuple]:
-    """The tags of `graph` by node name, op and target, for the record that survives torch.load
-    (torch.save/torch.load of a GraphModule re-traces its code and drops node.meta)."""
-    return {n.name: (n.op, _target_key(n.target), n.meta[META_KEY]) for n in graph.nodes if META_KEY in n.meta}
+def persist(gm: fx.GraphModule) -> None:
+    """Keep the graph's tags, by node name, op and target, on its records (RECORDS):
+    torch.save/torch.load of a GraphModule re-traces its code and drops node.meta; `tagged` puts
+    them back. Call it after every rewrite of a graph that has a record."""
+    saved = {n.name: (n.op, _target_key(n.target), n.meta[META_KEY]) for n in gm.graph.nodes if META_KEY in n.meta}
+    for name in RECORDS:
+        if name in gm._modules:
+            gm._modules[name].tags = saved
 
 
 def _restore(graph: fx.Graph) -> None:
-    """Put back the tags of the graph's record (`state.TransformState.tags`) if the graph lost them."""
-    model = graph.owning_module
-    record = getattr(model, "_modules", {}).get("_dsd_fx")
-    saved = getattr(record, "tags", None)
+    """Put back the tags the graph's records kept (see `persist`) if the graph lost them."""
+    modules = getattr(graph.owning_module, "_modules", {})
+    saved = next((getattr(modules[n], "tags", None) for n in RECORDS if n in modules), None)
     if not saved or any(META_KEY in n.meta for n in graph.nodes):
         return
     nodes = {n.name: n for n in graph.nodes}

@@ -1,4 +1,4 @@
-"""fold_masks: the re-dense rewrite and its commit: W * M into the weights, every dsd_fx node gone."""
+"""fold_masks: the re-dense rewrite and its commit: W * M into the weights, every dsd_fx node and tap gone."""
 from __future__ import annotations
 
 import functools
@@ -11,8 +11,10 @@ from torch.fx.passes.infra.pass_base import PassResult
 from dsd_fx.pipeline import Invariant, Pass, run_passes
 from dsd_fx.state import STATE, MaskKind, dense_weights, masks_of
 from dsd_fx.tags import has_dsd_nodes
+from dsd_fx.taps import recorder_of
 
 from dsd_fx.passes.strip_masks import strip_masks
+from dsd_fx.passes.strip_taps import strip_taps
 from dsd_fx.passes.unpack_nm import unpack_nm
 
 
@@ -24,7 +26,8 @@ def redense_plan(gm: fx.GraphModule) -> tuple[list[tuple[str, Pass]], list[Invar
     weights, under their original names. Nothing is written before `commit()` is called.
     """
     records = masks_of(gm)
-    if not records:
+    tapped = recorder_of(gm) is not None
+    if not records and not tapped:
         raise ValueError(
             f"{type(gm).__name__} has dsd_fx nodes but no dsd_fx record ({STATE}); it was not made by "
             "dsd_fx.transform, or its record was removed. Re-dense the GraphModule transform returned"
@@ -39,7 +42,7 @@ def redense_plan(gm: fx.GraphModule) -> tuple[list[tuple[str, Pass]], list[Invar
             keys = (keys - {r.values, r.meta}) | {r.weight}
 
     def drop_record(g: fx.GraphModule) -> PassResult:
-        del g._modules[STATE]
+        g._modules.pop(STATE, None)
         return PassResult(g, modified=False)  # the graph is unchanged
 
     def nothing_left(g: fx.GraphModule) -> None:
@@ -58,6 +61,8 @@ def redense_plan(gm: fx.GraphModule) -> tuple[list[tuple[str, Pass]], list[Invar
                     param.copy_(value)
 
     recipe = [("unpack_nm", functools.partial(unpack_nm, records=records)), ("strip_masks", strip_masks), ("drop_record", drop_record)]
+    if tapped:  # taps first: strip_masks rebuilds the graph and would copy them untagged
+        recipe.insert(0, ("strip_taps", strip_taps))
     return recipe, [Invariant("nothing of dsd_fx left after re-dense", nothing_left)], commit
 
 

@@ -12,7 +12,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 import dsd_fx.ops  # noqa: F401 - registers dsd_fx::nm_linear, a classifier op of packed graphs
-from dsd_fx.tags import PERSIST_ATTR, persist, tag, tag_of
+from dsd_fx.tags import persist, tag, tag_of
 from dsd_fx.taps import PASS, RECORDER, RECORDER_ROLE, TAP_ROLE, TapRecorder, recorder_of, tap
 
 # the ops that can be the final classifier, and where each takes its input
@@ -170,6 +170,5 @@ def insert_taps(gm: fx.GraphModule, taps: Sequence[str] | None = None) -> PassRe
             new = g.create_node("call_function", tap, (rec_node, node, key), name=f"{key}_tap")
         tag(new, PASS, TAP_ROLE, tap=key)
         node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
-    if PERSIST_ATTR in gm.__dict__:  # keep torch.load's copy of the tags in step (see dsd_fx.tags.persist)
-        persist(gm)
+    persist(gm)  # keep the records' copy of the tags in step (see dsd_fx.tags.persist)
     return PassResult(gm, modified=bool(plan))

@@ -4,7 +4,7 @@ from __future__ import annotations
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from dsd_fx.tags import PERSIST_ATTR, persist, tagged
+from dsd_fx.tags import persist, tagged
 from dsd_fx.taps import PASS, RECORDER, RECORDER_ROLE, TAP_ROLE, recorder_of
 
 
@@ -49,6 +49,5 @@ def strip_taps(gm: fx.GraphModule) -> PassResult:
         g.erase_node(node)
     if recorder_of(gm) is not None:
         delattr(gm, RECORDER)
-    if PERSIST_ATTR in gm.__dict__:  # keep torch.load's copy of the tags in step (see dsd_fx.tags.persist)
-        persist(gm)
+    persist(gm)  # keep the records' copy of the tags in step (see dsd_fx.tags.persist)
     return PassResult(gm, modified=True)

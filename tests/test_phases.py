@@ -97,3 +97,25 @@ def test_a_compiled_model_is_transformed_through_its_original_module(caplog):
     assert sparse.get_parameter("fc1.weight") is model.fc1.weight
     x = torch.randn(2, 8)
     torch.testing.assert_close(sparse(x), model.fc2(torch.relu(model.fc1(x))))
+
+
+def test_push_phase_taps_and_redense_removes_taps_and_masks():
+    model = TinyMLP()
+    reference = torch.fx.symbolic_trace(TinyMLP())
+    pushed = dsd_fx.transform(dsd_fx.transform(model, sparsity=0.5), phase="push")
+    x = torch.randn(4, 8)
+    out = pushed(x)
+    assert "tap" in pushed.code
+    (recorded,) = pushed._dsd_fx_taps.activations.values()  # the classifier's input: relu(fc1(x)), masked
+    torch.testing.assert_close(recorded, torch.relu(model.fc1(x)), rtol=0, atol=0)
+    dense = dsd_fx.transform(pushed, phase="dense")
+    assert dense.code == reference.code
+    assert list(dense.state_dict()) == list(reference.state_dict())
+    torch.testing.assert_close(dense(x), out)
+
+
+def test_push_phase_refuses_sparse_options():
+    with pytest.raises(TypeError, match="phase='push' does not take sparsity"):
+        dsd_fx.transform(TinyMLP(), phase="push", sparsity=0.5)
+    with pytest.raises(TypeError, match="taps"):
+        dsd_fx.transform(TinyMLP(), phase="sparse", taps=["fc2"])

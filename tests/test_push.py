@@ -19,7 +19,7 @@ from dsd_fx.passes.strip_taps import strip_taps
 from dsd_fx.push import PushConfig, push_loss, push_objective, tap_push, tap_utility
 from dsd_fx.tags import tagged
 from dsd_fx.taps import RECORDER, TAP_ROLE, TapRecorder, recorder_of, tap
-from dsd_fx.transform import transform
+from dsd_fx import transform
 
 from conftest import TinyMLP
 
