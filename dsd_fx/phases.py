@@ -20,7 +20,8 @@ from dsd_fx.passes.insert_taps import insert_taps, plan_taps
 from dsd_fx.passes.pack_nm import pack_nm
 from dsd_fx.pipeline import Invariant, PassRecord, run_passes
 from dsd_fx.print_changed import PrintChanged
-from dsd_fx.prunable import PrunableWeight, select_nm, select_weights
+from dsd_fx.prunable import PrunableWeight
+from dsd_fx.selection import select_nm, select_weights
 from dsd_fx.state import STATE, MaskKind, MaskRecord, TransformState, current_masks, masks_of, state_of
 from dsd_fx.tags import Role, has_dsd_nodes, persist, tagged
 

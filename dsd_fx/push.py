@@ -9,7 +9,6 @@ inferred here: the default log-det criterion, the scale-free ridge and the corre
 """
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence

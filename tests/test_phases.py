@@ -3,7 +3,6 @@ import logging
 
 import pytest
 import torch
-import torch.nn as nn
 
 import dsd_fx
 from conftest import TinyMLP, assert_unchanged, snapshot
