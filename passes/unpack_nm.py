@@ -71,14 +71,19 @@ def unpack_nm(gm: fx.GraphModule, records: Sequence[MaskRecord]) -> PassResult:
             g.erase_node(node)
     for r in records:
         if r.kind is MaskKind.PACKED:
-            path, _, attr = r.weight.rpartition(".")
-            module = gm.get_submodule(path) if path else gm
-            del module._parameters[f"{attr}_values"]
-            del module._buffers[f"{attr}_meta"]
-            module._parameters[attr] = r.param
-            # the original order of the parameters, hence of state_dict keys
-            params = dict(module._parameters)
-            module._parameters.clear()
-            module._parameters.update({k: params.pop(k) for k in r.order if k in params})
-            module._parameters.update(params)
+            _restore_parameter(gm, r)
     return PassResult(gm, modified=True)
+
+
+def _restore_parameter(gm: fx.GraphModule, r: MaskRecord) -> None:
+    """The original Parameter back under its name, in its place among the module's parameters
+    (hence of state_dict keys); the packed storage goes."""
+    path, _, attr = r.weight.rpartition(".")
+    module = gm.get_submodule(path) if path else gm
+    del module._parameters[f"{attr}_values"]
+    del module._buffers[f"{attr}_meta"]
+    module._parameters[attr] = r.param
+    params = dict(module._parameters)
+    module._parameters.clear()
+    module._parameters.update({k: params.pop(k) for k in r.order if k in params})
+    module._parameters.update(params)
