@@ -1,4 +1,4 @@
-"""The one verb: transform(model, phase="sparse" | "dense", ...), each phase a recipe of passes."""
+"""The one verb: transform(model, phase="sparse" | "dense" | "push", ...), each phase a recipe of passes."""
 from __future__ import annotations
 
 import functools
@@ -45,7 +45,9 @@ class Plan:
     final: tuple = ()
 
 
-PHASES = ("sparse", "dense", "push")
+# the options each phase takes beside TRANSFORM_OPTIONS
+PHASE_OPTIONS: dict[str, tuple[str, ...]] = {"sparse": SparseConfig.option_names(), "dense": (), "push": ("taps",)}
+PHASES = tuple(PHASE_OPTIONS)
 
 
 def transform(model: torch.nn.Module, phase: str = "sparse", *, config: SparseConfig | None = None, **options: Any) -> fx.GraphModule:
@@ -96,14 +98,12 @@ def transform(model: torch.nn.Module, phase: str = "sparse", *, config: SparseCo
 def _phase_config(phase: str, config: SparseConfig | None, options: dict) -> SparseConfig | None:
     """Check that every option belongs to `phase`; the sparse phase's SparseConfig, built once."""
     sparse = sorted(k for k in options if k in SparseConfig.option_names())
-    own = {"sparse": SparseConfig.option_names(), "dense": (), "push": ("taps",)}[phase]
-    unknown = sorted(set(options) - set(SparseConfig.option_names()) - set(TRANSFORM_OPTIONS) - {"taps"})
+    own = PHASE_OPTIONS[phase]
+    unknown = sorted(set(options) - {o for opts in PHASE_OPTIONS.values() for o in opts} - set(TRANSFORM_OPTIONS))
     if unknown:
-        raise TypeError(
-            f"transform got unknown option(s) {', '.join(unknown)}; the sparse options are "
-            f"{', '.join(SparseConfig.option_names())}, phase='push' takes taps, and every phase takes "
-            f"{', '.join(TRANSFORM_OPTIONS)}"
-        )
+        by_phase = "; ".join(f"phase={p!r}: {', '.join(o) or 'none'}" for p, o in PHASE_OPTIONS.items())
+        raise TypeError(f"transform got unknown option(s) {', '.join(unknown)}. Options by phase: {by_phase}; "
+                        f"every phase: {', '.join(TRANSFORM_OPTIONS)}")
     foreign = sorted(k for k in options if k not in own and k not in TRANSFORM_OPTIONS) + (["config"] if config is not None and phase != "sparse" else [])
     if foreign and phase == "dense":
         raise TypeError(f"phase='dense' takes no sparsity options (got {', '.join(foreign)}): it removes what the sparse and push phases made")
