@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from dsd_fx.config import SparseConfig
 from dsd_fx.diff import GraphDiff, diff, diff_onnx
-from dsd_fx.flow import DSD, PhaseRecord
+from dsd_fx.divergence import SAD, SADTracker, sad
 from dsd_fx.export import ZeroOverheadReport, compare_onnx, export_onnx, verify_zero_overhead
-from dsd_fx.sad import SAD, SADTracker, current_masks, sad
-from dsd_fx.select import PrunableWeight
-from dsd_fx.transform import changes, transform
+from dsd_fx.flow import DSD, PhaseRecord
+from dsd_fx.phases import changes, transform
+from dsd_fx.prunable import PrunableWeight
+from dsd_fx.state import MaskRecord, current_masks, masks_of
 
 __all__ = [
     "SparseConfig",
@@ -22,6 +23,8 @@ __all__ = [
     "SAD",
     "SADTracker",
     "current_masks",
+    "masks_of",
+    "MaskRecord",
     "diff",
     "GraphDiff",
     "diff_onnx",

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import copy as _copy
+import logging
 import traceback
 from typing import Any
 
+import torch
 import torch.nn as nn
 from torch import fx
 from torch.fx.graph_module import _copy_attr
@@ -82,6 +84,11 @@ def capture(model: nn.Module, *, copy: bool = False, concrete_args: dict[str, An
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected an nn.Module or a torch.fx.GraphModule, got {type(model).__name__}")
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        logging.getLogger(__name__).warning(
+            "capture: %s is a torch.compile wrapper; transforming its original module (%s). "
+            "Compile the GraphModule transform returns instead", type(model).__name__, type(model._orig_mod).__name__)
+        model = model._orig_mod
     if copy:
         model = _copy.deepcopy(model)
     if isinstance(model, fx.GraphModule):

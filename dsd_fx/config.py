@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Mapping, Sequence, Union
 
 Patterns = Union[Sequence[str], Callable[..., bool], None]
 
 SCOPES = ("layer", "global")
 METHODS = ("fixed", "sr-ste", "ste")
+KERNELS = ("auto", "dense")
 
 
 def _check_ratio(value: object, where: str) -> float:
@@ -55,6 +56,8 @@ class SparseConfig:
         size is not divisible by M.
     embeddings: also prune `nn.Embedding` tables (opt-in: a lookup reads rows, it is no matmul).
         An embedding tied to an output projection is masked anyway, with the projection's one mask.
+    kernel: with pack=True, ``"auto"`` (torch's semi-structured 2:4 kernels on CUDA where dtype and
+        shape allow, else dsd_fx's own) or ``"dense"`` (always unpack and use the dense kernel).
     """
 
     sparsity: float | Mapping[str, float] | None = None
@@ -67,6 +70,7 @@ class SparseConfig:
     pack: bool = False
     strict: bool = False
     embeddings: bool = False
+    kernel: str = "auto"
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -107,6 +111,10 @@ class SparseConfig:
             object.__setattr__(self, "sparsity", _check_ratio(self.sparsity, "sparsity"))
         object.__setattr__(self, "include", _check_patterns(self.include, "include"))
         object.__setattr__(self, "exclude", _check_patterns(self.exclude, "exclude"))
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.kernel != "auto" and not self.pack:
+            raise ValueError(f"kernel={self.kernel!r} chooses the packed N:M op's kernel and needs pack=True")
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         if self.pattern is not None and self.scope != "layer":
@@ -116,6 +124,18 @@ class SparseConfig:
                 "scope='global' ranks all weights together and takes one sparsity float, "
                 f"not a per-layer mapping ({self.sparsity!r}); use scope='layer' for per-layer fractions"
             )
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def describe(self, weights: list[str]) -> dict:
+        """The options a sparse-phase graph records (and a checkpoint must match), JSON-able."""
+        info = {"format": 1, "pattern": self.pattern, "method": self.method, "pack": self.pack,
+                "sparsity": self.sparsity, "scope": self.scope, "weights": sorted(weights)}
+        if self.method != "fixed":
+            info["lambda_w"] = self.effective_lambda
+        return info
 
     def _check_pattern(self) -> None:
         from dsd_fx.masks import parse_pattern

@@ -127,7 +127,7 @@ def sgd(params, lr: float) -> torch.optim.Optimizer:
 
 def weight_sparsity(model: nn.Module) -> float:
     """Fraction of exact zeros over the weights of 2+ dimensions, as the forward sees them (masks applied)."""
-    from dsd_fx.sad import current_masks
+    from dsd_fx.state import current_masks
 
     masks = current_masks(model) if isinstance(model, fx.GraphModule) else {}
     weights = [p.detach() * masks[n] if n in masks else p.detach() for n, p in model.named_parameters() if p.dim() >= 2]

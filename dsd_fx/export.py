@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import tempfile
@@ -11,6 +12,7 @@ import onnx
 import torch
 from torch import fx
 
+from dsd_fx.passes.fold_masks import fold_masks
 from dsd_fx.tags import has_dsd_nodes
 
 # The exporter's own loggers: torch.onnx logs (through torch's handler) a warning per missing
@@ -84,12 +86,8 @@ def export_onnx(
     atomically (a temporary file renamed into place), so an interrupted export leaves no partial file.
     """
     if fold and isinstance(model, fx.GraphModule) and has_dsd_nodes(model.graph):
-        # LEAD: swap to passes.fold_masks (and `import copy` at the top):
-        #   from dsd_fx.passes.fold_masks import fold_masks
-        #   model = copy.deepcopy(model); fold_masks(model)
-        from dsd_fx.transform import transform
-
-        model = transform(model, phase="dense", copy=True)
+        model = copy.deepcopy(model)  # the training graph is never rewritten
+        fold_masks(model)
     with eval_mode(model), _quiet_exporter():
         program = torch.onnx.export(
             model, as_args(example_args), dynamo=True, optimize=optimize, verbose=False,

@@ -7,9 +7,10 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import fx
 
-from dsd_fx.sad import SADTracker
+from dsd_fx.config import SparseConfig
+from dsd_fx.divergence import SADTracker
+from dsd_fx.phases import TRANSFORM_OPTIONS, transform
 from dsd_fx.tags import has_dsd_nodes
-from dsd_fx.transform import transform
 
 OptimizerFn = Callable[[Iterable[torch.nn.Parameter], float], torch.optim.Optimizer]
 
@@ -70,7 +71,14 @@ class DSD:
         self.model = model
         self.optimizer_fn, self.scheduler_fn = optimizer_fn, scheduler_fn
         self.lr, self.redense_lr_scale, self.sad_every = lr, redense_lr_scale, sad_every
-        self.sparse_options = sparse_options
+        inspect = {k: v for k, v in sparse_options.items() if k in TRANSFORM_OPTIONS}
+        if "config" in sparse_options:
+            if set(sparse_options) - set(inspect) - {"config"}:
+                raise TypeError("DSD: give either config= or the sparse options, not both")
+            self.config = sparse_options["config"]
+        else:  # built now, so that a bad option fails before the dense phase trains
+            self.config = SparseConfig(**{k: v for k, v in sparse_options.items() if k not in inspect})
+        self.transform_options = inspect
         self.phase: str | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
@@ -90,16 +98,16 @@ class DSD:
             )
         lr = self.lr
         if phase == "sparse":
-            self.model = transform(self.model, phase="sparse", **self.sparse_options)
+            self.model = transform(self.model, phase="sparse", config=self.config, **self.transform_options)
         elif phase == "redense":
-            inspect = {k: v for k, v in self.sparse_options.items() if k.startswith("print_changed")}
+            inspect = {k: v for k, v in self.transform_options.items() if k.startswith("print_changed")}
             self.model = transform(self.model, phase="dense", **inspect)  # the diffs of both phases
             lr = self.lr * self.redense_lr_scale
         self.phase = phase
         self.optimizer = self.optimizer_fn(self.model.parameters(), lr)
         self.scheduler = self.scheduler_fn(self.optimizer) if self.scheduler_fn else None
         self.history.append(PhaseRecord(phase, lr))
-        dynamic = phase == "sparse" and self.sparse_options.get("method", "fixed") != "fixed"
+        dynamic = phase == "sparse" and self.config.method != "fixed"
         self._tracker = SADTracker(self.model, every=self.sad_every) if dynamic else None
         return self.model, self.optimizer
 

@@ -1,9 +1,9 @@
-"""Run a recipe of passes: lint and verify after each, record what changed."""
+"""Run a recipe of passes: lint and check the named invariants after each, report what changed."""
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
@@ -11,62 +11,86 @@ from torch.fx.passes.infra.pass_base import PassResult
 log = logging.getLogger(__name__)
 
 Pass = Callable[[fx.GraphModule], PassResult]
-Verifier = Callable[[fx.GraphModule], None]
+
+
+@dataclass(frozen=True)
+class Invariant:
+    """A named property of the graph that must hold after a pass; `check(gm)` raises
+    AssertionError saying what does not hold."""
+
+    name: str
+    check: Callable[[fx.GraphModule], None]
 
 
 @dataclass(frozen=True)
 class PassRecord:
-    """One pass of a run: whether it changed the graph and, when recorded, the code before and
-    after and the structural diff."""
+    """One pass of a run: whether it changed the graph and, when observed, the code before and
+    after and what the observer made of the change (a dsd_fx GraphDiff)."""
 
     name: str
     modified: bool
     before: str | None = None
     after: str | None = None
-    diff: object | None = None  # dsd_fx.diff.GraphDiff
+    diff: object | None = None
+
+
+class Observer(Protocol):
+    """Sees each pass: `before(gm)` returns a snapshot; `after(name, snapshot, gm)` what changed."""
+
+    def before(self, gm: fx.GraphModule) -> Any: ...
+
+    def after(self, name: str, snapshot: Any, gm: fx.GraphModule) -> object: ...
 
 
 class PassError(RuntimeError):
-    pass
+    """A pass broke an invariant or failed for a reason that is not the user's input: a bug."""
+
+
+def _check(gm: fx.GraphModule, invariants: Sequence[Invariant], after: str, ran: list[str]) -> None:
+    for inv in invariants:
+        try:
+            inv.check(gm)
+        except AssertionError as err:
+            raise PassError(f"invariant '{inv.name}' does not hold after {after} (passes run: {', '.join(ran)}): {err}") from err
 
 
 def run_passes(
     gm: fx.GraphModule,
     recipe: Sequence[tuple[str, Pass]],
-    verify: Verifier | None = None,
+    invariants: Sequence[Invariant] = (),
     *,
-    final: Verifier | None = None,
-    record_code: bool = False,
+    final: Sequence[Invariant] = (),
+    observer: Observer | None = None,
 ) -> list[PassRecord]:
-    """Run `recipe` (name, pass) in order on `gm`, in place; lint and `verify` after each pass, `final` after
-    the last; generate code once."""
-    from dsd_fx.diff import diff_graphs, fx_to_nx
+    """Run `recipe` [(name, pass)] in order on `gm`, in place; lint and check `invariants` after
+    each pass and `final` after the last; generate code once (per pass only when observed).
 
+    A ValueError or TypeError of a pass is about the user's input: it propagates as it is. Any
+    other failure, or a broken invariant, is a PassError naming the passes that ran.
+    """
     records: list[PassRecord] = []
+    ran: list[str] = []
     for name, fn in recipe:
-        if record_code and not records:
+        before = snapshot = None
+        if observer is not None:
             gm.recompile()
-        before = gm.code if record_code else None
-        before_nx = fx_to_nx(gm) if record_code else None
+            before, snapshot = gm.code, observer.before(gm)
         try:
             result = fn(gm)
             result.graph_module.graph.lint()
-            if record_code:
-                result.graph_module.recompile()
-            if verify is not None:
-                verify(result.graph_module)
+        except (ValueError, TypeError):
+            raise
         except Exception as err:
-            ran = ", ".join(r.name for r in records) or "none"
-            raise PassError(f"pass '{name}' failed (passes run before it: {ran}): {type(err).__name__}: {err}") from err
-        after = gm.code if record_code and result.modified else None
+            raise PassError(f"pass '{name}' failed (passes run before it: {', '.join(ran) or 'none'}): "
+                            f"{type(err).__name__}: {err}") from err
+        ran.append(name)
+        _check(gm, invariants, f"pass '{name}'", ran)
         log.debug("pass %s: %s", name, "changed" if result.modified else "no change")
-        d = diff_graphs(before_nx, fx_to_nx(gm), before, after, name) if after is not None else None
-        records.append(PassRecord(name, result.modified, before if result.modified else None, after, d))
-    if final is not None:
-        try:
-            final(gm)
-        except Exception as err:
-            ran = ", ".join(r.name for r in records)
-            raise PassError(f"the graph after passes {ran} fails verification: {err}") from err
+        if observer is not None and result.modified:
+            gm.recompile()
+            records.append(PassRecord(name, True, before, gm.code, observer.after(name, snapshot, gm)))
+        else:
+            records.append(PassRecord(name, result.modified))
+    _check(gm, final, "the last pass", ran)
     gm.recompile()
     return records

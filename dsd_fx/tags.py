@@ -1,16 +1,40 @@
 """The one helper that marks the nodes dsd_fx makes, and finds them again."""
 from __future__ import annotations
 
+from enum import Enum
 from typing import Any, Iterator
 
 import torch.fx as fx
 
 META_KEY = "dsd_fx"
-PERSIST_ATTR = "_dsd_fx_tags"
+# the submodules that record a transform on a GraphModule (state.TransformState, taps.TapRecorder);
+# each keeps the tags of the whole graph, so that they survive torch.load
+RECORDS = ("_dsd_fx", "_dsd_fx_taps")
 
 
-def tag(node: fx.Node, pass_name: str, role: str, **info: Any) -> fx.Node:
+class Role(str, Enum):
+    """What a node that dsd_fx made stands for; inverse passes find nodes by role."""
+
+    MASK_BUFFER = "mask_buffer"  # get_attr of a `<weight>_mask` buffer
+    MASKED_WEIGHT = "masked_weight"  # the weight as the op sees it: mask_mul(W, M), sparsify_nm(W, ...)
+    WEIGHT = "weight"  # get_attr of a weight, made to feed a functional call
+    BIAS = "bias"  # get_attr of a bias, made to feed a functional call
+    LAYER = "layer"  # get_attr of the layer a module_call runs
+    OP = "op"  # the functional call standing for a module call
+    HELPER = "helper"  # a node a functional form needs beside its op (an explicit pad)
+    PACKED_VALUES = "packed_values"  # get_attr of `<weight>_values`
+    PACKED_META = "packed_meta"  # get_attr of `<weight>_meta`
+    PACKED_OP = "packed_op"  # dsd_fx::nm_linear standing for a linear-like op
+    UNPACKED = "unpacked"  # dsd_fx::nm_unpack: the dense weight from packed storage
+    RESTORED = "restored"  # a node unpack_nm gave back, under its original name
+    TAP = "tap"  # a push tap recording activations
+    TAP_RECORDER = "tap_recorder"  # get_attr of the recorder the taps write to
+
+
+def tag(node: fx.Node, pass_name: str, role: Role, **info: Any) -> fx.Node:
     """Mark `node` as made by `pass_name` in `role`; inverse passes find it with `tagged`."""
+    if not isinstance(role, Role):
+        raise TypeError(f"tag: role must be a dsd_fx.tags.Role, got {role!r}")
     node.meta[META_KEY] = {"pass": pass_name, "role": role, **info}
     return node
 
@@ -24,7 +48,7 @@ def tag_of(node: fx.Node) -> dict[str, Any] | None:
     return node.meta.get(META_KEY)
 
 
-def tagged(graph: fx.Graph, pass_name: str | None = None, role: str | None = None) -> Iterator[fx.Node]:
+def tagged(graph: fx.Graph, pass_name: str | None = None, role: Role | None = None) -> Iterator[fx.Node]:
     """The nodes of `graph` tagged by `pass_name` (any pass if None) in `role` (any if None).
 
     Tags that a torch.load dropped are put back first (see `persist`)."""
@@ -49,17 +73,19 @@ def _target_key(target: Any) -> str:
 
 
 def persist(gm: fx.GraphModule) -> None:
-    """Keep the tags on the module too: torch.save/torch.load of a GraphModule re-traces its code
-    and drops node.meta; `tagged` puts them back on the nodes of the same name, op and target."""
-    gm.__dict__[PERSIST_ATTR] = {
-        n.name: (n.op, _target_key(n.target), n.meta[META_KEY]) for n in gm.graph.nodes if META_KEY in n.meta
-    }
+    """Keep the graph's tags, by node name, op and target, on its records (RECORDS):
+    torch.save/torch.load of a GraphModule re-traces its code and drops node.meta; `tagged` puts
+    them back. Call it after every rewrite of a graph that has a record."""
+    saved = {n.name: (n.op, _target_key(n.target), n.meta[META_KEY]) for n in gm.graph.nodes if META_KEY in n.meta}
+    for name in RECORDS:
+        if name in gm._modules:
+            gm._modules[name].tags = saved
 
 
 def _restore(graph: fx.Graph) -> None:
-    """Put back the tags `persist` kept, if the graph lost them (a GraphModule from torch.load)."""
-    model = graph.owning_module
-    saved = getattr(model, "__dict__", {}).get(PERSIST_ATTR)
+    """Put back the tags the graph's records kept (see `persist`) if the graph lost them."""
+    modules = getattr(graph.owning_module, "_modules", {})
+    saved = next((getattr(modules[n], "tags", None) for n in RECORDS if n in modules), None)
     if not saved or any(META_KEY in n.meta for n in graph.nodes):
         return
     nodes = {n.name: n for n in graph.nodes}

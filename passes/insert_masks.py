@@ -8,17 +8,17 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from dsd_fx.ops import mask_mul
-from dsd_fx.passes.functional import get_attr, wrap_weight_uses
-from dsd_fx.select import PrunableWeight
-from dsd_fx.tags import tag
+from dsd_fx.prunable import PrunableWeight
+from dsd_fx.rewrite import get_attr, wrap_weight_uses
+from dsd_fx.tags import Role, tag
 
 PASS = "insert_masks"
 
 
 def _masked(g: fx.Graph, weight: fx.Node, mask_name: str, pw: PrunableWeight, sole_weight_op: bool) -> fx.Node:
-    mask = tag(get_attr(g, mask_name), PASS, "mask", weight=pw.name)
+    mask = tag(get_attr(g, mask_name), PASS, Role.MASK_BUFFER, weight=pw.name)
     kwargs = {"grad_inplace": True} if sole_weight_op else {}
-    return tag(g.call_function(mask_mul, (weight, mask), kwargs), PASS, "masked", weight=pw.name)
+    return tag(g.call_function(mask_mul, (weight, mask), kwargs), PASS, Role.MASKED_WEIGHT, weight=pw.name)
 
 
 def insert_masks(gm: fx.GraphModule, masks: Sequence[tuple[PrunableWeight, torch.Tensor]]) -> PassResult:

@@ -7,9 +7,9 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from dsd_fx.passes.functional import wrap_weight_uses
-from dsd_fx.select import PrunableWeight
-from dsd_fx.tags import tag
+from dsd_fx.prunable import PrunableWeight
+from dsd_fx.rewrite import wrap_weight_uses
+from dsd_fx.tags import Role, tag
 
 PASS = "insert_nm"
 
@@ -37,7 +37,7 @@ def insert_nm(gm: fx.GraphModule, weights: Sequence[tuple[PrunableWeight, int]],
     for pw, dim in weights:
 
         def sparsified(g: fx.Graph, weight: fx.Node, sole: bool, pw=pw, dim=dim) -> fx.Node:
-            return tag(g.call_function(op, (weight, n, m, dim, float(lambda_w))), PASS, "masked", weight=pw.name)
+            return tag(g.call_function(op, (weight, n, m, dim, float(lambda_w))), PASS, Role.MASKED_WEIGHT, weight=pw.name)
 
         items.append((pw, sparsified))
     wrap_weight_uses(gm, items, PASS)

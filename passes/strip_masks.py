@@ -7,8 +7,10 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from dsd_fx.ops import module_call
-from dsd_fx.tags import tag_of, tagged, untagged_meta
+from dsd_fx.tags import META_KEY, Role, tag_of, tagged, untagged_meta
 
+# the passes whose nodes strip_masks removes (unpack_nm's restored nodes keep their place)
+PASSES = ("insert_masks", "insert_nm", "pack_nm", "unpack_nm")
 
 
 def strip_masks(gm: fx.GraphModule) -> PassResult:
@@ -33,45 +35,27 @@ def strip_masks(gm: fx.GraphModule) -> PassResult:
     values: writing W * M into the weights is the caller's (transform's) commit step.
     """
     old = gm.graph
-    mask_buffers = {n.target for n in tagged(old, role="mask")}
-    if next(tagged(old), None) is None:
+    mine = [n for n in tagged(old) if tag_of(n)["pass"] in PASSES]
+    if not mine:
         return PassResult(gm, modified=False)
+    mask_buffers = {n.target for n in mine if tag_of(n)["role"] == Role.MASK_BUFFER}
     new = fx.Graph(owning_module=gm, tracer_cls=old._tracer_cls)
     new._codegen = copy.deepcopy(old._codegen)
     env: dict[fx.Node, fx.Node] = {}
-    made: list[fx.Node] = []  # copies of tagged nodes, erased if nothing uses them
-
-    def arg(n):
-        return env[n]
-
+    made: list[fx.Node] = []  # copies of nodes these passes made (weight and bias reads), erased if unused
+    by_name = {n.name: n for n in old.nodes}
     for node in old.nodes:
         t = tag_of(node)
-        role = t["role"] if t else None
-        if role == "layer":  # the module a module_call reads; the restored call names it itself
+        if t is None or t["pass"] not in PASSES:  # not ours: copied as it is, tag included
+            env[node] = new.node_copy(node, env.__getitem__)
             continue
-        if role == "masked":  # mask_mul / sparsify_nm: the weight itself stands in
-            env[node] = env[node.args[0]]
-        elif role == "restored":  # a node unpack_nm gave back: keep it, under its original name
-            env[node] = new.create_node(node.op, node.target, *fx.node.map_arg((node.args, node.kwargs), arg), name=t["name"])
-            env[node].meta = untagged_meta(node)
-        elif role == "op" and node.target is module_call:  # module_call(layer, names, weights, args, kwargs)
-            args, kwargs = fx.node.map_arg((node.args[3], node.args[4]), arg)
-            restored = new.create_node("call_module", t["module"], tuple(args), dict(kwargs), name=t["name"])
-            restored.meta = dict(t["meta"])
+        restored = _restore(new, node, t, env, by_name)
+        if restored is not None:
             env[node] = restored
-        elif role == "op":
-            x = node.args[0]
-            xt = tag_of(x)
-            if xt and xt["role"] == "pad":
-                x = x.args[0]
-            restored = new.create_node("call_module", t["module"], (env[x],), {}, name=t["name"])
-            restored.meta = dict(t["meta"])
-            env[node] = restored
-        else:
-            env[node] = new.node_copy(node, arg)
-            if role is not None:
-                env[node].meta.pop("dsd_fx", None)
-                made.append(env[node])
+        elif t["role"] not in (Role.LAYER, Role.HELPER):  # the restored module call reads those itself
+            env[node] = new.node_copy(node, env.__getitem__)
+            env[node].meta.pop(META_KEY, None)
+            made.append(env[node])
     for n in reversed(made):
         if not n.users:
             new.erase_node(n)
@@ -82,3 +66,23 @@ def strip_masks(gm: fx.GraphModule) -> PassResult:
         if attr in owner._buffers:
             del owner._buffers[attr]
     return PassResult(gm, modified=True)
+
+
+def _restore(new: fx.Graph, node: fx.Node, t: dict, env: dict, by_name: dict) -> fx.Node | None:
+    """The node of the dense graph that stands for `node`, or None where it is copied or dropped."""
+    role = t["role"]
+    if role == Role.MASKED_WEIGHT:  # mask_mul / sparsify_nm: the weight itself stands in
+        return env[node.args[0]]
+    if role == Role.RESTORED:  # a node unpack_nm gave back: keep it, under its original name
+        restored = new.create_node(node.op, node.target, *fx.node.map_arg((node.args, node.kwargs), env.__getitem__), name=t["name"])
+        restored.meta = untagged_meta(node)
+        return restored
+    if role != Role.OP:
+        return None
+    if node.target is module_call:  # module_call(layer, names, weights, args, kwargs)
+        args, kwargs = fx.node.map_arg((node.args[3], node.args[4]), env.__getitem__)
+    else:  # a functional form of (input, weight, bias)
+        args, kwargs = (env[by_name[t["input"]]],), {}
+    restored = new.create_node("call_module", t["module"], tuple(args), dict(kwargs), name=t["name"])
+    restored.meta = dict(t["meta"])
+    return restored

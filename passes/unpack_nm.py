@@ -1,18 +1,20 @@
 """unpack_nm: the inverse of pack_nm; packed ops become dense ops on the original parameter again."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch.nn.functional as F
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from dsd_fx.passes.functional import get_attr
-from dsd_fx.passes.pack_nm import PACKED_ATTR
-from dsd_fx.tags import tag, tag_of, tagged
+from dsd_fx.rewrite import get_attr
+from dsd_fx.state import MaskKind, MaskRecord
+from dsd_fx.tags import Role, tag, tag_of, tagged
 
 PASS = "unpack_nm"
 
 
-def unpack_nm(gm: fx.GraphModule) -> PassResult:
+def unpack_nm(gm: fx.GraphModule, records: Sequence[MaskRecord]) -> PassResult:
     """Put each packed weight back under its original name and its ops back to dense form.
 
     Before::
@@ -28,54 +30,60 @@ def unpack_nm(gm: fx.GraphModule) -> PassResult:
         fc1_bias = self.fc1.bias
         linear = torch._C._nn.linear(x, fc1_weight, fc1_bias)
 
-    The parameter registered again is the *original* Parameter object; transform's commit step
-    writes the unpacked values into it.
+    `records` are the graph's MaskRecords (state.masks_of); the parameter registered again is the
+    packed record's *original* Parameter object, into which transform's commit step writes the
+    unpacked values.
     """
     g = gm.graph
-    packed = [n for n in tagged(g, "pack_nm") if tag_of(n)["role"] in ("packed_op", "unpacked")]
+    packed = [n for n in tagged(g, "pack_nm") if tag_of(n)["role"] in (Role.PACKED_OP, Role.UNPACKED)]
     if not packed:
         return PassResult(gm, modified=False)
     getters: dict[str, fx.Node] = {}  # original get_attr name -> its restored node
-    stored_at = {tag_of(n)["getter"]: n for n in tagged(g, "pack_nm", "values") if tag_of(n).get("getter")}
+    stored_at = {tag_of(n)["getter"]: n for n in tagged(g, "pack_nm", Role.PACKED_VALUES) if tag_of(n).get("getter")}
 
     def getter_for(t: dict) -> fx.Node:
         if t["getter"] not in getters:  # restored where the packed storage was read
             with g.inserting_before(stored_at[t["getter"]]):
-                getters[t["getter"]] = tag(get_attr(g, t["weight"]), PASS, "restored", name=t["getter"])
+                getters[t["getter"]] = tag(get_attr(g, t["weight"]), PASS, Role.RESTORED, name=t["getter"])
         return getters[t["getter"]]
 
     for node in packed:
         t = tag_of(node)
         with g.inserting_before(node):
-            if t["role"] == "unpacked":
-                new = getter_for(t) if t["getter"] else tag(get_attr(g, t["weight"]), PASS, "weight")
+            if t["role"] == Role.UNPACKED:
+                new = getter_for(t) if t["getter"] else tag(get_attr(g, t["weight"]), PASS, Role.WEIGHT)
             elif "module" in t:
-                x, _, _, b, _, _ = node.args
-                w = tag(get_attr(g, t["weight"]), PASS, "weight")
-                new = tag(g.call_function(F.linear, (x, w, b)), PASS, "op", module=t["module"], name=t["name"], meta=t["meta"])
+                x, b = node.args[0], node.args[3]  # nm_linear(x, values, meta, bias, n, m[, kernel])
+                w = tag(get_attr(g, t["weight"]), PASS, Role.WEIGHT)
+                new = tag(g.call_function(F.linear, (x, w, b)), PASS, Role.OP, module=t["module"], name=t["name"], meta=t["meta"], input=x.name)
             else:
-                x, _, _, b, _, _ = node.args
+                x, b = node.args[0], node.args[3]  # nm_linear(x, values, meta, bias, n, m[, kernel])
                 marks = {"$x": x, "$b": b, "$W": getter_for(t)}
                 fill = lambda a: marks[a] if isinstance(a, str) and a in marks else a  # noqa: E731
                 args = tuple(fill(a) for a in t["args"])
                 kwargs = {k: fill(v) for k, v in t["kwargs"].items()}
-                new = tag(g.create_node(t["op"], t["target"], args, kwargs), PASS, "restored", name=t["name"])
+                new = tag(g.create_node(t["op"], t["target"], args, kwargs), PASS, Role.RESTORED, name=t["name"])
                 new.meta.update(t["meta"])
         node.replace_all_uses_with(new)
         g.erase_node(node)
     for node in list(tagged(g, "pack_nm")):
-        if tag_of(node)["role"] in ("values", "meta") and not node.users:
+        if tag_of(node)["role"] in (Role.PACKED_VALUES, Role.PACKED_META) and not node.users:
             g.erase_node(node)
-    for _, module in gm.named_modules():
-        packed_here = module.__dict__.pop(PACKED_ATTR, {})
-        for attr, info in packed_here.items():
-            module.register_parameter(attr, info["param"])
-            del module._parameters[f"{attr}_values"]
-            del module._buffers[f"{attr}_meta"]
-        if packed_here:  # the original order of the parameters, hence of state_dict keys
-            order = next(iter(packed_here.values())).get("order", [])
-            params = dict(module._parameters)
-            module._parameters.clear()
-            module._parameters.update({k: params.pop(k) for k in order if k in params})
-            module._parameters.update(params)
+    for r in records:
+        if r.kind is MaskKind.PACKED:
+            _restore_parameter(gm, r)
     return PassResult(gm, modified=True)
+
+
+def _restore_parameter(gm: fx.GraphModule, r: MaskRecord) -> None:
+    """The original Parameter back under its name, in its place among the module's parameters
+    (hence of state_dict keys); the packed storage goes."""
+    path, _, attr = r.weight.rpartition(".")
+    module = gm.get_submodule(path) if path else gm
+    del module._parameters[f"{attr}_values"]
+    del module._buffers[f"{attr}_meta"]
+    module._parameters[attr] = r.param
+    params = dict(module._parameters)
+    module._parameters.clear()
+    module._parameters.update({k: params.pop(k) for k in r.order if k in params})
+    module._parameters.update(params)

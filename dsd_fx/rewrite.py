@@ -1,15 +1,13 @@
-"""Module calls -> functional calls of a given weight node: the rewrite table the passes share."""
+"""The graph surgery the passes share: module calls made functional over given weight nodes."""
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-import torch.nn as nn
-import torch.nn.functional as F
 from torch import fx
 
+from dsd_fx.op_table import module_row
 from dsd_fx.ops import module_call
-from dsd_fx.select import is_direct
-from dsd_fx.tags import tag, untagged_meta
+from dsd_fx.tags import Role, tag, untagged_meta
 
 
 def get_attr(g: fx.Graph, target: str) -> fx.Node:
@@ -19,36 +17,6 @@ def get_attr(g: fx.Graph, target: str) -> fx.Node:
 
 def input_of(node: fx.Node) -> fx.Node:
     return node.args[0] if node.args else node.kwargs["input"]
-
-
-_CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
-_CONVT = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d, nn.ConvTranspose3d: F.conv_transpose3d}
-
-
-def _linear(g, m: nn.Linear, x, w, b, pass_name):
-    return g.call_function(F.linear, (x, w, b))
-
-
-def _conv(g, m: nn.modules.conv._ConvNd, x, w, b, pass_name):
-    fn = _CONV[next(c for c in _CONV if isinstance(m, c))]
-    if m.padding_mode != "zeros":
-        # as nn.Conv*._conv_forward does: pad explicitly, then convolve without padding
-        x = tag(g.call_function(F.pad, (x, m._reversed_padding_repeated_twice), {"mode": m.padding_mode}), pass_name, "pad")
-        return g.call_function(fn, (x, w, b, m.stride, (0,) * len(m.stride), m.dilation, m.groups))
-    return g.call_function(fn, (x, w, b, m.stride, m.padding, m.dilation, m.groups))
-
-
-def _conv_transpose(g, m: nn.modules.conv._ConvTransposeNd, x, w, b, pass_name):
-    fn = _CONVT[next(c for c in _CONVT if isinstance(m, c))]
-    return g.call_function(fn, (x, w, b, m.stride, m.padding, m.output_padding, m.groups, m.dilation))
-
-
-# module type -> builder of the equivalent functional call of (input, weight node, bias node)
-FUNCTIONAL: dict[type, Callable[..., fx.Node]] = {
-    nn.Linear: _linear,
-    **{c: _conv for c in _CONV},
-    **{c: _conv_transpose for c in _CONVT},
-}
 
 
 def functionalize(
@@ -65,20 +33,35 @@ def functionalize(
     """
     g = gm.graph
     module = gm.get_submodule(node.target)
-    build = next((fn for cls, fn in FUNCTIONAL.items() if isinstance(module, cls)), None) if is_direct(module) else None
+    row = module_row(module)
+    build = row.functional if row is not None else None
     with g.inserting_before(node):
         ws = weights(g)
         if build is not None:
-            b = tag(get_attr(g, f"{node.target}.bias"), pass_name, "bias") if module.bias is not None else None
-            op = build(g, module, input_of(node), ws["weight"], b, pass_name)
+            b = tag(get_attr(g, f"{node.target}.bias"), pass_name, Role.BIAS) if module.bias is not None else None
+            x = input_of(node)
+            op = build(g, module, x, ws["weight"], b)
+            for helper in _between(x, op):  # an explicit pad: re-dense drops it with the op
+                tag(helper, pass_name, Role.HELPER)
+            info = {"input": x.name}
         else:
-            layer = tag(get_attr(g, node.target), pass_name, "layer")
+            layer = tag(get_attr(g, node.target), pass_name, Role.LAYER)
             op = g.call_function(module_call, (layer, tuple(ws), tuple(ws.values()), node.args, node.kwargs))
-    tag(op, pass_name, "op", module=node.target, name=node.name, meta=untagged_meta(node))
+            info = {}
+    tag(op, pass_name, Role.OP, module=node.target, name=node.name, meta=untagged_meta(node), **info)
     op.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
     node.replace_all_uses_with(op)
     g.erase_node(node)
     return op
+
+
+def _between(x: fx.Node, op: fx.Node) -> list[fx.Node]:
+    """The nodes a functional builder made between the module's input `x` and its op."""
+    out, node = [], op.prev
+    while node is not x and node.op == "call_function" and x in node.all_input_nodes:
+        out.append(node)
+        node = node.prev
+    return out
 
 
 def wrap_weight_uses(
@@ -95,8 +78,8 @@ def wrap_weight_uses(
     g = gm.graph
     calls: dict[fx.Node, list[tuple[str, str, Callable]]] = {}
     for pw, wrap in items:
-        # bmm / einsum weight gradients can be expanded views: never masked in place
-        weight_reads = {u.node for u in pw.uses if u.kind not in ("bmm", "einsum")}
+        # only where the op's weight gradient is a fresh tensor may it be masked in place
+        weight_reads = {u.node for u in pw.uses if u.row.fresh_grad}
         for getter in pw.getattrs:
             sole = getter in weight_reads and len(getter.users) == 1
             with g.inserting_before(getter.next):
@@ -106,10 +89,11 @@ def wrap_weight_uses(
             if use.node.op == "call_module":
                 calls.setdefault(use.node, []).append((use.param, f"{use.node.target}.{use.param}", wrap))
     for call, wrapped in calls.items():
-        direct = is_direct(gm.get_submodule(call.target))
+        row = module_row(gm.get_submodule(call.target))
+        direct = row is not None and row.functional is not None
 
         def weights(g: fx.Graph, wrapped=wrapped, direct=direct) -> dict[str, fx.Node]:
             # a Linear/Conv weight gradient is fresh; an LSTM's may be a view of a flat buffer
-            return {name: wrap(g, tag(get_attr(g, target), pass_name, "weight"), direct) for name, target, wrap in wrapped}
+            return {name: wrap(g, tag(get_attr(g, target), pass_name, Role.WEIGHT), direct) for name, target, wrap in wrapped}
 
         functionalize(gm, call, weights, pass_name)

@@ -6,35 +6,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from dsd_fx.masks import nm_mask
-from dsd_fx.packing import unpack_nm
-from dsd_fx.passes.pack_nm import PACKED_ATTR
-from dsd_fx.tags import tagged
-
-
-def current_masks(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
-    """The boolean keep-mask of every sparse weight of a sparse-phase graph, as it is now.
-
-    Fixed masks are read from their buffers, SR-STE masks recomputed from the current weights,
-    packed masks read from the index metadata.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for node in tagged(gm.graph, role="masked"):
-        name = node.args[0].target
-        if name in out:
-            continue
-        if isinstance(node.args[1], fx.Node):
-            out[name] = gm.get_buffer(node.args[1].target).detach().ne(0)
-        else:
-            _, n, m, dim, _ = node.args
-            out[name] = nm_mask(gm.get_parameter(name), n, m, dim).ne(0)
-    for prefix, module in gm.named_modules():
-        for attr, info in module.__dict__.get(PACKED_ATTR, {}).items():
-            values, meta = module.get_parameter(f"{attr}_values"), module.get_buffer(f"{attr}_meta")
-            ones = torch.ones_like(values, dtype=torch.float32)
-            keep = unpack_nm(ones, meta, info["n"], info["m"], info["dim"]).reshape(info["shape"]).ne(0)
-            out[f"{prefix}.{attr}" if prefix else attr] = keep
-    return out
+from dsd_fx.state import current_masks
 
 
 @dataclass

@@ -1,0 +1,288 @@
+"""What dsd_fx knows about each op: one typed row per module class or function.
+
+A row says which weights an op reads (its slots), the reduction dimension of each (where N:M
+groups run), which dimension of each weight holds output and input channels (for structural
+pruning), how a module call becomes a functional call of given weight nodes and back, and
+whether the packed N:M kernel (`x @ W.T + b`) can take it. Adding an op is one row: see
+`register_function`.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import fx
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One weight an op reads.
+
+    `name`: the parameter name inside the module (module rows) or the keyword of the argument
+    (function rows; "" if it has none). `index`: the positional argument (function rows).
+    `reduction`: the dimension the op contracts (N:M groups run along it), counted from the end
+    if negative; None where the op contracts several dimensions. `out_dim` / `in_dim`: the
+    dimension of the weight that indexes the op's output channels / its input channels (None
+    where it has none: the input operand of a matmul).
+    """
+
+    name: str
+    reduction: int | None
+    out_dim: int | None = None
+    in_dim: int | None = None
+    index: int | None = None
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Where a function op that computes `x @ W.T (+ b)` keeps its operands, so that the packed
+    N:M kernel can replace it: argument positions (and keywords) of x, the weight and the bias."""
+
+    x: int
+    weight: int
+    bias: int | None = None
+    bias_kw: str | None = None
+    no_kwargs: bool = False  # addmm's beta/alpha change the product: not the packed kernel's
+
+
+@dataclass(frozen=True)
+class OpRow:
+    """Everything dsd_fx knows about one op.
+
+    kind: a short name ("linear", "conv2d", "lstm", ...) used in messages and weight uses.
+    slots: the weights it reads (a callable of the module for layers whose weights depend on
+        their configuration: an LSTM's `weight_ih_l0`, `weight_hh_l0_reverse`, ...).
+    functional: for a layer with a functional form of (input, weight, bias), the builder
+        `functional(graph, module, x, w, b) -> node`; re-dense restores the module call from the
+        op's input. Layers without one (LSTM, attention) are called through `ops.module_call`.
+    packed: where a packed N:M kernel can replace the op; None keeps dense compute.
+    fresh_grad: the op's weight gradient is a fresh tensor nothing else holds, so a mask may
+        be applied to it in place (bmm/einsum gradients can be expanded views: not fresh).
+    channel_dim: the dimension of the op's output that holds its output channels (1 for conv
+        activations (N, C, ...), -1 for linear features).
+    opt_in: pruned only when the user asks (nn.Embedding: a lookup reads rows, it is no matmul).
+    """
+
+    kind: str
+    slots: tuple[Slot, ...] | Callable[[nn.Module], tuple[Slot, ...]]
+    functional: Callable[..., fx.Node] | None = None
+    packed: Packed | None = None
+    fresh_grad: bool = True
+    channel_dim: int | None = None
+    opt_in: bool = False
+
+    def slots_of(self, module: nn.Module | None = None) -> tuple[Slot, ...]:
+        return self.slots(module) if callable(self.slots) else self.slots
+
+
+# ---------------------------------------------------------------- functional forms of layers
+
+
+def _linear(g: fx.Graph, m: nn.Linear, x, w, b) -> fx.Node:
+    return g.call_function(F.linear, (x, w, b))
+
+
+def _conv(fn):
+    def build(g: fx.Graph, m: nn.modules.conv._ConvNd, x, w, b) -> fx.Node:
+        if m.padding_mode != "zeros":  # as nn.Conv*._conv_forward: pad explicitly, then convolve unpadded
+            x = g.call_function(F.pad, (x, m._reversed_padding_repeated_twice), {"mode": m.padding_mode})
+            return g.call_function(fn, (x, w, b, m.stride, (0,) * len(m.stride), m.dilation, m.groups))
+        return g.call_function(fn, (x, w, b, m.stride, m.padding, m.dilation, m.groups))
+
+    return build
+
+
+def _conv_transpose(fn):
+    def build(g: fx.Graph, m: nn.modules.conv._ConvTransposeNd, x, w, b) -> fx.Node:
+        return g.call_function(fn, (x, w, b, m.stride, m.padding, m.output_padding, m.groups, m.dilation))
+
+    return build
+
+
+# ---------------------------------------------------------------- layers with weights of their own
+
+
+def _rnn_slots(m: nn.Module) -> tuple[Slot, ...]:
+    # weight_ih_l0 (gates*hidden, input), weight_hh_l0_reverse, ...: every one multiplies along dim 1
+    return tuple(Slot(n, 1, 0, 1) for n in m._flat_weights_names if n.startswith("weight_"))
+
+
+def _cell_slots(m: nn.Module) -> tuple[Slot, ...]:
+    return (Slot("weight_ih", 1, 0, 1), Slot("weight_hh", 1, 0, 1))
+
+
+def _attention_slots(m: nn.Module) -> tuple[Slot, ...]:
+    names = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+    return tuple(Slot(n, 1, 0, 1) for n in names if getattr(m, n, None) is not None)
+
+
+_WEIGHT = (Slot("weight", 1, 0, 1),)
+_WEIGHT_T = (Slot("weight", 0, 1, 0),)  # ConvTranspose: (in_channels, out_channels / groups, ...)
+
+# module class -> row; a subclass that overrides forward computes something else and is not matched
+MODULES: dict[type, OpRow] = {
+    nn.Linear: OpRow("linear", _WEIGHT, _linear, Packed(x=0, weight=1, bias=2), channel_dim=-1),
+    nn.Conv1d: OpRow("conv1d", _WEIGHT, _conv(F.conv1d), channel_dim=1),
+    nn.Conv2d: OpRow("conv2d", _WEIGHT, _conv(F.conv2d), channel_dim=1),
+    nn.Conv3d: OpRow("conv3d", _WEIGHT, _conv(F.conv3d), channel_dim=1),
+    nn.ConvTranspose1d: OpRow("conv_transpose1d", _WEIGHT_T, _conv_transpose(F.conv_transpose1d), channel_dim=1),
+    nn.ConvTranspose2d: OpRow("conv_transpose2d", _WEIGHT_T, _conv_transpose(F.conv_transpose2d), channel_dim=1),
+    nn.ConvTranspose3d: OpRow("conv_transpose3d", _WEIGHT_T, _conv_transpose(F.conv_transpose3d), channel_dim=1),
+    nn.LSTM: OpRow("lstm", _rnn_slots, fresh_grad=False),
+    nn.GRU: OpRow("gru", _rnn_slots, fresh_grad=False),
+    nn.RNN: OpRow("rnn", _rnn_slots, fresh_grad=False),
+    nn.LSTMCell: OpRow("lstm_cell", _cell_slots, fresh_grad=False),
+    nn.GRUCell: OpRow("gru_cell", _cell_slots, fresh_grad=False),
+    nn.RNNCell: OpRow("rnn_cell", _cell_slots, fresh_grad=False),
+    nn.MultiheadAttention: OpRow("multihead_attention", _attention_slots, fresh_grad=False, channel_dim=-1),
+    # (num_embeddings, embedding_dim): a row per token; the embedding dim is the output channel
+    nn.Embedding: OpRow("embedding", (Slot("weight", 1, 1, None),), fresh_grad=False, channel_dim=-1, opt_in=True),
+}
+
+
+# ---------------------------------------------------------------- function ops
+
+_MM = Packed(x=0, weight=1)  # x @ W: W is (in, out), the packed kernel takes W.T = (out, in)
+
+
+def _mm_slots(first: str, second: str) -> tuple[Slot, ...]:
+    # input @ other: input (..., k) contracted on its last dim, other (k, n) on dim -2
+    return (Slot(first, -1, index=0), Slot(second, -2, out_dim=-1, in_dim=-2, index=1))
+
+
+def _w(reduction: int, out_dim: int, in_dim: int) -> tuple[Slot, ...]:
+    return (Slot("weight", reduction, out_dim, in_dim, index=1),)
+
+
+# (fx op, target) -> row
+FUNCTIONS: dict[tuple[str, object], OpRow] = {
+    ("call_function", F.linear): OpRow("linear", (Slot("weight", -1, 0, 1, index=1),), packed=Packed(0, 1, 2, "bias"), channel_dim=-1),
+    ("call_function", F.conv1d): OpRow("conv1d", _w(1, 0, 1), channel_dim=1),
+    ("call_function", F.conv2d): OpRow("conv2d", _w(1, 0, 1), channel_dim=1),
+    ("call_function", F.conv3d): OpRow("conv3d", _w(1, 0, 1), channel_dim=1),
+    ("call_function", F.conv_transpose1d): OpRow("conv_transpose1d", _w(0, 1, 0), channel_dim=1),
+    ("call_function", F.conv_transpose2d): OpRow("conv_transpose2d", _w(0, 1, 0), channel_dim=1),
+    ("call_function", F.conv_transpose3d): OpRow("conv_transpose3d", _w(0, 1, 0), channel_dim=1),
+    ("call_function", torch.matmul): OpRow("matmul", _mm_slots("input", "other"), packed=_MM, channel_dim=-1),
+    ("call_function", operator.matmul): OpRow("matmul", _mm_slots("", ""), packed=_MM, channel_dim=-1),
+    ("call_function", torch.mm): OpRow("mm", _mm_slots("input", "mat2"), packed=_MM, channel_dim=-1),
+    ("call_function", torch.addmm): OpRow(
+        "addmm", (Slot("mat1", -1, index=1), Slot("mat2", -2, -1, -2, index=2)),
+        packed=Packed(x=1, weight=2, bias=0, no_kwargs=True), channel_dim=-1,
+    ),
+    ("call_function", torch.bmm): OpRow("bmm", _mm_slots("input", "mat2"), fresh_grad=False, channel_dim=-1),
+    ("call_method", "bmm"): OpRow("bmm", _mm_slots("", "mat2"), fresh_grad=False, channel_dim=-1),
+    ("call_method", "matmul"): OpRow("matmul", _mm_slots("", "other"), packed=_MM, channel_dim=-1),
+    ("call_method", "mm"): OpRow("mm", _mm_slots("", "mat2"), packed=_MM, channel_dim=-1),
+    # einsum's slots depend on its equation: see einsum_slots
+    ("call_function", torch.functional.einsum): OpRow("einsum", (), fresh_grad=False),
+}
+EINSUM = FUNCTIONS[("call_function", torch.functional.einsum)]
+
+
+def register_function(target: object, row: OpRow, op: str = "call_function") -> None:
+    """Teach dsd_fx a function op: `register_function(my_linear, OpRow("my_linear", (Slot("weight", -1, 0, 1, index=1),),
+    packed=Packed(x=0, weight=1, bias=2)))`. Its weights are then masked, packed where `packed` says, and re-densed."""
+    if not isinstance(row, OpRow):
+        raise TypeError(f"register_function needs an OpRow, got {type(row).__name__}")
+    FUNCTIONS[(op, target)] = row
+
+
+def module_row(module: nn.Module) -> OpRow | None:
+    """The row of `module`'s class, or None (also for a subclass that overrides forward)."""
+    for cls, row in MODULES.items():
+        if isinstance(module, cls) and type(module).forward is cls.forward:
+            return row
+    return None
+
+
+def function_row(node: fx.Node) -> OpRow | None:
+    if node.op not in ("call_function", "call_method"):
+        return None
+    try:
+        return FUNCTIONS.get((node.op, node.target))
+    except TypeError:  # an unhashable target
+        return None
+
+
+def einsum_operands(node: fx.Node) -> tuple[str, list]:
+    equation, *ops = node.args
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = list(ops[0])
+    return equation, ops
+
+
+def einsum_reduction_dims(equation: str, n_operands: int) -> list[int | None]:
+    """Per operand of `equation`: the position of its one contracted index, or None (none or several, or '...')."""
+    eq = equation.replace(" ", "")
+    lhs, arrow, out = eq.partition("->")
+    inputs = lhs.split(",")
+    if len(inputs) != n_operands:
+        return [None] * n_operands
+    if not arrow:  # implicit output: the indices that appear once, sorted
+        letters = [c for c in lhs if c.isalpha()]
+        out = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    dims = []
+    for sub in inputs:
+        contracted = [k for k, c in enumerate(sub) if c.isalpha() and c not in out]
+        dims.append(contracted[0] if len(contracted) == 1 and "." not in sub else None)
+    return dims
+
+
+def einsum_slots(node: fx.Node) -> tuple[Slot, ...]:
+    equation, ops = einsum_operands(node)
+    dims = einsum_reduction_dims(equation, len(ops))
+    return tuple(Slot("", dim, index=k) for k, dim in enumerate(dims))
+
+
+def slot_arg(node: fx.Node, slot: Slot) -> object:
+    """The argument of `node` in `slot` (positional or keyword)."""
+    if node.target is torch.functional.einsum:
+        return einsum_operands(node)[1][slot.index]
+    if slot.index is not None and slot.index < len(node.args):
+        return node.args[slot.index]
+    return node.kwargs.get(slot.name) if slot.name else None
+
+
+@dataclass(frozen=True)
+class PackedCall:
+    """A use of weight `getter` that the packed kernel can compute: x, bias and the templates that
+    re-dense fills to rebuild the original call ("$x", "$W", "$b" mark the operands)."""
+
+    x: fx.Node
+    bias: object
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+
+
+def packed_call(user: fx.Node, getter: fx.Node) -> PackedCall | None:
+    """How `user` computes x @ W.T-like (+ b) with W = `getter`, if the packed kernel can take it."""
+    row = function_row(user)
+    p = row.packed if row is not None else None
+    if p is None or len(user.args) <= p.weight or user.args[p.weight] is not getter:
+        return None
+    if p.no_kwargs and user.kwargs:
+        return None
+    x = user.args[p.x]
+    b = None
+    if p.bias is not None:
+        b = user.args[p.bias] if len(user.args) > p.bias else user.kwargs.get(p.bias_kw or "")
+    marks = {getter: "$W", x: "$x"}
+    if isinstance(b, fx.Node):
+        marks[b] = "$b"
+    nodes = [a for a in (*user.args, *user.kwargs.values()) if isinstance(a, fx.Node)]
+    if any(a not in marks for a in nodes) or list(user.args).count(getter) != 1:
+        return None
+    mark = lambda a: marks.get(a, a) if isinstance(a, fx.Node) else a  # noqa: E731
+    return PackedCall(x, b, tuple(mark(a) for a in user.args), {k: mark(v) for k, v in user.kwargs.items()})
+
+
+def known_ops() -> str:
+    """The ops of the table, for messages."""
+    layers = sorted({cls.__name__ for cls in MODULES})
+    functions = sorted({getattr(t, "__name__", str(t)) for (_, t) in FUNCTIONS})
+    return ", ".join(layers) + "; functions " + ", ".join(functions)

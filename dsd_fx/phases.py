@@ -1,0 +1,284 @@
+"""The one verb: transform(model, phase="sparse" | "dense" | "push", ...), each phase a recipe of passes."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import fx
+
+from dsd_fx.capture import capture
+from dsd_fx.config import SparseConfig
+from dsd_fx.diff import diff_graphs, fx_to_nx
+from dsd_fx.masks import global_magnitude_masks, magnitude_mask, n_pruned, nm_mask
+from dsd_fx.packing import unpack_nm as unpack_tensor
+from dsd_fx.passes.fold_masks import redense_plan
+from dsd_fx.passes.insert_masks import insert_masks
+from dsd_fx.passes.insert_nm import insert_nm
+from dsd_fx.passes.insert_taps import insert_taps, plan_taps
+from dsd_fx.passes.pack_nm import pack_nm
+from dsd_fx.pipeline import Invariant, PassRecord, run_passes
+from dsd_fx.print_changed import PrintChanged
+from dsd_fx.prunable import PrunableWeight
+from dsd_fx.selection import select_nm, select_weights
+from dsd_fx.state import STATE, MaskKind, MaskRecord, TransformState, current_masks, masks_of, state_of
+from dsd_fx.tags import Role, has_dsd_nodes, persist, tagged
+
+TRANSFORM_OPTIONS = ("copy", "concrete_args", "print_changed", "print_changed_dir", "print_changed_passes")
+
+
+def changes(gm: fx.GraphModule) -> list[PassRecord]:
+    """The per-pass records of the transform that made `gm` (empty for a model dsd_fx did not make)."""
+    return list(getattr(gm, "meta", {}).get("dsd_fx", {}).get("changes", []))
+
+
+@dataclass
+class Plan:
+    """A phase's work: the passes with their invariants, the record, and the commit that runs
+    only after every check and every diagnostic has passed."""
+
+    recipe: list
+    invariants: list[Invariant]
+    commit: Callable[[], None]
+    records: list[MaskRecord]
+    final: tuple = ()
+
+
+# the options each phase takes beside TRANSFORM_OPTIONS
+PHASE_OPTIONS: dict[str, tuple[str, ...]] = {"sparse": SparseConfig.option_names(), "dense": (), "push": ("taps",)}
+PHASES = tuple(PHASE_OPTIONS)
+
+
+def transform(model: torch.nn.Module, phase: str = "sparse", *, config: SparseConfig | None = None, **options: Any) -> fx.GraphModule:
+    """Rewrite `model` into the graph of `phase` and return the new GraphModule.
+
+    phase="sparse": trace `model` (or take a GraphModule from any tracer), give every prunable
+        weight a `<name>_mask` buffer and a visible mask op before its use, and zero the pruned
+        weights. The sparse options (`sparsity` (default 0.5), `include`, `exclude`, `scope`,
+        `pattern`, `method`, `lambda_w`, `pack`, `strict`, `embeddings`, `kernel`) are the fields of
+        `SparseConfig`, which validates them; or pass `config=SparseConfig(...)` instead.
+    phase="dense": write W * M into every masked weight (pruned weights restart from zero), remove
+        every dsd_fx node, tap and buffer and restore the original ops and parameter names.
+    phase="push": tap the layers `taps` names (default: the final classifier's input), so that each
+        forward records their activations for `dsd_fx.push_loss(gm, labels)`; outputs bitwise unchanged.
+
+    The returned GraphModule shares its parameter objects with `model` (unless `copy=True`): the
+    commit step (zeroing pruned weights, writing W * M) changes them in place. Every check and every
+    diagnostic runs before the commit, so a transform that raises leaves `model` exactly as it was.
+
+    print_changed ("quiet", "diff", "cdiff"), print_changed_dir and print_changed_passes show each
+    pass that changed the graph, like LLVM's -print-changed (also set by the environment variables
+    DSD_FX_PRINT_CHANGED, DSD_FX_PRINT_CHANGED_DIR, DSD_FX_PRINT_CHANGED_PASSES). `concrete_args`
+    goes to torch.fx's tracer. `dsd_fx.changes(gm)` lists the passes and, when recorded, their diffs.
+    """
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}; use phase='sparse' to prune, phase='dense' to re-dense "
+                         "or phase='push' to tap layers for the push loss")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"transform expects an nn.Module or a torch.fx.GraphModule, got {type(model).__name__}")
+    config = _phase_config(phase, config, options)
+    printer = PrintChanged.resolve(options.get("print_changed"), options.get("print_changed_dir"), options.get("print_changed_passes"))
+    copy = bool(options.get("copy", False))
+    if phase == "dense":
+        gm = _dense_capture(model, copy)
+        plan = _dense_plan(gm)
+    else:
+        gm = capture(model, copy=copy, concrete_args=options.get("concrete_args"))
+        plan = _sparse_plan(gm, config) if phase == "sparse" else _push_plan(gm, options.get("taps"))
+    observer = _DiffObserver() if printer.active else None
+    records = run_passes(gm, plan.recipe, plan.invariants, final=plan.final, observer=observer)
+    gm.meta["dsd_fx"] = {"changes": records}
+    persist(gm)
+    printer.emit(records, phase)  # diagnostics: before the commit, so a failing one changes nothing
+    plan.commit()
+    return gm
+
+
+def _phase_config(phase: str, config: SparseConfig | None, options: dict) -> SparseConfig | None:
+    """Check that every option belongs to `phase`; the sparse phase's SparseConfig, built once."""
+    sparse = sorted(k for k in options if k in SparseConfig.option_names())
+    own = PHASE_OPTIONS[phase]
+    unknown = sorted(set(options) - {o for opts in PHASE_OPTIONS.values() for o in opts} - set(TRANSFORM_OPTIONS))
+    if unknown:
+        by_phase = "; ".join(f"phase={p!r}: {', '.join(o) or 'none'}" for p, o in PHASE_OPTIONS.items())
+        raise TypeError(f"transform got unknown option(s) {', '.join(unknown)}. Options by phase: {by_phase}; "
+                        f"every phase: {', '.join(TRANSFORM_OPTIONS)}")
+    foreign = sorted(k for k in options if k not in own and k not in TRANSFORM_OPTIONS) + (["config"] if config is not None and phase != "sparse" else [])
+    if foreign and phase == "dense":
+        raise TypeError(f"phase='dense' takes no sparsity options (got {', '.join(foreign)}): it removes what the sparse and push phases made")
+    if foreign:
+        raise TypeError(f"phase={phase!r} does not take {', '.join(foreign)}")
+    if phase == "dense" and "concrete_args" in options:
+        raise TypeError("phase='dense' takes no concrete_args: it does not trace")
+    if phase != "sparse":
+        return None
+    if config is not None and sparse:
+        raise TypeError(f"give either config= or the sparse options ({', '.join(sparse)}), not both")
+    if config is not None and not isinstance(config, SparseConfig):
+        raise TypeError(f"config must be a dsd_fx.SparseConfig, got {type(config).__name__}")
+    return config if config is not None else SparseConfig(**{k: options[k] for k in sparse})
+
+
+class _DiffObserver:
+    """The pipeline's observer when diffs are asked for: each changed pass's structural diff."""
+
+    def before(self, gm: fx.GraphModule):
+        return gm.code, fx_to_nx(gm)
+
+    def after(self, name: str, snapshot, gm: fx.GraphModule):
+        code, graph = snapshot
+        return diff_graphs(graph, fx_to_nx(gm), code, gm.code, name)
+
+
+# ---------------------------------------------------------------- sparse
+
+
+def _push_plan(gm: fx.GraphModule, taps) -> Plan:
+    plan_taps(gm, taps)  # a bad tap list raises before any change
+    return Plan([("insert_taps", functools.partial(insert_taps, taps=taps))], [], lambda: None, [])
+
+
+def _sparse_plan(gm: fx.GraphModule, config: SparseConfig) -> Plan:
+    if state_of(gm) is not None:
+        raise ValueError(
+            f"transform(phase='sparse'): {gm.__class__.__name__} is already a sparse-phase graph "
+            f"(it has {sum(1 for _ in tagged(gm.graph, role=Role.MASKED_WEIGHT))} masked weights); "
+            "re-dense it first with transform(gm, phase='dense'), then sparsify again (DSDSD)"
+        )
+    chosen = select_weights(gm, config)
+    if config.nm is None:
+        plan = _magnitude_plan(chosen, config)
+    elif config.pack:
+        plan = _packed_plan(gm, chosen, config)
+    else:
+        plan = _nm_plan(chosen, config)
+    gm.add_module(STATE, TransformState(config.describe([r.weight for r in plan.records]), plan.records))
+    plan.invariants = [Invariant("every use of a sparse weight is masked", _all_uses_masked), *plan.invariants]
+    return plan
+
+
+def _buffer_plan(plan: list[tuple[PrunableWeight, torch.Tensor]], records: list[MaskRecord], invariants: list[Invariant]) -> Plan:
+    def commit() -> None:
+        with torch.no_grad():
+            for w, mask in plan:
+                w.param.mul_(mask)
+
+    def shapes(g: fx.GraphModule) -> None:
+        for w, _ in plan:
+            mask = g.get_buffer(w.mask_name)
+            if mask.shape != w.param.shape:
+                raise AssertionError(f"mask {w.mask_name} has shape {tuple(mask.shape)}, weight {tuple(w.param.shape)}")
+
+    recipe = [("insert_masks", functools.partial(insert_masks, masks=plan))]
+    return Plan(recipe, [Invariant("mask shape = weight shape", shapes), *invariants], commit, records)
+
+
+def _magnitude_plan(chosen: list[tuple[PrunableWeight, float]], config: SparseConfig) -> Plan:
+    if config.scope == "global":
+        masks = global_magnitude_masks([w.param for w, _ in chosen], config.sparsity)
+    else:
+        masks = [magnitude_mask(w.param, ratio) for w, ratio in chosen]
+    plan = [(w, m) for (w, _), m in zip(chosen, masks)]
+
+    def counts(g: fx.GraphModule) -> None:
+        zeros = {w.name: int((g.get_buffer(w.mask_name) == 0).sum()) for w, _ in chosen}
+        if config.scope == "global":
+            want = n_pruned(sum(w.param.numel() for w, _ in chosen), config.sparsity)
+            if sum(zeros.values()) != want:
+                raise AssertionError(f"global masks prune {sum(zeros.values())} weights in all, not {want}")
+            return
+        for w, ratio in chosen:
+            if zeros[w.name] != n_pruned(w.param.numel(), ratio):
+                raise AssertionError(f"mask {w.mask_name} prunes {zeros[w.name]} weights, not round({ratio} * {w.param.numel()})")
+
+    records = [MaskRecord(w.name, MaskKind.BUFFER, buffer=w.mask_name) for w, _ in chosen]
+    return _buffer_plan(plan, records, [Invariant("sparsity as asked", counts)])
+
+
+def _nm_groups(keep: torch.Tensor, n: int, m: int, dim: int, name: str) -> None:
+    counts = keep.movedim(dim, -1).reshape(-1, m).ne(0).sum(1)
+    if not bool((counts == n).all()):
+        raise AssertionError(f"{name}: not exactly {n} of every {m} kept")
+
+
+def _nm_plan(chosen, config: SparseConfig) -> Plan:
+    n, m = config.nm
+    weights = select_nm(chosen, n, m, config.strict)
+    if config.method == "fixed":
+        plan = [(w, nm_mask(w.param, n, m, dim)) for w, dim in weights]
+        records = [MaskRecord(w.name, MaskKind.BUFFER, buffer=w.mask_name, n=n, m=m, dim=dim) for w, dim in weights]
+
+        def kept(g: fx.GraphModule) -> None:
+            for w, dim in weights:
+                _nm_groups(g.get_buffer(w.mask_name), n, m, dim, w.name)
+
+        return _buffer_plan(plan, records, [Invariant("N of M kept", kept)])
+    lam = config.effective_lambda
+    records = [MaskRecord(w.name, MaskKind.DYNAMIC, n=n, m=m, dim=dim, lambda_w=lam) for w, dim in weights]
+
+    def pattern(g: fx.GraphModule) -> None:  # the op of every use carries the record's pattern
+        want = {r.weight: (r.n, r.m, r.dim, r.lambda_w) for r in records}
+        for node in tagged(g.graph, role=Role.MASKED_WEIGHT):
+            got = tuple(node.args[1:5])
+            if got != want[node.meta["dsd_fx"]["weight"]]:
+                raise AssertionError(f"{node.name} computes (n, m, dim, lambda_w) = {got}, not {want[node.meta['dsd_fx']['weight']]}")
+
+    recipe = [("insert_nm", functools.partial(insert_nm, weights=weights, n=n, m=m, lambda_w=lam))]
+    return Plan(recipe, [Invariant("N:M pattern of every dynamic mask", pattern)], lambda: None, records)
+
+
+def _packed_plan(gm: fx.GraphModule, chosen, config: SparseConfig) -> Plan:
+    n, m = config.nm
+    weights = select_nm(chosen, n, m, config.strict)
+    records = []
+    for w, dim in weights:
+        path, _, attr = w.name.rpartition(".")
+        owner = gm.get_submodule(path) if path else gm
+        records.append(MaskRecord(w.name, MaskKind.PACKED, n=n, m=m, dim=dim, param=w.param,
+                                  shape=tuple(w.param.shape), order=tuple(owner._parameters)))
+
+    def unpacks(g: fx.GraphModule) -> None:  # packed storage unpacks to W * M of the user's dense W
+        keep = current_masks(g)
+        for w, dim in weights:
+            _nm_groups(keep[w.name], n, m, dim, w.name)
+            dense = unpack_tensor(g.get_parameter(f"{w.name}_values"), g.get_buffer(f"{w.name}_meta"), n, m, dim)
+            if not torch.equal(dense.reshape(w.param.shape), w.param.detach() * nm_mask(w.param, n, m, dim)):
+                raise AssertionError(f"{w.name}: the packed storage does not unpack to W * M")
+
+    def commit() -> None:  # the dense storage goes: the packed values are the weight now
+        with torch.no_grad():
+            for w, _ in weights:
+                w.param.data = w.param.data.new_empty(0)
+
+    recipe = [("pack_nm", functools.partial(pack_nm, weights=weights, n=n, m=m, kernel=config.kernel))]
+    return Plan(recipe, [Invariant("packed storage unpacks to W * M, N of M kept", unpacks)], commit, records)
+
+
+def _all_uses_masked(g: fx.GraphModule) -> None:
+    """No get_attr of a masked (or packed) weight feeds anything but dsd_fx's own nodes."""
+    kinds = {r.weight: r.kind for r in masks_of(g)}
+    for node in g.graph.nodes:
+        kind = kinds.get(node.target) if node.op == "get_attr" else None
+        if kind is MaskKind.PACKED:
+            raise AssertionError(f"packed weight {node.target} is still read by {node.name}")
+        bare = [u.name for u in node.users if "dsd_fx" not in u.meta] if kind is not None else []
+        if bare:
+            raise AssertionError(f"weight {node.target} reaches {', '.join(bare)} unmasked")
+
+
+# ---------------------------------------------------------------- dense
+
+
+def _dense_capture(model: torch.nn.Module, copy: bool) -> fx.GraphModule:
+    if not isinstance(model, fx.GraphModule) or not has_dsd_nodes(model.graph):
+        raise ValueError(
+            f"transform(phase='dense'): {type(model).__name__} has no dsd_fx nodes, so there is nothing to "
+            "re-dense; pass the GraphModule that transform(model, phase='sparse') returned"
+        )
+    return capture(model, copy=copy)
+
+
+def _dense_plan(gm: fx.GraphModule) -> Plan:
+    recipe, final, commit = redense_plan(gm)
+    return Plan(recipe, [], commit, [], tuple(final))

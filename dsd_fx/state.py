@@ -1,0 +1,120 @@
+"""The one record of a sparse-phase graph: its options, its masks and its tags, read by `masks_of`."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+from torch import fx
+
+STATE = "_dsd_fx"  # the submodule of a sparse-phase graph holding its record
+
+
+class MaskKind(str, Enum):
+    BUFFER = "buffer"  # a `<weight>_mask` buffer, fixed for the phase (magnitude, fixed N:M)
+    DYNAMIC = "dynamic"  # recomputed from the weight at every forward (SR-STE, STE)
+    PACKED = "packed"  # the weight is stored as `<weight>_values` + `<weight>_meta`
+
+
+@dataclass
+class MaskRecord:
+    """How one weight is sparse. `weight` is its qualified name; `buffer` the mask's (BUFFER);
+    `n`, `m`, `dim`, `lambda_w` the N:M pattern along the reduction dim; for PACKED, `param` is
+    the user's original Parameter (emptied; re-dense refills this same object under its name),
+    `shape` its dense shape and `order` its module's parameter order (that of state_dict keys)."""
+
+    weight: str
+    kind: MaskKind
+    buffer: str | None = None
+    n: int | None = None
+    m: int | None = None
+    dim: int | None = None
+    lambda_w: float = 0.0
+    param: torch.nn.Parameter | None = field(default=None, repr=False)
+    shape: tuple[int, ...] | None = None
+    order: tuple[str, ...] = ()
+
+    @property
+    def values(self) -> str:
+        return f"{self.weight}_values"
+
+    @property
+    def meta(self) -> str:
+        return f"{self.weight}_meta"
+
+
+class TransformState(torch.nn.Module):
+    """The record on a sparse-phase GraphModule (`gm._dsd_fx`), kept through deepcopy and
+    torch.save/torch.load: the options it was made with, one MaskRecord per sparse weight, and
+    the nodes' tags by name. Its state_dict entry `_dsd_fx._extra_state` holds the options (JSON
+    bytes in a uint8 tensor, so the state_dict stays all tensors, safetensors included): loading a
+    checkpoint made with other options raises, naming them."""
+
+    def __init__(self, options: dict, masks: list[MaskRecord]) -> None:
+        super().__init__()
+        self.options = json.loads(json.dumps(options))  # as it will read back
+        self.masks = {r.weight: r for r in masks}
+        self.tags: dict[str, tuple] = {}
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.frombuffer(bytearray(json.dumps(self.options, sort_keys=True).encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        state = json.loads(bytes(state.cpu().tolist()).decode()) if isinstance(state, torch.Tensor) else state
+        if state == self.options:
+            return
+        keys = [k for k in {**state, **self.options} if state.get(k) != self.options.get(k)]
+        diffs = "; ".join(f"{k}: checkpoint {state.get(k)!r}, this model {self.options.get(k)!r}" for k in keys)
+        raise ValueError(
+            f"load_state_dict: this checkpoint comes from a sparse-phase model made with other options ({diffs}). "
+            "Transform a fresh model with the checkpoint's options, then load it"
+        )
+
+
+def state_of(gm: torch.nn.Module) -> TransformState | None:
+    record = getattr(gm, "_modules", {}).get(STATE)
+    return record if isinstance(record, TransformState) else None
+
+
+def masks_of(gm: torch.nn.Module) -> list[MaskRecord]:
+    """The MaskRecord of every sparse weight of a sparse-phase graph (empty for any other model)."""
+    record = state_of(gm)
+    return list(record.masks.values()) if record is not None else []
+
+
+def current_masks(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The boolean keep-mask of every sparse weight, as it is now: fixed masks from their buffers,
+    SR-STE masks recomputed from the current weights, packed masks from the index metadata."""
+    from dsd_fx.masks import nm_mask
+    from dsd_fx.packing import unpack_nm
+
+    out: dict[str, torch.Tensor] = {}
+    for r in masks_of(gm):
+        if r.kind is MaskKind.BUFFER:
+            out[r.weight] = gm.get_buffer(r.buffer).detach().ne(0)
+        elif r.kind is MaskKind.DYNAMIC:
+            out[r.weight] = nm_mask(gm.get_parameter(r.weight).detach(), r.n, r.m, r.dim).ne(0)
+        else:
+            ones = torch.ones_like(gm.get_parameter(r.values), dtype=torch.float32)
+            out[r.weight] = unpack_nm(ones, gm.get_buffer(r.meta), r.n, r.m, r.dim).reshape(r.shape).ne(0)
+    return out
+
+
+def dense_weights(gm: fx.GraphModule) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """(parameter, its re-dense value W * M) of every sparse weight: what re-dense and fold commit."""
+    from dsd_fx.packing import unpack_nm
+
+    out, seen = [], set()
+    keep = current_masks(gm)
+    for r in masks_of(gm):
+        if r.kind is MaskKind.PACKED:
+            values = gm.get_parameter(r.values).detach()
+            dense = unpack_nm(values, gm.get_buffer(r.meta), r.n, r.m, r.dim).reshape(r.shape).contiguous()
+            out.append((r.param, dense))
+            continue
+        param = gm.get_parameter(r.weight)
+        if id(param) not in seen:
+            seen.add(id(param))
+            out.append((param, param.detach() * keep[r.weight].to(param.dtype)))
+    return out

@@ -1,0 +1,87 @@
+"""fold_masks: the re-dense rewrite and its commit: W * M into the weights, every dsd_fx node and tap gone."""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+from torch import fx
+from torch.fx.passes.infra.pass_base import PassResult
+
+from dsd_fx.pipeline import Invariant, Pass, run_passes
+from dsd_fx.state import STATE, MaskKind, dense_weights, masks_of
+from dsd_fx.tags import has_dsd_nodes
+from dsd_fx.taps import recorder_of
+
+from dsd_fx.passes.strip_masks import strip_masks
+from dsd_fx.passes.strip_taps import strip_taps
+from dsd_fx.passes.unpack_nm import unpack_nm
+
+
+def redense_plan(gm: fx.GraphModule) -> tuple[list[tuple[str, Pass]], list[Invariant], Callable[[], None]]:
+    """(recipe, final invariants, commit) that make sparse-phase `gm` dense again.
+
+    The recipe removes the graph's record and every node and buffer dsd_fx made; `commit()`
+    then writes W * M into the weights (pruned weights restart from zero) and refills packed
+    weights, under their original names. Nothing is written before `commit()` is called.
+    """
+    records = masks_of(gm)
+    tapped = recorder_of(gm) is not None
+    if not records and not tapped:
+        raise ValueError(
+            f"{type(gm).__name__} has dsd_fx nodes but no dsd_fx record ({STATE}); it was not made by "
+            "dsd_fx.transform, or its record was removed. Re-dense the GraphModule transform returned"
+        )
+    values = dense_weights(gm)  # read before the passes drop the masks and the packed storage
+    packed = {id(r.param) for r in records if r.kind is MaskKind.PACKED}
+    keys = {k for k in gm.state_dict() if not k.startswith(f"{STATE}.")}
+    for r in records:
+        if r.kind is MaskKind.BUFFER:
+            keys.discard(r.buffer)
+        elif r.kind is MaskKind.PACKED:
+            keys = (keys - {r.values, r.meta}) | {r.weight}
+
+    def drop_record(g: fx.GraphModule) -> PassResult:
+        g._modules.pop(STATE, None)
+        return PassResult(g, modified=False)  # the graph is unchanged
+
+    def nothing_left(g: fx.GraphModule) -> None:
+        left = [n.name for n in g.graph.nodes if "dsd_fx" in n.meta]
+        if left or has_dsd_nodes(g.graph):
+            raise AssertionError(f"dsd_fx nodes left after re-dense: {left}")
+        if set(g.state_dict()) != keys:
+            raise AssertionError(f"state_dict keys after re-dense {sorted(g.state_dict())} != {sorted(keys)}")
+
+    def commit() -> None:
+        with torch.no_grad():
+            for param, value in values:
+                if id(param) in packed:
+                    param.data = value  # the same Parameter object, refilled
+                else:
+                    param.copy_(value)
+
+    recipe = [("unpack_nm", functools.partial(unpack_nm, records=records)), ("strip_masks", strip_masks), ("drop_record", drop_record)]
+    if tapped:  # taps first: strip_masks rebuilds the graph and would copy them untagged
+        recipe.insert(0, ("strip_taps", strip_taps))
+    return recipe, [Invariant("nothing of dsd_fx left after re-dense", nothing_left)], commit
+
+
+def fold_masks(gm: fx.GraphModule) -> PassResult:
+    """Fold the masks of a sparse-phase graph into its weights, in place: export's view of a
+    mid-phase model. Run it on a copy (`copy.deepcopy(gm)`) to keep the training graph.
+
+    Before::
+
+        mask_mul = dsd_fx_ops_mask_mul(fc1_weight, fc1_weight_mask, grad_inplace = True)
+        linear = torch._C._nn.linear(x, mask_mul, fc1_bias)
+
+    After (with fc1.weight now W * M)::
+
+        fc1 = self.fc1(x)
+    """
+    if not has_dsd_nodes(gm.graph):
+        return PassResult(gm, modified=False)
+    recipe, final, commit = redense_plan(gm)
+    run_passes(gm, recipe, final=final)
+    commit()
+    return PassResult(gm, modified=True)

@@ -1,0 +1,120 @@
+"""transform's phases: options declared once, diagnostics before the commit, failures that change nothing."""
+import logging
+
+import pytest
+import torch
+
+import dsd_fx
+from conftest import TinyMLP, assert_unchanged, snapshot
+from dsd_fx.config import SparseConfig
+
+MODES = {
+    "magnitude": {"sparsity": 0.5},
+    "fixed 2:4": {"pattern": "2:4"},
+    "sr-ste": {"pattern": "2:4", "method": "sr-ste"},
+    "packed": {"pattern": "2:4", "pack": True},
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_unwritable_diff_folder_changes_nothing(mode, tmp_path):
+    """Writing the per-pass diffs fails (a folder under a plain file): the model keeps every weight."""
+    plain = tmp_path / "file"
+    plain.write_text("not a folder")
+    model = TinyMLP()
+    snap = snapshot(model)
+    with pytest.raises(OSError):
+        dsd_fx.transform(model, print_changed_dir=str(plain / "diffs"), **MODES[mode])
+    assert_unchanged(model, snap)
+    assert all(p.numel() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_unwritable_diff_folder_on_redense_changes_nothing(mode, tmp_path):
+    plain = tmp_path / "file"
+    plain.write_text("not a folder")
+    sparse = dsd_fx.transform(TinyMLP(), **MODES[mode])
+    snap = snapshot(sparse)
+    with pytest.raises(OSError):
+        dsd_fx.transform(sparse, phase="dense", print_changed_dir=str(plain / "diffs"))
+    assert_unchanged(sparse, snap)
+
+
+@pytest.mark.parametrize("option", SparseConfig.option_names())
+def test_dense_phase_refuses_every_sparse_option(option):
+    sparse = dsd_fx.transform(TinyMLP())
+    value = SparseConfig.__dataclass_fields__[option].default
+    snap = snapshot(sparse)
+    with pytest.raises(TypeError, match=f"no sparsity options.*{option}"):
+        dsd_fx.transform(sparse, phase="dense", **{option: value})
+    assert_unchanged(sparse, snap)
+
+
+def test_dense_phase_refuses_a_config():
+    sparse = dsd_fx.transform(TinyMLP())
+    with pytest.raises(TypeError, match="config"):
+        dsd_fx.transform(sparse, phase="dense", config=SparseConfig())
+
+
+@pytest.mark.parametrize("option", [{"lambda_w": 1e-3}, {"sparsity": 0.3}, {"kernel": "dense"}])
+def test_config_together_with_an_option_is_refused(option):
+    model = TinyMLP()
+    snap = snapshot(model)
+    with pytest.raises(TypeError, match=f"either config= or the sparse options.*{next(iter(option))}"):
+        dsd_fx.transform(model, config=SparseConfig(pattern="2:4", method="sr-ste"), **option)
+    assert_unchanged(model, snap)
+
+
+def test_unknown_option_names_the_valid_ones():
+    with pytest.raises(TypeError, match="sparsty.*sparsity"):
+        dsd_fx.transform(TinyMLP(), sparsty=0.5)
+
+
+def test_config_is_the_same_as_its_options():
+    a, b = TinyMLP(), TinyMLP()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 8)
+    by_config = dsd_fx.transform(a, config=SparseConfig(sparsity=0.7, scope="global"))
+    by_options = dsd_fx.transform(b, sparsity=0.7, scope="global")
+    assert by_config.code == by_options.code
+    torch.testing.assert_close(by_config(x), by_options(x), rtol=0, atol=0)
+
+
+def test_dsd_checks_its_sparse_options_before_the_dense_phase():
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        dsd_fx.DSD(TinyMLP(), torch.optim.SGD, lr=0.1, sparsity=1.5)
+    with pytest.raises(ValueError, match="needs a pattern"):
+        dsd_fx.DSD(TinyMLP(), torch.optim.SGD, lr=0.1, method="sr-ste")
+
+
+def test_a_compiled_model_is_transformed_through_its_original_module(caplog):
+    model = TinyMLP()
+    compiled = torch.compile(model)
+    with caplog.at_level(logging.WARNING, logger="dsd_fx.capture"):
+        sparse = dsd_fx.transform(compiled)
+    assert "torch.compile wrapper" in caplog.text and "TinyMLP" in caplog.text
+    assert sparse.get_parameter("fc1.weight") is model.fc1.weight
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(sparse(x), model.fc2(torch.relu(model.fc1(x))))
+
+
+def test_push_phase_taps_and_redense_removes_taps_and_masks():
+    model = TinyMLP()
+    reference = torch.fx.symbolic_trace(TinyMLP())
+    pushed = dsd_fx.transform(dsd_fx.transform(model, sparsity=0.5), phase="push")
+    x = torch.randn(4, 8)
+    out = pushed(x)
+    assert "tap" in pushed.code
+    (recorded,) = pushed._dsd_fx_taps.activations.values()  # the classifier's input: relu(fc1(x)), masked
+    torch.testing.assert_close(recorded, torch.relu(model.fc1(x)), rtol=0, atol=0)
+    dense = dsd_fx.transform(pushed, phase="dense")
+    assert dense.code == reference.code
+    assert list(dense.state_dict()) == list(reference.state_dict())
+    torch.testing.assert_close(dense(x), out)
+
+
+def test_push_phase_refuses_sparse_options():
+    with pytest.raises(TypeError, match="phase='push' does not take sparsity"):
+        dsd_fx.transform(TinyMLP(), phase="push", sparsity=0.5)
+    with pytest.raises(TypeError, match="taps"):
+        dsd_fx.transform(TinyMLP(), phase="sparse", taps=["fc2"])
