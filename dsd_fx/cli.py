@@ -78,17 +78,20 @@ def _shapes(text: str) -> tuple:
 
 def _sparse_options(args: argparse.Namespace) -> SparseConfig:
     """The one SparseConfig the flags ask for; its own checks, worded in flag names. A command
-    without some of these flags (the demo has no --pack or --kernel) leaves those options unset."""
-    kernel = getattr(args, "kernel", None)
-    given = {"sparsity": args.sparsity, "pattern": args.pattern, "method": args.method, "pack": getattr(args, "pack", False) or None}
-    if "kernel" in {f.name for f in dataclasses.fields(SparseConfig)}:
-        given["kernel"] = kernel or os.environ.get(KERNEL_ENV) or None
-    elif kernel is not None:  # until SparseConfig takes it, the op itself reads the environment variable
-        raise CliError(f"--kernel {kernel}: this dsd_fx has no kernel option yet; set {KERNEL_ENV}={kernel} instead")
+    without some of these flags (the demo has no --pack or --kernel) leaves those options unset.
+    $DSD_FX_NM_KERNEL is the default of --kernel where --pack asks for a packed kernel at all."""
+    kernel, pack = getattr(args, "kernel", None), getattr(args, "pack", False)
+    from_env = kernel is None and pack and bool(os.environ.get(KERNEL_ENV))
+    if from_env:
+        kernel = os.environ[KERNEL_ENV]
+    given = {"sparsity": args.sparsity, "pattern": args.pattern, "method": args.method, "pack": pack or None, "kernel": kernel}
+    if kernel is not None and "kernel" not in {f.name for f in dataclasses.fields(SparseConfig)}:
+        raise CliError(f"--kernel {kernel}: this dsd_fx has no kernel option; leave --kernel and {KERNEL_ENV} unset")
     try:
         return SparseConfig(**{k: v for k, v in given.items() if v is not None})
     except (ValueError, TypeError) as err:
-        raise CliError(in_flag_words(str(err))) from err
+        where = f"{KERNEL_ENV}={kernel} (the default of --kernel): " if from_env and "kernel" in str(err) else ""
+        raise CliError(where + in_flag_words(str(err))) from err
 
 
 def _add_model_args(p) -> None:
@@ -99,7 +102,7 @@ def _add_model_args(p) -> None:
     p.add_argument("--pattern", help="N:M pattern instead of a fraction, e.g. 2:4")
     p.add_argument("--method", choices=["fixed", "sr-ste", "ste"], help="N:M method (default fixed)")
     p.add_argument("--pack", action="store_true", help="N:M-packed weights and matmuls")
-    p.add_argument("--kernel", help=f"the packed N:M matmul's kernel (default: ${KERNEL_ENV}, else dsd_fx's choice)")
+    p.add_argument("--kernel", help=f"with --pack, the packed N:M matmul's kernel: auto or dense (default: ${KERNEL_ENV}, else auto)")
 
 
 def cmd_diff(args: argparse.Namespace) -> int:

@@ -128,16 +128,15 @@ def test_config_errors_in_flag_words():
 
 
 def test_kernel_flag_and_its_environment_default(monkeypatch):
-    import dataclasses
-
     from dsd_fx.cli import CliError, _sparse_options
     from dsd_fx.config import SparseConfig
 
     monkeypatch.setenv("DSD_FX_NM_KERNEL", "dense")
-    if "kernel" in {f.name for f in dataclasses.fields(SparseConfig)}:
-        assert _sparse_options(_args("--pattern", "2:4", "--pack")).kernel == "dense"
-        assert _sparse_options(_args("--pattern", "2:4", "--pack", "--kernel", "semi-structured")).kernel == "semi-structured"
-    else:  # the op reads the variable itself; an explicit flag it cannot pass on is refused, by name
-        assert _sparse_options(_args("--pattern", "2:4", "--pack")) == SparseConfig(pattern="2:4", pack=True)
-        with pytest.raises(CliError, match="--kernel dense: this dsd_fx has no kernel option yet"):
-            _sparse_options(_args("--kernel", "dense"))
+    assert _sparse_options(_args("--pattern", "2:4", "--pack")) == SparseConfig(pattern="2:4", pack=True, kernel="dense")
+    assert _sparse_options(_args("--pattern", "2:4", "--pack", "--kernel", "auto")).kernel == "auto"  # the flag wins
+    assert _sparse_options(_args("--pattern", "2:4")) == SparseConfig(pattern="2:4")  # no packed kernel to choose
+    with pytest.raises(CliError, match=r"^--kernel dense chooses the packed N:M op's kernel and needs --pack$"):
+        _sparse_options(_args("--pattern", "2:4", "--kernel", "dense"))
+    monkeypatch.setenv("DSD_FX_NM_KERNEL", "fast")
+    with pytest.raises(CliError, match=r"^DSD_FX_NM_KERNEL=fast \(the default of --kernel\): --kernel must be one of"):
+        _sparse_options(_args("--pattern", "2:4", "--pack"))
