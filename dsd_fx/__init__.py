@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from dsd_fx.config import SparseConfig
-from dsd_fx.diff import GraphDiff, diff, diff_onnx
+from dsd_fx.graph_diff import GraphDiff, diff, diff_onnx
 from dsd_fx.divergence import SAD, SADTracker, sad
-from dsd_fx.export import ZeroOverheadReport, compare_onnx, export_onnx, verify_zero_overhead
+from dsd_fx.export import export_onnx
 from dsd_fx.flow import DSD, PhaseRecord
 from dsd_fx.phases import changes, transform
 from dsd_fx.prunable import PrunableWeight
 from dsd_fx.state import MaskRecord, current_masks, masks_of
+from dsd_fx.verify import ZeroOverheadReport, compare_onnx, verify_zero_overhead
 
 __all__ = [
     "SparseConfig",

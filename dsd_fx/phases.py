@@ -10,7 +10,8 @@ from torch import fx
 
 from dsd_fx.capture import capture
 from dsd_fx.config import SparseConfig
-from dsd_fx.diff import diff_graphs, fx_to_nx
+from dsd_fx.graph_diff import diff_graphs
+from dsd_fx.graphs import fx_to_nx
 from dsd_fx.masks import global_magnitude_masks, magnitude_mask, n_pruned, nm_mask
 from dsd_fx.packing import unpack_nm as unpack_tensor
 from dsd_fx.passes.fold_masks import redense_plan
@@ -79,6 +80,7 @@ def transform(model: torch.nn.Module, phase: str = "sparse", *, config: SparseCo
         raise TypeError(f"transform expects an nn.Module or a torch.fx.GraphModule, got {type(model).__name__}")
     config = _phase_config(phase, config, options)
     printer = PrintChanged.resolve(options.get("print_changed"), options.get("print_changed_dir"), options.get("print_changed_passes"))
+    printer.check()  # an unwritable diff folder fails here, before any work
     copy = bool(options.get("copy", False))
     if phase == "dense":
         gm = _dense_capture(model, copy)

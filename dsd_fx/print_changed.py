@@ -7,7 +7,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Sequence, TextIO
 
-from dsd_fx.diff import colorize
+from dsd_fx.graph_diff import colorize
 from dsd_fx.pipeline import PassRecord
 
 MODES = ("quiet", "diff", "cdiff")

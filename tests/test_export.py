@@ -82,4 +82,4 @@ def test_export_imports_nothing_above_it():
 
     tree = ast.parse((pathlib.Path(dsd_fx.__file__).parent / "export.py").read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert not imported & {"dsd_fx.verify", "dsd_fx.runtime", "dsd_fx.diff", "dsd_fx.pipeline", "dsd_fx.print_changed"}
+    assert not imported & {"dsd_fx.verify", "dsd_fx.runtime", "dsd_fx.graph_diff", "dsd_fx.pipeline", "dsd_fx.print_changed"}

@@ -36,7 +36,7 @@ def test_graphs_and_draw_are_leaves():
 
 
 def test_diff_imports_only_the_leaves():
-    assert _dsd_fx_imports("diff") == {"dsd_fx.draw", "dsd_fx.graphs"}
+    assert _dsd_fx_imports("graph_diff") == {"dsd_fx.draw", "dsd_fx.graphs"}
 
 
 def test_fx_to_nx_labels_and_argument_positions():
