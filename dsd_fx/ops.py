@@ -78,9 +78,9 @@ def module_call(module: torch.nn.Module, names: tuple, weights: tuple, args: tup
 @torch.library.custom_op("dsd_fx::sparsify_nm", mutates_args=())
 def sparsify_nm(weight: torch.Tensor, n: int, m: int, dim: int, lambda_w: float) -> torch.Tensor:
     """W * nm_mask(W): the N:M mask recomputed from the dense weight at every call (SR-STE's forward)."""
-    from dsd_fx.masks import nm_mask
+    from dsd_fx.masks import nm_sparsify
 
-    return weight * nm_mask(weight, n, m, dim)
+    return nm_sparsify(weight, n, m, dim)
 
 
 @sparsify_nm.register_fake
@@ -99,12 +99,13 @@ def _sparsify_nm_backward(ctx, grad):
     """STE: the gradient of W~ goes to W unmasked; SR-STE adds lambda_W * (1 - M) * W.
 
     (1 - M) * W = W - W * M = W - output: no mask to recompute, and the output is saved anyway
-    by the matmul that consumes it.
+    by the matmul that consumes it. One weight-sized allocation, bitwise equal to
+    `grad + lambda_w * (weight - output)`: W - output is exact (0 or W), and + and * commute.
     """
     if not ctx.lambda_w:
         return grad, None, None, None, None
     weight, output = ctx.saved_tensors
-    return grad + ctx.lambda_w * (weight - output), None, None, None, None
+    return torch.sub(weight, output).mul_(ctx.lambda_w).add_(grad), None, None, None, None
 
 
 sparsify_nm.register_autograd(_sparsify_nm_backward, setup_context=_sparsify_nm_setup)
