@@ -104,7 +104,9 @@ def _keep_into(out: torch.Tensor, magnitudes: torch.Tensor, n: int) -> torch.Ten
         keep_idx = torch.sort(magnitudes.float(), dim=1, descending=True, stable=True).indices[:, :n]
         return out.zero_().scatter_(1, keep_idx, 1)
     ranks = _pairwise_ranks(magnitudes)  # fully computed before `out` is written: it may hold `magnitudes`
-    for k in range(m):
+    if torch.compiler.is_compiling():  # dynamo refuses a strided out=; inductor fuses this anyway
+        return out.copy_((ranks < n).t())
+    for k in range(m):  # eager: one comparison per column, written in place, no (groups, M) temporary
         torch.lt(ranks[k], n, out=out[:, k])
     return out
 
