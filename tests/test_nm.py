@@ -124,6 +124,7 @@ def test_custom_ops_pass_opcheck():
     w = torch.randn(8, 16)
     values, meta = pack_nm(w, 2, 4)
     torch.library.opcheck(torch.ops.dsd_fx.nm_linear.default, (torch.randn(3, 16), values, meta, torch.randn(8), 2, 4))
+    torch.library.opcheck(torch.ops.dsd_fx.nm_linear.default, (torch.randn(3, 16), values, meta, None, 2, 4, "dense"))
     torch.library.opcheck(torch.ops.dsd_fx.sparsify_nm.default, (w.requires_grad_(), 2, 4, 1, 2e-4))
     torch.library.opcheck(torch.ops.dsd_fx.nm_unpack.default, (values, meta, 2, 4, 1, [8, 16]))
 
@@ -304,9 +305,9 @@ def test_cuda_packed_linear_uses_semi_structured_kernels(dtype):
     x = torch.randn(64, 512, device="cuda", dtype=dtype, requires_grad=True)
     values, meta = pack_nm(w, 2, 4)
     values.requires_grad_()
-    before = ops.SEMI_STRUCTURED_CALLS[0]
-    y = nm_linear(x, values, meta, None, 2, 4)
-    assert ops.SEMI_STRUCTURED_CALLS[0] == before + 1
+    y = nm_linear(x, values, meta, None, 2, 4, "sparse")
+    forms = ops.SEMI_STRUCTURED.peek(values, meta)  # the compressed weight the sparse kernel ran on
+    assert forms is not None and isinstance(forms.weight, torch.sparse.SparseSemiStructuredTensor)
     wd = (w * nm_mask(w, 2, 4, 1)).requires_grad_()
     x2 = x.detach().clone().requires_grad_()
     y2 = F.linear(x2, wd)
@@ -319,22 +320,20 @@ def test_cuda_packed_linear_uses_semi_structured_kernels(dtype):
 
 
 @cuda
-def test_dense_kernel_switch(monkeypatch):
+def test_dense_kernel_switch():
     from dsd_fx import ops
 
     w = torch.randn(128, 256, device="cuda", dtype=torch.float16)
     values, meta = pack_nm(w, 2, 4)
     x = torch.randn(32, 256, device="cuda", dtype=torch.float16)
-    monkeypatch.setenv("DSD_FX_NM_KERNEL", "dense")
-    before = ops.SEMI_STRUCTURED_CALLS[0]
-    y = nm_linear(x, values, meta, None, 2, 4)
-    assert ops.SEMI_STRUCTURED_CALLS[0] == before
+    y = nm_linear(x, values, meta, None, 2, 4, "dense")
+    assert ops.SEMI_STRUCTURED.peek(values, meta) is None
     torch.testing.assert_close(y, F.linear(x, w * nm_mask(w, 2, 4, 1)), rtol=1e-2, atol=1e-2)
 
 
 @cuda
 def test_cutlass_weight_matches_torchs_own_conversion():
-    from dsd_fx.ops import cutlass_weight
+    from dsd_fx.packing import cutlass_weight
     from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
 
     w = torch.randn(128, 256, device="cuda", dtype=torch.float16)
