@@ -154,6 +154,8 @@ def nm_sparsify(weight: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
     out = torch.abs(v)
     groups = out.view(-1, m)
     _keep_into(groups, groups, n).mul_(v.view(-1, m))
+    if dim % weight.dim() == weight.dim() - 1 and weight.is_contiguous():
+        return out  # not a view: its storage is its own (sparsify_nm's backward may reuse it)
     if weight.is_contiguous() and nm_view(weight, dim).is_contiguous():
         return out.movedim(-1, dim)
     result = torch.empty_like(weight)

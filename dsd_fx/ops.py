@@ -83,21 +83,29 @@ def module_call(module: torch.nn.Module, names: tuple, weights: tuple, args: tup
 
 
 @torch.library.custom_op("dsd_fx::sparsify_nm", mutates_args=())
-def sparsify_nm(weight: torch.Tensor, n: int, m: int, dim: int, lambda_w: float) -> torch.Tensor:
-    """W * nm_mask(W): the N:M mask recomputed from the dense weight at every call (SR-STE's forward)."""
+def sparsify_nm(
+    weight: torch.Tensor, n: int, m: int, dim: int, lambda_w: float, reuse_output: bool = False
+) -> torch.Tensor:
+    """W * nm_mask(W): the N:M mask recomputed from the dense weight at every call (SR-STE's forward).
+
+    `reuse_output=True` lets the backward write W's gradient into the storage of this op's output
+    W~ (no weight-sized allocation per step); the rewrite sets it only where W~ feeds exactly one
+    matmul-like op and nothing else, so that nothing reads W~ after that op's backward.
+    """
     from dsd_fx.masks import nm_sparsify
 
     return nm_sparsify(weight, n, m, dim)
 
 
 @sparsify_nm.register_fake
-def _(weight, n, m, dim, lambda_w):
+def _(weight, n, m, dim, lambda_w, reuse_output=False):
     return torch.empty_like(weight)
 
 
 def _sparsify_nm_setup(ctx, inputs, output):
-    weight, n, m, dim, lambda_w = inputs
+    weight, n, m, dim, lambda_w, reuse_output = inputs
     ctx.lambda_w = lambda_w
+    ctx.reuse_output = reuse_output
     if lambda_w:
         ctx.save_for_backward(weight, output)
 
@@ -106,13 +114,39 @@ def _sparsify_nm_backward(ctx, grad):
     """STE: the gradient of W~ goes to W unmasked; SR-STE adds lambda_W * (1 - M) * W.
 
     (1 - M) * W = W - W * M = W - output: no mask to recompute, and the output is saved anyway
-    by the matmul that consumes it. One weight-sized allocation, bitwise equal to
-    `grad + lambda_w * (weight - output)`: W - output is exact (0 or W), and + and * commute.
+    by the matmul that consumes it. Bitwise equal to `grad + lambda_w * (weight - output)`:
+    W - output and output - W are exact (0 or -+W), and + and * commute.
+
+    With reuse_output (W~ feeds one matmul-like op, nothing else), the result is written into W~'s
+    own storage: this node runs after that op's backward, and with neither retain_graph nor
+    create_graph no later backward unpacks W~ (one that did would fail the version check, not
+    read a wrong value). That saves a weight-sized allocation per weight and step, and the page
+    faults that fresh memory costs. Otherwise (or when traced by torch.compile), a new tensor.
     """
+    none = (None,) * 5
     if not ctx.lambda_w:
-        return grad, None, None, None, None
+        return grad, *none
     weight, output = ctx.saved_tensors
-    return torch.sub(weight, output).mul_(ctx.lambda_w).add_(grad), None, None, None, None
+    if ctx.reuse_output and _may_overwrite(output, grad):
+        return output.sub_(weight).mul_(-ctx.lambda_w).add_(grad), *none
+    return torch.sub(weight, output).mul_(ctx.lambda_w).add_(grad), *none
+
+
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
+def _may_overwrite(saved: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether a backward may reuse the storage of a tensor it saved (see _sparsify_nm_backward)."""
+    return (
+        _keep_graph is not None
+        and not torch.is_grad_enabled()  # create_graph=False
+        and not _keep_graph()  # retain_graph=False
+        and type(saved) is torch.Tensor  # not traced (FakeTensor, FunctionalTensor, ...)
+        and type(grad) is torch.Tensor
+        and saved.shape == grad.shape
+        and saved.dtype == grad.dtype
+        and not saved._is_view()
+    )
 
 
 sparsify_nm.register_autograd(_sparsify_nm_backward, setup_context=_sparsify_nm_setup)
