@@ -282,8 +282,11 @@ def with_kernel(gm: torch.fx.GraphModule, kernel: str) -> torch.fx.GraphModule:
     return gm
 
 
-def kernel_used(gm: torch.fx.GraphModule) -> str:
-    """What the packed layers computed with in their last step: from the compressed-weight cache."""
+def kernel_used(gm: torch.fx.GraphModule, x: torch.Tensor) -> str:
+    """What the packed layers compute with: one more forward, then the compressed-weight cache
+    (the last optimizer step left it stale) says which layers hold a current sparse form."""
+    with torch.no_grad():
+        gm(x)
     used = []
     for name, values in gm.named_parameters():
         if name.endswith("_values"):
@@ -334,7 +337,7 @@ def cuda_ffn_table(out: Report, dims, tokens, dtypes, rounds: int, compile_: boo
                     else:
                         cells.append(f"{med[c]['wall'] / dense:.3f}x")
                 out(f"| {str(dtype).split('.')[-1]} | {d} | {t} | {dense * 1e3:.2f} | " + " | ".join(cells)
-                    + f" | {kernel_used(models['packed auto'])} |")
+                    + f" | {kernel_used(models['packed auto'], x)} |")
                 del models, fns, base, x
                 torch.cuda.empty_cache()
     out()
