@@ -114,8 +114,9 @@ def _sparsify_nm_backward(ctx, grad):
     """STE: the gradient of W~ goes to W unmasked; SR-STE adds lambda_W * (1 - M) * W.
 
     (1 - M) * W = W - W * M = W - output: no mask to recompute, and the output is saved anyway
-    by the matmul that consumes it. Bitwise equal to `grad + lambda_w * (weight - output)`:
-    W - output and output - W are exact (0 or -+W), and + and * commute.
+    by the matmul that consumes it. Bit for bit `grad + lambda_w * (weight - output)`, as before:
+    W - output and output - W are exact (0 or -+W), and + and * commute (the reuse_output path can
+    differ only in the sign of a zero).
 
     With reuse_output (W~ feeds one matmul-like op, nothing else), the result is written into W~'s
     own storage: this node runs after that op's backward, and with neither retain_graph nor
