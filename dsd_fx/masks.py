@@ -75,29 +75,89 @@ def nm_view(weight: torch.Tensor, dim: int) -> torch.Tensor:
     return weight.movedim(dim, -1)
 
 
+_PAIRWISE_MAX_M = 8  # above this, m*(m-1)/2 comparisons cost more than a sort
+
+
+def _pairwise_ranks(magnitudes: torch.Tensor) -> torch.Tensor:
+    """(groups, M) -> (M, groups) int8: how many entries of its row beat each entry.
+
+    j beats k when |w_j| > |w_k|, or when they tie and j < k. Each unordered pair (i < j) is
+    compared once, c = |w_j| > |w_i|: j beats i when c, i beats j otherwise. So the rank of k is
+    k - sum_{i<k} c_ik + sum_{j>k} c_kj: it starts at k (as if every lower index beat it).
+    """
+    groups, m = magnitudes.shape
+    cols = magnitudes.unbind(1)
+    ranks = torch.arange(m, dtype=torch.int8, device=magnitudes.device).unsqueeze(1).repeat(1, groups)
+    beats = torch.empty(groups, dtype=torch.bool, device=magnitudes.device)
+    for i in range(m):
+        for j in range(i + 1, m):
+            c = torch.gt(cols[j], cols[i], out=beats).view(torch.int8)  # 1: j beats i; 0: i beats j
+            ranks[i].add_(c)
+            ranks[j].sub_(c)
+    return ranks
+
+
+def _keep_into(out: torch.Tensor, magnitudes: torch.Tensor, n: int) -> torch.Tensor:
+    """Write the keep mask of (groups, M) `magnitudes` into the (groups, M) `out` (any dtype)."""
+    m = magnitudes.shape[1]
+    if m > _PAIRWISE_MAX_M:
+        keep_idx = torch.sort(magnitudes.float(), dim=1, descending=True, stable=True).indices[:, :n]
+        return out.zero_().scatter_(1, keep_idx, 1)
+    ranks = _pairwise_ranks(magnitudes)  # fully computed before `out` is written: it may hold `magnitudes`
+    if torch.compiler.is_compiling():  # dynamo refuses a strided out=; inductor fuses this anyway
+        return out.copy_((ranks < n).t())
+    for k in range(m):  # eager: one comparison per column, written in place, no (groups, M) temporary
+        torch.lt(ranks[k], n, out=out[:, k])
+    return out
+
+
+def nm_keep(magnitudes: torch.Tensor, n: int) -> torch.Tensor:
+    """(groups, M) magnitudes -> (groups, M) bool: the N largest of each row, ties to the lowest index.
+
+    For M <= 8, ranks from pairwise comparisons inside each group: M*(M-1)/2 vectorised
+    comparisons on the columns, in-place int8 sums and one comparison per column, no sort and no
+    weight-sized temporary (see _pairwise_ranks). torch.compile traces it without a break. Larger
+    M: a stable sort. Every input without NaN gets the mask the former per-entry code gave
+    (tests/test_masks.py proves it against a copy of that code); with NaN the mask is unspecified.
+    """
+    return _keep_into(torch.empty_like(magnitudes, dtype=torch.bool), magnitudes, n)
+
+
+def _nm_groups(weight: torch.Tensor, m: int, dim: int) -> torch.Tensor:
+    """The reduction-last view of `weight`, contiguous, checked divisible by m."""
+    v = nm_view(weight.detach(), dim)
+    if v.shape[-1] % m:
+        raise ValueError(f"reduction size {v.shape[-1]} is not divisible by m={m}")
+    return v.contiguous()
+
+
 def nm_mask(weight: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
     """Keep the N largest |w| of every M consecutive weights along `dim`; dtype of `weight`.
 
     A Conv weight (out, in, kh, kw) with dim=1 is grouped along the input channels at each
     kernel position, as if viewed (out, kh, kw, in). Ties keep the lowest index.
     """
-    v = nm_view(weight.detach(), dim)
-    if v.shape[-1] % m:
-        raise ValueError(f"reduction size {v.shape[-1]} is not divisible by m={m}")
-    groups = v.abs().reshape(-1, m)
-    if m <= 8:
-        # rank of each entry in its group: how many entries beat it (larger, or equal at a lower
-        # index); m*(m-1) vector comparisons are far cheaper than a sort for small M
-        cols = groups.unbind(1)
-        keep = []
-        for i in range(m):
-            rank = torch.zeros_like(cols[i], dtype=torch.uint8)
-            for j in range(m):
-                if j != i:
-                    rank += (cols[j] >= cols[i]) if j < i else (cols[j] > cols[i])
-            keep.append(rank < n)
-        mask = torch.stack(keep, 1)
-    else:
-        keep_idx = torch.sort(groups.float(), dim=1, descending=True, stable=True).indices[:, :n]
-        mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, keep_idx, True)
-    return mask.view(v.shape).movedim(-1, dim).to(weight.dtype)
+    v = _nm_groups(weight, m, dim)
+    keep = nm_keep(v.abs().view(-1, m), n)
+    return keep.view(v.shape).movedim(-1, dim).to(weight.dtype)
+
+
+def nm_sparsify(weight: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
+    """W * nm_mask(W), bitwise, in the layout of `weight`, with no weight-sized temporary.
+
+    The result's storage holds |W| (what the ranking reads), then the mask (0 or 1 in W's dtype),
+    then mask * W, each written in place: one weight-sized allocation where
+    `weight * nm_mask(weight)` makes four (|W|, the stacked bool mask, the mask in W's dtype,
+    the product). SR-STE computes it at every forward.
+    """
+    v = _nm_groups(weight, m, dim)
+    out = torch.abs(v)
+    groups = out.view(-1, m)
+    _keep_into(groups, groups, n).mul_(v.view(-1, m))
+    if dim % weight.dim() == weight.dim() - 1 and weight.is_contiguous():
+        return out  # not a view: its storage is its own (sparsify_nm's backward may reuse it)
+    if weight.is_contiguous() and nm_view(weight, dim).is_contiguous():
+        return out.movedim(-1, dim)
+    result = torch.empty_like(weight)
+    nm_view(result, dim).copy_(out)
+    return result

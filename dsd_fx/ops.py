@@ -1,7 +1,14 @@
 """The ops that dsd_fx's graphs call: one node per masked weight."""
 from __future__ import annotations
 
+import logging
+from typing import Any, Callable
+
 import torch
+
+from dsd_fx.packing import CompressedWeights, compress_semi_structured
+
+log = logging.getLogger(__name__)
 
 
 class _MaskMul(torch.autograd.Function):
@@ -76,21 +83,29 @@ def module_call(module: torch.nn.Module, names: tuple, weights: tuple, args: tup
 
 
 @torch.library.custom_op("dsd_fx::sparsify_nm", mutates_args=())
-def sparsify_nm(weight: torch.Tensor, n: int, m: int, dim: int, lambda_w: float) -> torch.Tensor:
-    """W * nm_mask(W): the N:M mask recomputed from the dense weight at every call (SR-STE's forward)."""
-    from dsd_fx.masks import nm_mask
+def sparsify_nm(
+    weight: torch.Tensor, n: int, m: int, dim: int, lambda_w: float, reuse_output: bool = False
+) -> torch.Tensor:
+    """W * nm_mask(W): the N:M mask recomputed from the dense weight at every call (SR-STE's forward).
 
-    return weight * nm_mask(weight, n, m, dim)
+    `reuse_output=True` lets the backward write W's gradient into the storage of this op's output
+    W~ (no weight-sized allocation per step); the rewrite sets it only where W~ feeds exactly one
+    matmul-like op and nothing else, so that nothing reads W~ after that op's backward.
+    """
+    from dsd_fx.masks import nm_sparsify
+
+    return nm_sparsify(weight, n, m, dim)
 
 
 @sparsify_nm.register_fake
-def _(weight, n, m, dim, lambda_w):
+def _(weight, n, m, dim, lambda_w, reuse_output=False):
     return torch.empty_like(weight)
 
 
 def _sparsify_nm_setup(ctx, inputs, output):
-    weight, n, m, dim, lambda_w = inputs
+    weight, n, m, dim, lambda_w, reuse_output = inputs
     ctx.lambda_w = lambda_w
+    ctx.reuse_output = reuse_output
     if lambda_w:
         ctx.save_for_backward(weight, output)
 
@@ -99,12 +114,40 @@ def _sparsify_nm_backward(ctx, grad):
     """STE: the gradient of W~ goes to W unmasked; SR-STE adds lambda_W * (1 - M) * W.
 
     (1 - M) * W = W - W * M = W - output: no mask to recompute, and the output is saved anyway
-    by the matmul that consumes it.
+    by the matmul that consumes it. Bit for bit `grad + lambda_w * (weight - output)`, as before:
+    W - output and output - W are exact (0 or -+W), and + and * commute (the reuse_output path can
+    differ only in the sign of a zero).
+
+    With reuse_output (W~ feeds one matmul-like op, nothing else), the result is written into W~'s
+    own storage: this node runs after that op's backward, and with neither retain_graph nor
+    create_graph no later backward unpacks W~ (one that did would fail the version check, not
+    read a wrong value). That saves a weight-sized allocation per weight and step, and the page
+    faults that fresh memory costs. Otherwise (or when traced by torch.compile), a new tensor.
     """
+    none = (None,) * 5
     if not ctx.lambda_w:
-        return grad, None, None, None, None
+        return grad, *none
     weight, output = ctx.saved_tensors
-    return grad + ctx.lambda_w * (weight - output), None, None, None, None
+    if ctx.reuse_output and _may_overwrite(output, grad):
+        return output.sub_(weight).mul_(-ctx.lambda_w).add_(grad), *none
+    return torch.sub(weight, output).mul_(ctx.lambda_w).add_(grad), *none
+
+
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
+def _may_overwrite(saved: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether a backward may reuse the storage of a tensor it saved (see _sparsify_nm_backward)."""
+    return (
+        _keep_graph is not None
+        and not torch.is_grad_enabled()  # create_graph=False
+        and not _keep_graph()  # retain_graph=False
+        and type(saved) is torch.Tensor  # not traced (FakeTensor, FunctionalTensor, ...)
+        and type(grad) is torch.Tensor
+        and saved.shape == grad.shape
+        and saved.dtype == grad.dtype
+        and not saved._is_view()
+    )
 
 
 sparsify_nm.register_autograd(_sparsify_nm_backward, setup_context=_sparsify_nm_setup)
@@ -113,117 +156,172 @@ sparsify_nm.register_autograd(_sparsify_nm_backward, setup_context=_sparsify_nm_
 # ---------------------------------------------------------------- packed N:M
 
 
-def _semi_structured_ok(x: torch.Tensor, out_features: int, in_features: int, n: int, m: int) -> bool:
-    return (
-        x.is_cuda
-        and (n, m) == (2, 4)
-        and x.dtype in (torch.float16, torch.bfloat16)
-        and out_features % 64 == 0
-        and in_features % 64 == 0
-        and x.numel() // x.shape[-1] % 8 == 0
-    )
+KERNELS = ("auto", "sparse", "dense")
 
 
+SEMI_STRUCTURED = CompressedWeights(compress_semi_structured)  # every packed 2:4 weight nm_linear ran sparse
+_FASTER: dict[tuple, bool] = {}  # (out, in, rows, dtype, device) -> the sparse kernel beat dense, measured once
+_UNAVAILABLE: set = set()  # keys whose sparse kernel raised: never retried
 _LOGGED: set = set()
-_REORDER: dict = {}
 
 
-def _kernel() -> str:
-    import os
+def _log_once(key: tuple, message: str, *args) -> None:
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        log.info(message, *args)
 
-    return os.environ.get("DSD_FX_NM_KERNEL", "semi-structured")
+
+def _semi_structured_ok(x: torch.Tensor, values: torch.Tensor, n: int, m: int) -> str | None:
+    """Why torch's semi-structured 2:4 kernels cannot take this call, or None when they can."""
+    out_features, in_features = values.shape[0], values.shape[1] * m // n
+    if not x.is_cuda:
+        return "they need CUDA"
+    if (n, m) != (2, 4):
+        return f"they need 2:4, not {n}:{m}"
+    if x.dtype not in (torch.float16, torch.bfloat16) or values.dtype != x.dtype:
+        return f"they need fp16 or bf16 for x and the values alike (x {x.dtype}, values {values.dtype})"
+    if out_features % 64 or in_features % 64:
+        return f"they need out and in features multiples of 64 (got {out_features}, {in_features})"
+    if (x.numel() // x.shape[-1]) % 8:
+        return "they need the token count a multiple of 8"
+    return None
 
 
-def cutlass_weight(values: torch.Tensor, meta: torch.Tensor, out_features: int, in_features: int):
-    """Our packed 2:4 weight as torch's CUTLASS semi-structured tensor, with no dense round trip.
+def _time_ms(fn: Callable[[], Any], repeats: int = 5) -> float:
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
 
-    CUTLASS keeps, per group of 4, the two kept values in index order (our `values`) and a 4-bit
-    code `i0 | i1 << 2` per group, four groups per int16: exactly our little-endian 2-bit index
-    stream read as int16. Only CUTLASS's reordering of the metadata words remains to be done.
+
+def _sparse_forms(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, n: int, m: int, kernel: str):
+    """The semi-structured forms nm_linear computes with, or None for the dense kernel.
+
+    "dense": never. "sparse": whenever the kernels can take the call. "auto": when they can and,
+    measured once per shape, dtype and device (forward product, CUDA events), beat the dense one.
+    Every fallback to dense is logged once per shape and reason.
     """
-    from torch.sparse import SparseSemiStructuredTensorCUTLASS
-    from torch.sparse._semi_structured_conversions import _calculate_meta_reordering_scatter_offsets
+    if kernel == "dense":
+        return None
+    rows = x.numel() // x.shape[-1]
+    shape = (values.shape[0], values.shape[1] * m // n)
+    why = _semi_structured_ok(x, values, n, m)
+    if why is not None:
+        _log_once((shape, x.dtype, x.device.type, why), "dsd_fx::nm_linear %s %s on %s: dense kernel (semi-structured 2:4 kernels: %s)",
+                  shape, x.dtype, x.device.type, why)
+        return None
+    key = (*shape, rows, x.dtype, x.device)
+    if key in _UNAVAILABLE or (kernel == "auto" and _FASTER.get(key) is False):
+        return None
+    try:
+        forms = SEMI_STRUCTURED.get(values, meta)
+        if kernel == "auto" and key not in _FASTER:
+            if torch.cuda.is_current_stream_capturing():  # no timing inside a CUDA graph capture: dense for now
+                return None
+            with torch.no_grad():
+                x2 = x.detach().reshape(rows, shape[1])
+                dense = _unpack(values.detach(), meta, n, m)
+                sparse_ms = _time_ms(lambda: _sparse_linear(x2, forms.weight))
+                dense_ms = _time_ms(lambda: torch.nn.functional.linear(x2, dense))
+                del dense
+            _FASTER[key] = sparse_ms < dense_ms
+            _log_once(key, "dsd_fx::nm_linear %s x %d tokens %s: semi-structured %.3f ms, dense %.3f ms: %s kernel",
+                      shape, rows, x.dtype, sparse_ms, dense_ms, "sparse" if _FASTER[key] else "dense")
+            if not _FASTER[key]:
+                return None
+        return forms
+    except Exception as err:  # noqa: BLE001 - a kernel this build or GPU lacks: dense, logged once
+        _UNAVAILABLE.add(key)
+        _log_once(key, "dsd_fx::nm_linear %s %s: semi-structured 2:4 kernel unavailable (%s: %s); dense kernel",
+                  shape, x.dtype, type(err).__name__, err)
+        return None
 
-    ncols = in_features // 16
-    key = (out_features, ncols, values.device)
-    if key not in _REORDER:
-        _REORDER[key] = _calculate_meta_reordering_scatter_offsets(out_features, ncols, torch.int16, values.device)
-    words = meta[: out_features * ncols * 2].view(torch.int16)
-    reordered = torch.empty_like(words).scatter_(0, _REORDER[key], words).view(out_features, ncols)
-    return SparseSemiStructuredTensorCUTLASS(
-        torch.Size((out_features, in_features)), packed=values.detach().contiguous(), meta=reordered,
-        packed_t=None, meta_t=None, compressed_swizzled_bitmask=None,
-    )
-# how often nm_linear ran on torch's semi-structured 2:4 kernels (tests and benchmarks read it)
-SEMI_STRUCTURED_CALLS = [0]
+
+def _sparse_linear(x: torch.Tensor, sparse: Any) -> torch.Tensor:
+    """x @ W.T with W a semi-structured tensor, for x of any rank (the kernels take 2-D, contiguous)."""
+    y = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]).contiguous(), sparse)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _unpack(values: torch.Tensor, meta: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    from dsd_fx.packing import unpack_nm
+
+    return unpack_nm(values, meta, n, m)
+
+
+def _check_kernel(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"dsd_fx::nm_linear: kernel={kernel!r} is not one of {', '.join(map(repr, KERNELS))}")
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return y if bias is None else y + bias
 
 
 @torch.library.custom_op("dsd_fx::nm_linear", mutates_args=())
 def nm_linear(
-    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, n: int, m: int
+    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, n: int, m: int,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """x @ W.T + bias, with W (out, in) stored N:M-packed as (values (out, in*N/M), meta).
 
-    CUDA, 2:4, fp16/bf16, shapes multiples of 64: torch's semi-structured sparse kernels; on
-    compute capability 8.x CUTLASS, fed our packed storage directly (see cutlass_weight), elsewhere
-    cuSPARSELt, compressing the unpacked weight on every call. `DSD_FX_NM_KERNEL=dense` skips them.
-    Otherwise our kernel, which scatters W for a dense product and frees it.
+    kernel="auto" (the default): on CUDA, 2:4, fp16/bf16, features multiples of 64, torch's
+    semi-structured sparse kernels where, measured once per shape, they beat the dense one;
+    "sparse": those kernels wherever they can run; "dense": never. Their compressed weight is
+    made once per change of the values (SEMI_STRUCTURED, a CompressedWeights) and shared by
+    forward and backward. Otherwise W is scattered for a dense product and freed; why is logged
+    once per shape. The weight gradient is dense, gathered at the kept positions.
     """
-    from dsd_fx.packing import unpack_nm
-
-    out_features, in_features = values.shape[0], values.shape[1] * m // n
-    if _semi_structured_ok(x, out_features, in_features, n, m) and values.dtype == x.dtype and _kernel() != "dense":
-        try:
-            if torch.cuda.get_device_capability(x.device)[0] == 8:  # torch's CUTLASS 2:4 kernels are sm8x-only
-                sparse = cutlass_weight(values, meta, out_features, in_features)
-            else:  # cuSPARSELt: compress from dense (values change every training step)
-                from torch.sparse import to_sparse_semi_structured
-
-                sparse = to_sparse_semi_structured(unpack_nm(values, meta, n, m))
-            y = torch.nn.functional.linear(x, sparse)
-            SEMI_STRUCTURED_CALLS[0] += 1
-            return y if bias is None else y + bias
-        except Exception as err:  # noqa: BLE001 - fall back, once logged
-            key = ((out_features, in_features), x.dtype, type(err).__name__)
-            if key not in _LOGGED:
-                _LOGGED.add(key)
-                import logging
-
-                logging.getLogger(__name__).info("semi-structured 2:4 kernel unavailable for %s: %s; using dense fallback", key, err)
-    weight = unpack_nm(values, meta, n, m)
+    _check_kernel(kernel)
+    forms = _sparse_forms(x, values, meta, n, m, kernel)
+    if forms is not None:
+        return _add_bias(_sparse_linear(x, forms.weight), bias)
+    weight = _unpack(values, meta, n, m)
     if bias is not None and bias.dim() != 1:  # addmm's broadcast bias
         return torch.nn.functional.linear(x, weight) + bias
     return torch.nn.functional.linear(x, weight, bias)
 
 
 @nm_linear.register_fake
-def _(x, values, meta, bias, n, m):
+def _(x, values, meta, bias, n, m, kernel="auto"):
+    _check_kernel(kernel)
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
 def _nm_linear_setup(ctx, inputs, output):
-    x, values, meta, bias, n, m = inputs
+    x, values, meta, bias, n, m, kernel = inputs
     ctx.save_for_backward(x, values, meta)
     ctx.nm = (n, m, bias is not None)
     ctx.bias_shape = None if bias is None else bias.shape
+    # the forward's choice again (cached: no compression, no timing): the input gradient reuses its forms
+    ctx.forms = _sparse_forms(x, values, meta, n, m, kernel) if x.is_cuda else None
 
 
 def _nm_linear_backward(ctx, grad):
-    from dsd_fx.packing import gather_nm, unpack_nm
+    from dsd_fx.packing import gather_nm
 
     x, values, meta = ctx.saved_tensors
     n, m, has_bias = ctx.nm
-    weight = unpack_nm(values, meta, n, m)  # rebuilt for the backward only; nothing dense is kept
-    g2 = grad.reshape(-1, grad.shape[-1])
-    grad_x = (grad @ weight) if ctx.needs_input_grad[0] else None
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        forms = ctx.forms
+        if forms is not None and forms.transposed is not None:  # grad @ W = linear(grad, W.T), sparse
+            grad_x = _sparse_linear(grad, forms.transposed)
+        else:
+            grad_x = grad @ _unpack(values, meta, n, m)  # rebuilt for the backward only; nothing dense is kept
     grad_values = None
     if ctx.needs_input_grad[1]:
+        g2 = grad.reshape(-1, grad.shape[-1])
         grad_w = g2.t() @ x.reshape(-1, x.shape[-1])
         grad_values = gather_nm(grad_w, meta, n, m, values.shape)
     grad_bias = None
     if has_bias and ctx.needs_input_grad[3]:
         grad_bias = grad.sum_to_size(ctx.bias_shape)
-    return grad_x, grad_values, None, grad_bias, None, None
+    return grad_x, grad_values, None, grad_bias, None, None, None
 
 
 nm_linear.register_autograd(_nm_linear_backward, setup_context=_nm_linear_setup)
@@ -239,11 +337,11 @@ def _autocast_like_linear(opname: str) -> None:
         key = "Autocast" + torch._C._dispatch_key_for_device(device)
         excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
 
-        def kernel(_keyset, *args, device=device, excluded=excluded):
+        def kernel(_keyset, *args, device=device, excluded=excluded, **kwargs):
             dtype = torch.get_autocast_dtype(device)
             cast = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
             with torch._C._ExcludeDispatchKeyGuard(excluded):
-                return op(*cast)
+                return op(*cast, **kwargs)
 
         lib.impl(opname, kernel, key, with_keyset=True)
 

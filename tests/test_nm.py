@@ -124,6 +124,7 @@ def test_custom_ops_pass_opcheck():
     w = torch.randn(8, 16)
     values, meta = pack_nm(w, 2, 4)
     torch.library.opcheck(torch.ops.dsd_fx.nm_linear.default, (torch.randn(3, 16), values, meta, torch.randn(8), 2, 4))
+    torch.library.opcheck(torch.ops.dsd_fx.nm_linear.default, (torch.randn(3, 16), values, meta, None, 2, 4, "dense"))
     torch.library.opcheck(torch.ops.dsd_fx.sparsify_nm.default, (w.requires_grad_(), 2, 4, 1, 2e-4))
     torch.library.opcheck(torch.ops.dsd_fx.nm_unpack.default, (values, meta, 2, 4, 1, [8, 16]))
 
@@ -304,9 +305,9 @@ def test_cuda_packed_linear_uses_semi_structured_kernels(dtype):
     x = torch.randn(64, 512, device="cuda", dtype=dtype, requires_grad=True)
     values, meta = pack_nm(w, 2, 4)
     values.requires_grad_()
-    before = ops.SEMI_STRUCTURED_CALLS[0]
-    y = nm_linear(x, values, meta, None, 2, 4)
-    assert ops.SEMI_STRUCTURED_CALLS[0] == before + 1
+    y = nm_linear(x, values, meta, None, 2, 4, "sparse")
+    forms = ops.SEMI_STRUCTURED.peek(values, meta)  # the compressed weight the sparse kernel ran on
+    assert forms is not None and isinstance(forms.weight, torch.sparse.SparseSemiStructuredTensor)
     wd = (w * nm_mask(w, 2, 4, 1)).requires_grad_()
     x2 = x.detach().clone().requires_grad_()
     y2 = F.linear(x2, wd)
@@ -319,22 +320,20 @@ def test_cuda_packed_linear_uses_semi_structured_kernels(dtype):
 
 
 @cuda
-def test_dense_kernel_switch(monkeypatch):
+def test_dense_kernel_switch():
     from dsd_fx import ops
 
     w = torch.randn(128, 256, device="cuda", dtype=torch.float16)
     values, meta = pack_nm(w, 2, 4)
     x = torch.randn(32, 256, device="cuda", dtype=torch.float16)
-    monkeypatch.setenv("DSD_FX_NM_KERNEL", "dense")
-    before = ops.SEMI_STRUCTURED_CALLS[0]
-    y = nm_linear(x, values, meta, None, 2, 4)
-    assert ops.SEMI_STRUCTURED_CALLS[0] == before
+    y = nm_linear(x, values, meta, None, 2, 4, "dense")
+    assert ops.SEMI_STRUCTURED.peek(values, meta) is None
     torch.testing.assert_close(y, F.linear(x, w * nm_mask(w, 2, 4, 1)), rtol=1e-2, atol=1e-2)
 
 
 @cuda
 def test_cutlass_weight_matches_torchs_own_conversion():
-    from dsd_fx.ops import cutlass_weight
+    from dsd_fx.packing import cutlass_weight
     from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
 
     w = torch.randn(128, 256, device="cuda", dtype=torch.float16)
@@ -372,3 +371,56 @@ def test_export_and_compile_see_one_op(mode):
     assert explained.graph_break_count == 0
     compiled = torch.compile(sparse, backend="aot_eager")
     torch.testing.assert_close(compiled(x), sparse(x))
+
+
+def _sr_ste_reference_grad(w, x, lam):
+    mask = reference_nm_mask(w.detach(), 2, 4, 1)
+    t = (w.detach() * mask).requires_grad_()
+    F.linear(x, t).square().sum().backward()
+    return t.grad + lam * (1 - mask) * w.detach()
+
+
+@pytest.mark.parametrize("reuse_output", [False, True])
+@pytest.mark.parametrize("how", ["plain", "retain_graph twice", "create_graph", "weight used twice", "compiled"])
+def test_sr_ste_backward_is_the_formula_however_it_runs(how, reuse_output):
+    """reuse_output lets the backward write into W~'s storage when nothing reads W~ again: every way of running it."""
+    torch.manual_seed(0)
+    lam = 0.05
+    w = torch.randn(6, 8, requires_grad=True)
+    x = torch.randn(5, 8)
+    op = torch.ops.dsd_fx.sparsify_nm.default
+
+    def loss(x):
+        sparse = op(w, 2, 4, 1, lam, reuse_output)
+        return F.linear(x, sparse).square().sum()
+
+    if how == "plain":
+        loss(x).backward()
+        torch.testing.assert_close(w.grad, _sr_ste_reference_grad(w, x, lam))
+    elif how == "retain_graph twice":
+        out = loss(x)
+        out.backward(retain_graph=True)
+        out.backward()
+        torch.testing.assert_close(w.grad, 2 * _sr_ste_reference_grad(w, x, lam))
+    elif how == "create_graph":
+        (g,) = torch.autograd.grad(loss(x), w, create_graph=True)
+        torch.testing.assert_close(g, _sr_ste_reference_grad(w, x, lam))
+    elif how == "weight used twice":  # W~ feeds two matmuls: both backwards run before SR-STE's
+        sparse = op(w, 2, 4, 1, lam, reuse_output)
+        (F.linear(x, sparse).square().sum() + F.linear(x, sparse).square().sum()).backward()
+        torch.testing.assert_close(w.grad, 2 * _sr_ste_reference_grad(w, x, lam) - lam * (1 - reference_nm_mask(w.detach(), 2, 4, 1)) * w.detach())
+    else:
+        torch._dynamo.reset()
+        torch.compile(loss, fullgraph=True, backend="aot_eager")(x).backward()
+        torch.testing.assert_close(w.grad, _sr_ste_reference_grad(w, x, lam))
+
+
+def test_sr_ste_reuse_output_writes_the_gradient_into_w_tilde_only_when_asked():
+    w = torch.randn(6, 8, requires_grad=True)
+    x = torch.randn(5, 8)
+    for reuse, expect_same in ((False, False), (True, True)):
+        w.grad = None
+        sparse = torch.ops.dsd_fx.sparsify_nm.default(w, 2, 4, 1, 0.05, reuse)
+        ptr = sparse.data_ptr()
+        F.linear(x, sparse).square().sum().backward()
+        assert (w.grad.data_ptr() == ptr) is expect_same
