@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import dsd_fx
 from dsd_fx import ops
 from dsd_fx.masks import nm_mask, nm_sparsify
-from dsd_fx.packing import pack_nm
+from dsd_fx.packing import pack_tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from overhead import mlp, step_fn  # noqa: E402
@@ -74,7 +74,7 @@ def interleaved(fns: dict, rounds: int, inner: int = 1, warmup: int = 3, sync=la
 
 def storage_table(out: Report, size: int) -> None:
     w = torch.randn(size, size)
-    values, meta = pack_nm(w, 2, 4)
+    values, meta = pack_tensor(w, 2, 4)
     packed = values.numel() * values.element_size() + meta.numel() * meta.element_size()
     dense = w.numel() * w.element_size()
     out(f"## Storage, {size}x{size} fp32 weight, 2:4\n")
@@ -89,7 +89,7 @@ def cpu_linear_table(out: Report, size: int, rounds: int) -> None:
     out("| batch | pass | dense ms | packed ms | packed / dense |")
     out("|---|---|---|---|---|")
     w = torch.randn(size, size)
-    values, meta = pack_nm(w, 2, 4)
+    values, meta = pack_tensor(w, 2, 4)
     for batch in (1, 64):
         x = torch.randn(batch, size)
         for backward in (False, True):
@@ -274,7 +274,7 @@ class PeerFFN(nn.Module):
 
 
 def with_kernel(gm: torch.fx.GraphModule, kernel: str) -> torch.fx.GraphModule:
-    """The packed graph with every nm_linear given `kernel` (pack_nm leaves the op's default, "auto")."""
+    """The packed graph with every nm_linear given `kernel` (pack_tensor leaves the op's default, "auto")."""
     for node in gm.graph.nodes:
         if node.target is torch.ops.dsd_fx.nm_linear.default:
             node.args = (*node.args[:6], kernel)

@@ -102,7 +102,7 @@ def _add_model_args(p) -> None:
     p.add_argument("--pattern", help="N:M pattern instead of a fraction, e.g. 2:4")
     p.add_argument("--method", choices=["fixed", "sr-ste", "ste"], help="N:M method (default fixed)")
     p.add_argument("--pack", action="store_true", help="N:M-packed weights and matmuls")
-    p.add_argument("--kernel", help=f"with --pack, the packed N:M matmul's kernel: auto or dense (default: ${KERNEL_ENV}, else auto)")
+    p.add_argument("--kernel", help=f"with --pack, the packed N:M matmul's kernel: auto, sparse or dense (default: ${KERNEL_ENV}, else auto)")
 
 
 def cmd_diff(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ Patterns = Union[Sequence[str], Callable[..., bool], None]
 
 SCOPES = ("layer", "global")
 METHODS = ("fixed", "sr-ste", "ste")
-KERNELS = ("auto", "dense")
+KERNELS = ("auto", "sparse", "dense")
 
 
 def _check_ratio(value: object, where: str) -> float:
@@ -57,7 +57,9 @@ class SparseConfig:
     embeddings: also prune `nn.Embedding` tables (opt-in: a lookup reads rows, it is no matmul).
         An embedding tied to an output projection is masked anyway, with the projection's one mask.
     kernel: with pack=True, ``"auto"`` (torch's semi-structured 2:4 kernels on CUDA where dtype and
-        shape allow, else dsd_fx's own) or ``"dense"`` (always unpack and use the dense kernel).
+        shape allow and a one-time measurement per shape finds them faster, else the dense kernel),
+        ``"sparse"`` (the semi-structured kernels wherever they apply, unmeasured) or ``"dense"``
+        (always unpack and use the dense kernel).
     """
 
     sparsity: float | Mapping[str, float] | None = None

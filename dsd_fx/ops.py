@@ -248,9 +248,9 @@ def _sparse_linear(x: torch.Tensor, sparse: Any) -> torch.Tensor:
 
 
 def _unpack(values: torch.Tensor, meta: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    from dsd_fx.packing import unpack_nm
+    from dsd_fx.packing import unpack_tensor
 
-    return unpack_nm(values, meta, n, m)
+    return unpack_tensor(values, meta, n, m)
 
 
 def _check_kernel(kernel: str) -> None:
@@ -353,9 +353,9 @@ _autocast_like_linear("nm_linear")
 @torch.library.custom_op("dsd_fx::nm_unpack", mutates_args=())
 def nm_unpack(values: torch.Tensor, meta: torch.Tensor, n: int, m: int, dim: int, shape: list[int]) -> torch.Tensor:
     """The dense weight from packed N:M storage, for ops with no packed kernel (Conv): compute is dense."""
-    from dsd_fx.packing import unpack_nm
+    from dsd_fx.packing import unpack_tensor
 
-    return unpack_nm(values, meta, n, m, dim).reshape(shape).contiguous()
+    return unpack_tensor(values, meta, n, m, dim).reshape(shape).contiguous()
 
 
 @nm_unpack.register_fake

@@ -50,7 +50,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return (stream << torch.arange(bits, device=packed.device)).sum(1)
 
 
-def pack_nm(weight: torch.Tensor, n: int, m: int, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_tensor(weight: torch.Tensor, n: int, m: int, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, meta): the N kept values of every group of M along `dim`, and their packed indices.
 
     values has the shape of the reduction-last view with its last size times N/M, for a Linear
@@ -70,8 +70,8 @@ def nm_indices(meta: torch.Tensor, n: int, m: int, values_shape: torch.Size) -> 
     return unpack_bits(meta, index_bits(m), count).view(-1, n)
 
 
-def unpack_nm(values: torch.Tensor, meta: torch.Tensor, n: int, m: int, dim: int = 1) -> torch.Tensor:
-    """The dense weight (pruned entries zero) from pack_nm's (values, meta, dim)."""
+def unpack_tensor(values: torch.Tensor, meta: torch.Tensor, n: int, m: int, dim: int = 1) -> torch.Tensor:
+    """The dense weight (pruned entries zero) from pack_tensor's (values, meta, dim)."""
     idx = nm_indices(meta, n, m, values.shape)
     groups = values.reshape(-1, n)
     dense = groups.new_zeros(groups.shape[0], m).scatter_(1, idx, groups)
@@ -79,7 +79,7 @@ def unpack_nm(values: torch.Tensor, meta: torch.Tensor, n: int, m: int, dim: int
 
 
 def gather_nm(dense_view: torch.Tensor, meta: torch.Tensor, n: int, m: int, values_shape) -> torch.Tensor:
-    """The entries of a reduction-last dense tensor at the kept positions: the adjoint of unpack_nm."""
+    """The entries of a reduction-last dense tensor at the kept positions: the adjoint of unpack_tensor."""
     idx = nm_indices(meta, n, m, values_shape)
     return torch.gather(dense_view.reshape(-1, m), 1, idx).reshape(values_shape)
 
@@ -198,7 +198,7 @@ def compress_semi_structured(values: torch.Tensor, meta: torch.Tensor) -> SemiSt
     from torch.sparse import to_sparse_semi_structured
 
     out_features, in_features = values.shape[0], values.shape[1] * 2
-    dense = unpack_nm(values.detach(), meta, 2, 4)
+    dense = unpack_tensor(values.detach(), meta, 2, 4)
     if torch.cuda.get_device_capability(values.device)[0] == 8:  # torch's CUTLASS 2:4 kernels are sm8x-only
         weight = cutlass_weight(values, meta, out_features, in_features)
     else:

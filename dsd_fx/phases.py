@@ -13,7 +13,7 @@ from dsd_fx.config import SparseConfig
 from dsd_fx.graph_diff import diff_graphs
 from dsd_fx.graphs import fx_to_nx
 from dsd_fx.masks import global_magnitude_masks, magnitude_mask, n_pruned, nm_mask
-from dsd_fx.packing import unpack_nm as unpack_tensor
+from dsd_fx.packing import unpack_tensor
 from dsd_fx.passes.fold_masks import redense_plan
 from dsd_fx.passes.insert_masks import insert_masks
 from dsd_fx.passes.insert_nm import insert_nm

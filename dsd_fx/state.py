@@ -87,7 +87,7 @@ def current_masks(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     """The boolean keep-mask of every sparse weight, as it is now: fixed masks from their buffers,
     SR-STE masks recomputed from the current weights, packed masks from the index metadata."""
     from dsd_fx.masks import nm_mask
-    from dsd_fx.packing import unpack_nm
+    from dsd_fx.packing import unpack_tensor
 
     out: dict[str, torch.Tensor] = {}
     for r in masks_of(gm):
@@ -97,20 +97,20 @@ def current_masks(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
             out[r.weight] = nm_mask(gm.get_parameter(r.weight).detach(), r.n, r.m, r.dim).ne(0)
         else:
             ones = torch.ones_like(gm.get_parameter(r.values), dtype=torch.float32)
-            out[r.weight] = unpack_nm(ones, gm.get_buffer(r.meta), r.n, r.m, r.dim).reshape(r.shape).ne(0)
+            out[r.weight] = unpack_tensor(ones, gm.get_buffer(r.meta), r.n, r.m, r.dim).reshape(r.shape).ne(0)
     return out
 
 
 def dense_weights(gm: fx.GraphModule) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
     """(parameter, its re-dense value W * M) of every sparse weight: what re-dense and fold commit."""
-    from dsd_fx.packing import unpack_nm
+    from dsd_fx.packing import unpack_tensor
 
     out, seen = [], set()
     keep = current_masks(gm)
     for r in masks_of(gm):
         if r.kind is MaskKind.PACKED:
             values = gm.get_parameter(r.values).detach()
-            dense = unpack_nm(values, gm.get_buffer(r.meta), r.n, r.m, r.dim).reshape(r.shape).contiguous()
+            dense = unpack_tensor(values, gm.get_buffer(r.meta), r.n, r.m, r.dim).reshape(r.shape).contiguous()
             out.append((r.param, dense))
             continue
         param = gm.get_parameter(r.weight)

@@ -24,7 +24,7 @@ def insert_nm(gm: fx.GraphModule, weights: Sequence[tuple[PrunableWeight, int]],
     After::
 
         fc1_weight = self.fc1.weight
-        sparsify_nm = torch.ops.dsd_fx.sparsify_nm.default(fc1_weight, 2, 4, 1, 0.0002)
+        sparsify_nm = torch.ops.dsd_fx.sparsify_nm.default(fc1_weight, 2, 4, 1, 0.0002, True)
         fc1_bias = self.fc1.bias
         linear = torch._C._nn.linear(x, sparsify_nm, fc1_bias)
 
@@ -37,7 +37,9 @@ def insert_nm(gm: fx.GraphModule, weights: Sequence[tuple[PrunableWeight, int]],
     for pw, dim in weights:
 
         def sparsified(g: fx.Graph, weight: fx.Node, sole: bool, pw=pw, dim=dim) -> fx.Node:
-            return tag(g.call_function(op, (weight, n, m, dim, float(lambda_w))), PASS, Role.MASKED_WEIGHT, weight=pw.name)
+            # sole: W~ feeds one matmul-like op only, so the backward may write W's gradient into W~
+            args = (weight, n, m, dim, float(lambda_w)) + ((True,) if sole else ())
+            return tag(g.call_function(op, args), PASS, Role.MASKED_WEIGHT, weight=pw.name)
 
         items.append((pw, sparsified))
     wrap_weight_uses(gm, items, PASS)

@@ -10,7 +10,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from dsd_fx.op_table import module_row, packed_call
-from dsd_fx.packing import pack_nm as pack_tensor
+from dsd_fx.packing import pack_tensor
 from dsd_fx.prunable import PrunableWeight
 from dsd_fx.rewrite import functionalize, get_attr, input_of
 from dsd_fx.tags import Role, tag, untagged_meta

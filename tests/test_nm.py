@@ -14,7 +14,7 @@ import dsd_fx
 from conftest import TinyCNN, TinyMLP, assert_rejected, assert_unchanged, isomorphic, snapshot
 from dsd_fx.masks import nm_mask, parse_pattern
 from dsd_fx.ops import nm_linear, nm_unpack
-from dsd_fx.packing import pack_nm, unpack_nm
+from dsd_fx.packing import pack_tensor, unpack_tensor
 
 PATTERNS = st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 4), (4, 8), (2, 8), (1, 3)])
 
@@ -62,16 +62,16 @@ def test_nm_mask_keeps_exactly_n_per_group(data, nm, kind, ties):
 def test_pack_then_unpack_is_exact(data, nm, kind):
     n, m = nm
     w, dim = _weight(data.draw, kind, m)
-    values, meta = pack_nm(w, n, m, dim)
+    values, meta = pack_tensor(w, n, m, dim)
     assert values.numel() == w.numel() * n // m
     assert meta.dtype == torch.uint8 and meta.numel() == math.ceil(values.numel() * max(1, math.ceil(math.log2(m))) / 8)
-    dense = unpack_nm(values, meta, n, m, dim).reshape(w.shape)
+    dense = unpack_tensor(values, meta, n, m, dim).reshape(w.shape)
     torch.testing.assert_close(dense, w * reference_nm_mask(w, n, m, dim), rtol=0, atol=0)
 
 
 def test_packed_bytes_2_4_fp32():
     w = torch.randn(256, 256)
-    values, meta = pack_nm(w, 2, 4)
+    values, meta = pack_tensor(w, 2, 4)
     ratio = (values.numel() * values.element_size() + meta.numel()) / (w.numel() * 4)
     assert ratio == pytest.approx(0.53125)
 
@@ -89,7 +89,7 @@ def test_packed_linear_equals_masked_dense(nm, out, groups, lead, bias):
     w = torch.randn(out, groups * m)
     x = torch.randn(*lead, groups * m, requires_grad=True)
     b = torch.randn(out, requires_grad=True) if bias else None
-    values, meta = pack_nm(w, n, m)
+    values, meta = pack_tensor(w, n, m)
     values.requires_grad_()
     y = nm_linear(x, values, meta, b, n, m)
     mask = reference_nm_mask(w, n, m, 1)
@@ -103,26 +103,26 @@ def test_packed_linear_equals_masked_dense(nm, out, groups, lead, bias):
     y2.backward(g)
     torch.testing.assert_close(x.grad, x2.grad)
     # the values' gradient is the dense weight gradient at the kept positions
-    torch.testing.assert_close(unpack_nm(values.grad, meta, n, m), wd.grad * mask)
+    torch.testing.assert_close(unpack_tensor(values.grad, meta, n, m), wd.grad * mask)
     if bias:
         torch.testing.assert_close(b.grad, b2.grad)
 
 
 def test_nm_unpack_gradient_for_conv_storage():
     w = torch.randn(4, 8, 3, 3)
-    values, meta = pack_nm(w, 2, 4, 1)
+    values, meta = pack_tensor(w, 2, 4, 1)
     values.requires_grad_()
     dense = nm_unpack(values, meta, 2, 4, 1, list(w.shape))
     g = torch.randn_like(dense)
     dense.backward(g)
     mask = reference_nm_mask(w, 2, 4, 1)
     torch.testing.assert_close(dense, w * mask)
-    torch.testing.assert_close(unpack_nm(values.grad, meta, 2, 4, 1).reshape(w.shape), g * mask)
+    torch.testing.assert_close(unpack_tensor(values.grad, meta, 2, 4, 1).reshape(w.shape), g * mask)
 
 
 def test_custom_ops_pass_opcheck():
     w = torch.randn(8, 16)
-    values, meta = pack_nm(w, 2, 4)
+    values, meta = pack_tensor(w, 2, 4)
     torch.library.opcheck(torch.ops.dsd_fx.nm_linear.default, (torch.randn(3, 16), values, meta, torch.randn(8), 2, 4))
     torch.library.opcheck(torch.ops.dsd_fx.nm_linear.default, (torch.randn(3, 16), values, meta, None, 2, 4, "dense"))
     torch.library.opcheck(torch.ops.dsd_fx.sparsify_nm.default, (w.requires_grad_(), 2, 4, 1, 2e-4))
@@ -151,7 +151,7 @@ def test_sr_ste_gradient_is_the_formula(method, lam):
 def test_sparse_graph_uses_one_op_per_weight():
     sparse = dsd_fx.transform(TinyMLP(), pattern="2:4", method="sr-ste")
     ops = [n for n in sparse.graph.nodes if n.target is torch.ops.dsd_fx.sparsify_nm.default]
-    assert len(ops) == 2 and "torch.ops.dsd_fx.sparsify_nm.default(fc1_weight, 2, 4, 1, 0.0002)" in sparse.code
+    assert len(ops) == 2 and "torch.ops.dsd_fx.sparsify_nm.default(fc1_weight, 2, 4, 1, 0.0002, True)" in sparse.code
     packed = dsd_fx.transform(TinyMLP(), pattern="2:4", pack=True)
     assert sum(n.target is torch.ops.dsd_fx.nm_linear.default for n in packed.graph.nodes) == 2
 
@@ -303,7 +303,7 @@ def test_cuda_packed_linear_uses_semi_structured_kernels(dtype):
     torch.manual_seed(0)
     w = torch.randn(256, 512, device="cuda", dtype=dtype)
     x = torch.randn(64, 512, device="cuda", dtype=dtype, requires_grad=True)
-    values, meta = pack_nm(w, 2, 4)
+    values, meta = pack_tensor(w, 2, 4)
     values.requires_grad_()
     y = nm_linear(x, values, meta, None, 2, 4, "sparse")
     forms = ops.SEMI_STRUCTURED.peek(values, meta)  # the compressed weight the sparse kernel ran on
@@ -316,7 +316,7 @@ def test_cuda_packed_linear_uses_semi_structured_kernels(dtype):
     y.backward(g)
     y2.backward(g)
     torch.testing.assert_close(x.grad, x2.grad, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(unpack_nm(values.grad, meta, 2, 4), wd.grad * nm_mask(w, 2, 4, 1), rtol=2e-2, atol=2e-1)
+    torch.testing.assert_close(unpack_tensor(values.grad, meta, 2, 4), wd.grad * nm_mask(w, 2, 4, 1), rtol=2e-2, atol=2e-1)
 
 
 @cuda
@@ -324,7 +324,7 @@ def test_dense_kernel_switch():
     from dsd_fx import ops
 
     w = torch.randn(128, 256, device="cuda", dtype=torch.float16)
-    values, meta = pack_nm(w, 2, 4)
+    values, meta = pack_tensor(w, 2, 4)
     x = torch.randn(32, 256, device="cuda", dtype=torch.float16)
     y = nm_linear(x, values, meta, None, 2, 4, "dense")
     assert ops.SEMI_STRUCTURED.peek(values, meta) is None
@@ -338,7 +338,7 @@ def test_cutlass_weight_matches_torchs_own_conversion():
 
     w = torch.randn(128, 256, device="cuda", dtype=torch.float16)
     dense = w * nm_mask(w, 2, 4, 1)
-    values, meta = pack_nm(w, 2, 4)
+    values, meta = pack_tensor(w, 2, 4)
     ours = cutlass_weight(values, meta, 128, 256)
     packed, meta_ref = sparse_semi_structured_from_dense_cutlass(dense)
     torch.testing.assert_close(ours.packed, packed, rtol=0, atol=0)

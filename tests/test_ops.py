@@ -13,11 +13,11 @@ from conftest import TinyMLP
 from dsd_fx import ops
 from dsd_fx.masks import nm_mask
 from dsd_fx.ops import nm_linear
-from dsd_fx.packing import CompressedWeights, keeps_at_most, pack_nm, unpack_nm
+from dsd_fx.packing import CompressedWeights, keeps_at_most, pack_tensor, unpack_tensor
 
 
 class Recorder:
-    """A real compress function (unpack_nm: the dense weight cuSPARSELt compresses from) that
+    """A real compress function (unpack_tensor: the dense weight cuSPARSELt compresses from) that
     remembers the version of the values it was computed from."""
 
     def __init__(self) -> None:
@@ -25,7 +25,7 @@ class Recorder:
 
     def __call__(self, values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
         self.versions.append(values._version)
-        return unpack_nm(values.detach(), meta, 2, 4)
+        return unpack_tensor(values.detach(), meta, 2, 4)
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def packed():
 
 
 def _assert_is_current(form, values, meta):
-    torch.testing.assert_close(form, unpack_nm(values.detach(), meta, 2, 4), rtol=0, atol=0)
+    torch.testing.assert_close(form, unpack_tensor(values.detach(), meta, 2, 4), rtol=0, atol=0)
 
 
 def test_cache_recomputes_exactly_after_a_step_and_never_in_between(packed):
@@ -82,10 +82,10 @@ def test_cache_recomputes_after_load_state_dict_and_an_in_place_edit(packed):
 
 def test_cache_sees_a_new_meta():
     w = torch.randn(8, 16)
-    values, meta = pack_nm(w, 2, 4)
+    values, meta = pack_tensor(w, 2, 4)
     cache = CompressedWeights(Recorder())
     before = cache.get(values, meta)
-    _, other_meta = pack_nm(torch.randn(8, 16), 2, 4)
+    _, other_meta = pack_tensor(torch.randn(8, 16), 2, 4)
     meta.copy_(other_meta)  # what load_state_dict does to a buffer
     after = cache.get(values, meta)
     assert after is not before
@@ -94,7 +94,7 @@ def test_cache_sees_a_new_meta():
 
 def test_cache_forgets_a_dropped_weight_and_keeps_one_entry_per_weight():
     cache = CompressedWeights(Recorder())
-    values, meta = pack_nm(torch.randn(8, 16), 2, 4)
+    values, meta = pack_tensor(torch.randn(8, 16), 2, 4)
     cache.get(values, meta)
     values.add_(1.0)
     cache.get(values, meta)
@@ -106,9 +106,9 @@ def test_cache_forgets_a_dropped_weight_and_keeps_one_entry_per_weight():
 
 def test_cache_never_keeps_an_inference_tensor():
     calls = []
-    cache = CompressedWeights(lambda v, m: calls.append(1) or unpack_nm(v, m, 2, 4))
+    cache = CompressedWeights(lambda v, m: calls.append(1) or unpack_tensor(v, m, 2, 4))
     with torch.inference_mode():
-        values, meta = pack_nm(torch.randn(8, 16), 2, 4)
+        values, meta = pack_tensor(torch.randn(8, 16), 2, 4)
         cache.get(values, meta)
         cache.get(values, meta)
     assert len(calls) == 2 and len(cache) == 0
@@ -127,7 +127,7 @@ def test_keeps_at_most_tells_a_transposable_mask():
 
 
 def _packed_call(out=8, features=16, rows=3, kernel="auto"):
-    values, meta = pack_nm(torch.randn(out, features), 2, 4)
+    values, meta = pack_tensor(torch.randn(out, features), 2, 4)
     return nm_linear(torch.randn(rows, features), values, meta, None, 2, 4, kernel)
 
 
@@ -154,13 +154,13 @@ def test_dense_kernel_is_a_choice_not_a_fallback(caplog):
 def test_unknown_kernel_is_refused_by_the_op_and_its_fake():
     with pytest.raises(ValueError, match="kernel='cuda' is not one of 'auto', 'sparse', 'dense'"):
         _packed_call(kernel="cuda")
-    values, meta = pack_nm(torch.randn(8, 16), 2, 4)
+    values, meta = pack_tensor(torch.randn(8, 16), 2, 4)
     with torch._subclasses.FakeTensorMode() as mode, pytest.raises(ValueError, match="kernel='x'"):
         nm_linear(mode.from_tensor(torch.randn(3, 16)), mode.from_tensor(values), mode.from_tensor(meta), None, 2, 4, "x")
 
 
 def test_existing_six_argument_calls_keep_working():
-    values, meta = pack_nm(torch.randn(8, 16), 2, 4)
+    values, meta = pack_tensor(torch.randn(8, 16), 2, 4)
     x = torch.randn(3, 16)
     torch.testing.assert_close(torch.ops.dsd_fx.nm_linear.default(x, values, meta, None, 2, 4),
                                torch.ops.dsd_fx.nm_linear.default(x, values, meta, None, 2, 4, "dense"))
@@ -176,7 +176,7 @@ def test_packed_gradients_equal_the_masked_dense_op_float64(kernel, bias, nm):
     n, m = nm
     torch.manual_seed(0)
     w = torch.randn(6, 2 * m, dtype=torch.float64)
-    values, meta = pack_nm(w, n, m)
+    values, meta = pack_tensor(w, n, m)
     values.requires_grad_()
     x = torch.randn(2, 3, 2 * m, dtype=torch.float64, requires_grad=True)
     b = {None: None, "1-d": torch.randn(6, dtype=torch.float64), "addmm": torch.randn(3, 6, dtype=torch.float64)}[bias]
@@ -194,14 +194,14 @@ def test_packed_gradients_equal_the_masked_dense_op_float64(kernel, bias, nm):
     y2.backward(g)
     torch.testing.assert_close(y, y2, rtol=0, atol=1e-12)
     torch.testing.assert_close(x.grad, x2.grad, rtol=0, atol=1e-12)
-    torch.testing.assert_close(unpack_nm(values.grad, meta, n, m), wd.grad * mask, rtol=0, atol=1e-12)
+    torch.testing.assert_close(unpack_tensor(values.grad, meta, n, m), wd.grad * mask, rtol=0, atol=1e-12)
     if b is not None:
         torch.testing.assert_close(b.grad, b2.grad, rtol=0, atol=1e-12)
 
 
 def test_nm_linear_with_a_kernel_compiles_without_a_break():
     torch._dynamo.reset()
-    values, meta = pack_nm(torch.randn(8, 16), 2, 4)
+    values, meta = pack_tensor(torch.randn(8, 16), 2, 4)
     x = torch.randn(4, 16)
 
     def f(x, values):
@@ -221,7 +221,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_sparse_kernel_compresses_once_per_optimizer_step(dtype):
     torch.manual_seed(0)
     w = torch.randn(256, 512, device="cuda", dtype=dtype)
-    values, meta = pack_nm(w, 2, 4)
+    values, meta = pack_tensor(w, 2, 4)
     values = torch.nn.Parameter(values)
     x = torch.randn(64, 512, device="cuda", dtype=dtype)
     opt = torch.optim.SGD([values], lr=1e-3)
@@ -242,7 +242,7 @@ def test_cuda_packed_gradients_match_the_masked_dense_op(kernel):
     torch.manual_seed(0)
     w = torch.randn(256, 512, device="cuda", dtype=torch.float16)
     x = torch.randn(2, 32, 512, device="cuda", dtype=torch.float16, requires_grad=True)
-    values, meta = pack_nm(w, 2, 4)
+    values, meta = pack_tensor(w, 2, 4)
     values.requires_grad_()
     y = nm_linear(x, values, meta, None, 2, 4, kernel)
     mask = nm_mask(w, 2, 4, 1)
@@ -254,13 +254,13 @@ def test_cuda_packed_gradients_match_the_masked_dense_op(kernel):
     y.backward(g)
     y2.backward(g)
     torch.testing.assert_close(x.grad, x2.grad, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(unpack_nm(values.grad, meta, 2, 4), wd.grad * mask, rtol=2e-2, atol=2e-1)
+    torch.testing.assert_close(unpack_tensor(values.grad, meta, 2, 4), wd.grad * mask, rtol=2e-2, atol=2e-1)
 
 
 @cuda
 def test_cuda_dense_kernel_compresses_nothing():
     w = torch.randn(128, 256, device="cuda", dtype=torch.float16)
-    values, meta = pack_nm(w, 2, 4)
+    values, meta = pack_tensor(w, 2, 4)
     x = torch.randn(32, 256, device="cuda", dtype=torch.float16)
     y = nm_linear(x, values, meta, None, 2, 4, "dense")
     assert ops.SEMI_STRUCTURED.peek(values, meta) is None
@@ -273,7 +273,7 @@ def test_cuda_transposable_mask_runs_the_input_gradient_sparse():
     block = torch.tensor([[1.0, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]])
     mask = block.repeat(64, 128).cuda().half()  # (256, 512), 2:4 along rows and along columns
     w = torch.randn(256, 512, device="cuda", dtype=torch.float16) * mask
-    values, meta = pack_nm(w, 2, 4)
+    values, meta = pack_tensor(w, 2, 4)
     values.requires_grad_()
     x = torch.randn(64, 512, device="cuda", dtype=torch.float16, requires_grad=True)
     nm_linear(x, values, meta, None, 2, 4, "sparse").backward(torch.ones(64, 256, device="cuda", dtype=torch.float16))
