@@ -19,6 +19,8 @@ from dsd_fx.passes.insert_nm import insert_nm
 from dsd_fx.passes.pack_nm import pack_nm
 from dsd_fx.pipeline import Invariant, PassRecord, run_passes
 from dsd_fx.print_changed import PrintChanged
+from dsd_fx.prune_config import PruneConfig
+from dsd_fx.prune_plan import prune_plan
 from dsd_fx.prunable import PrunableWeight, select_nm, select_weights
 from dsd_fx.state import STATE, MaskKind, MaskRecord, TransformState, current_masks, masks_of
 from dsd_fx.tags import Role, has_dsd_nodes, snapshot, tagged
@@ -43,7 +45,7 @@ class Plan:
     final: tuple = ()
 
 
-def transform(model: torch.nn.Module, phase: str = "sparse", *, config: SparseConfig | None = None, **options: Any) -> fx.GraphModule:
+def transform(model: torch.nn.Module, phase: str = "sparse", *, config: SparseConfig | PruneConfig | None = None, **options: Any) -> fx.GraphModule:
     """Rewrite `model` into its sparse-phase or re-dense graph and return the new GraphModule.
 
     phase="sparse": trace `model` (or take a GraphModule from any tracer), give every prunable
@@ -54,6 +56,11 @@ def transform(model: torch.nn.Module, phase: str = "sparse", *, config: SparseCo
     phase="dense": write W * M into every masked weight (pruned weights restart from zero), remove
         every dsd_fx node and buffer and restore the original ops and parameter names. It takes no
         sparse option.
+    phase="prune": remove whole channels (dsd_fx.channels groups) and return a GraphModule whose
+        layers are smaller, under the same parameter names; `model` is untouched unless
+        inplace=True. Its options (`channels` (default 0.25), `importance`, `example_args`
+        (required), `round_to`, `scope`, `include`, `exclude`, `inplace`) are the fields of
+        `PruneConfig`, or pass `config=PruneConfig(...)`.
 
     The returned GraphModule shares its parameter objects with `model`: training it trains
     `model`'s weights, and the commit step (zeroing pruned weights, writing W * M) changes them in
@@ -65,10 +72,13 @@ def transform(model: torch.nn.Module, phase: str = "sparse", *, config: SparseCo
     DSD_FX_PRINT_CHANGED, DSD_FX_PRINT_CHANGED_DIR, DSD_FX_PRINT_CHANGED_PASSES). `concrete_args`
     goes to torch.fx's tracer. `dsd_fx.changes(gm)` lists the passes and, when recorded, their diffs.
     """
-    if phase not in ("sparse", "dense"):
-        raise ValueError(f"unknown phase {phase!r}; use phase='sparse' to prune or phase='dense' to re-dense")
+    if phase not in ("sparse", "dense", "prune"):
+        raise ValueError(f"unknown phase {phase!r}; use phase='sparse' to prune, phase='dense' to re-dense "
+                         "or phase='prune' to remove channels")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"transform expects an nn.Module or a torch.fx.GraphModule, got {type(model).__name__}")
+    if phase == "prune":
+        return _prune(model, config, options)
     sparse = {k: v for k, v in options.items() if k in SparseConfig.option_names()}
     unknown = sorted(set(options) - set(sparse) - set(TRANSFORM_OPTIONS))
     if unknown:
@@ -102,6 +112,28 @@ def transform(model: torch.nn.Module, phase: str = "sparse", *, config: SparseCo
     if phase == "sparse":
         gm.get_submodule(STATE).tags = snapshot(gm.graph)
     printer.emit(records, phase)  # diagnostics: before the commit, so a failing one changes nothing
+    plan.commit()
+    return gm
+
+
+def _prune(model: torch.nn.Module, config: PruneConfig | None, options: dict[str, Any]) -> fx.GraphModule:
+    """phase="prune": the PruneConfig fields are its options (see dsd_fx.prune_config)."""
+    pruning = {k: v for k, v in options.items() if k in PruneConfig.option_names()}
+    unknown = sorted(set(options) - set(pruning) - set(TRANSFORM_OPTIONS))
+    if unknown:
+        raise TypeError(f"transform(phase='prune') got unknown option(s) {', '.join(unknown)}; the prune options are "
+                        f"{', '.join(PruneConfig.option_names())}, and every phase takes {', '.join(TRANSFORM_OPTIONS)}")
+    if config is not None and not isinstance(config, PruneConfig):
+        raise TypeError(f"phase='prune' takes config=dsd_fx.PruneConfig(...), got {type(config).__name__}")
+    if config is not None and pruning:
+        raise TypeError(f"give either config= or the prune options ({', '.join(sorted(pruning))}), not both")
+    config = config or PruneConfig(**pruning)
+    printer = PrintChanged.resolve(options.get("print_changed"), options.get("print_changed_dir"), options.get("print_changed_passes"))
+    gm = capture(model, copy=bool(options.get("copy", False)), concrete_args=options.get("concrete_args"))
+    plan = prune_plan(gm, config, model)
+    observer = _DiffObserver() if printer.active else None
+    gm.meta["dsd_fx"] = {"changes": run_passes(gm, plan.recipe, plan.invariants, observer=observer)}
+    printer.emit(gm.meta["dsd_fx"]["changes"], "prune")
     plan.commit()
     return gm
 

@@ -1,0 +1,83 @@
+"""Channel layouts through an fx graph: which producer's channels sit where in every tensor."""
+from __future__ import annotations
+
+import operator
+
+import torch.nn as nn
+from torch import fx
+from torch.utils._pytree import tree_flatten
+
+from dsd_fx import channel_rules as rules
+from dsd_fx.channel_layout import FlowState, Layout
+from dsd_fx.op_table import ChannelRule, Flow, channel_rule, function_row, module_row
+
+_HANDLERS = {Flow.ELEMENTWISE: rules.elementwise, Flow.PASS: rules.passthrough, Flow.NORM: rules.norm,
+             Flow.RESHAPE: rules.reshape, Flow.MOVE: rules.move, Flow.CAT: rules.cat, Flow.SPLIT: rules.split,
+             Flow.REDUCE: rules.reduce}
+
+
+class Propagation:
+    """One forward walk over a shape-propagated graph, assigning each tensor its Layout."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm, self.state = gm, FlowState()
+        self.layouts: dict[fx.Node, object] = {}
+
+    def run(self) -> FlowState:
+        for node in self.gm.graph.nodes:
+            self.layouts[node] = self._visit(node)
+        return self.state
+
+    def _ins(self, node: fx.Node) -> list:
+        flat, _ = tree_flatten((node.args, node.kwargs))
+        return [self.layouts.get(a) for a in flat if isinstance(a, fx.Node)]
+
+    def _block_all(self, node: fx.Node, reason: str) -> None:
+        self.state.block(self._ins(node), f"node '{node.name}': {reason}")
+
+    def _visit(self, node: fx.Node):
+        if node.op in ("placeholder", "get_attr"):
+            return None
+        if node.op == "output":
+            self._block_all(node, "reaches the model's output (its channels are the model's)")
+            return None
+        if node.op == "call_module":
+            module = self.gm.get_submodule(node.target)
+            row = module_row(module)
+            if row is None:
+                self._block_all(node, f"{type(module).__name__} has no row in dsd_fx.op_table")
+                return None
+            rule = channel_rule(row)
+            if rule is None:
+                return self._weight_op(node, module, row)
+            return self._rule(node, rule, module)
+        if node.op == "call_method" and node.target in ("size", "dim") or node.target is getattr:
+            return None
+        if node.target is operator.getitem:
+            return self._getitem(node)
+        row = function_row(node)
+        rule = channel_rule(row)
+        if rule is None:
+            what = "a weight op called functionally (prune supports module calls)" if row else "no row in dsd_fx.op_table"
+            self._block_all(node, f"{node.op} {getattr(node.target, '__name__', node.target)}: {what}")
+            return None
+        return self._rule(node, rule, None)
+
+    def _rule(self, node: fx.Node, rule: ChannelRule, module: nn.Module | None):
+        handler = _HANDLERS.get(rule.flow)
+        if handler is None:
+            self._block_all(node, rule.reason or f"{rule.flow.value} op")
+            return None
+        return handler(self, node, rule, module)
+
+    def _getitem(self, node: fx.Node):
+        src, index = node.args
+        lay = self.layouts.get(src)
+        if isinstance(lay, tuple) and isinstance(index, int):
+            return lay[index]
+        if isinstance(lay, Layout):
+            self.state.block([lay], f"node '{node.name}': indexing a tensor whose channels are tracked")
+        return None
+
+    def _weight_op(self, node: fx.Node, module: nn.Module, row):
+        return rules.weight_op(self, node, module, row)
