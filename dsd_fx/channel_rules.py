@@ -254,7 +254,7 @@ def weight_op(prop, node: fx.Node, module: nn.Module, row):
     if groups > 1:
         reason = f"grouped {type(module).__name__} (groups={groups}): removing channels would unbalance its groups"
         _fail(prop, node, reason)
-        return _new_atom(prop, node, n_out, out_dim, [], reason)
+        return _new_atom(prop, node, n_out, out_dim, [("weight", slot.out_dim), *bias], reason)
     if lay is not None:
         prop.state.attach(lay, node.target, "weight", slot.in_dim, "in")
     return _new_atom(prop, node, n_out, out_dim, [("weight", slot.out_dim), *bias])
