@@ -10,7 +10,9 @@ import torch
 import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 
+from dsd_fx.cost import cost
 from dsd_fx.phases import transform
+from dsd_fx.verify_pruned import verify_pruned
 from dsd_fx.prune_config import PruneConfig
 from tests.channel_models import Dense, FlatCNN, Inception, InvertedResidual, MLPBlock, ResBlock, randomize_norms
 
@@ -210,3 +212,36 @@ def test_config_is_frozen_and_validates():
         cfg.channels = 0.1
     with pytest.raises(ValueError, match="scope='global'"):
         PruneConfig(channels={"a": 0.5}, scope="global", example_args=IMG)
+
+
+def test_cost_counts_params_and_macs_from_the_graph():
+    c = cost(ResBlock(), IMG)
+    # stem 2*8*8*8 * 3*9, c1 2*16*4*4 * 8*9, c2 512 * 16*9, down 512 * 8, dw 512 * 9, fc 2*10 * 256
+    assert c.macs == 27648 + 36864 + 73728 + 4096 + 4608 + 5120
+    assert c.params == 224 + 16 + 1168 + 32 + 2320 + 32 + 144 + 32 + 160 + 2570
+
+
+def test_verify_pruned_proves_the_pruned_onnx():
+    model = ResBlock()
+    gm = transform(model, phase="prune", channels=0.25, example_args=(IMG,))
+    report = verify_pruned(model, gm, IMG, latency_runs=3)
+    assert report.ok, report.table
+    assert "PROVEN" in report.table and report.ratios["macs"] < 0.7 and report.ratios["params"] < 0.7
+
+
+class _Sliced(MLPBlock):
+    """What pruning must not produce: the same function through a Slice of the hidden layer."""
+
+    def __init__(self):
+        super().__init__(hidden=64)
+        self.fc2 = nn.Linear(48, 16)
+
+    def forward(self, x):
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln(x)))[..., :48])
+
+
+def test_verify_pruned_fails_on_an_added_slice():
+    report = verify_pruned(MLPBlock(), _Sliced(), torch.randn(2, 5, 16), latency_runs=1)
+    assert not report.ok
+    row = next(r for r in report.rows if r.name == "indexing ops added")
+    assert not row.ok and "Slice +1" in row.pruned
