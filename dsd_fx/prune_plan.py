@@ -126,11 +126,13 @@ def _global(gm, by_index, scores, config: PruneConfig) -> dict[int, list[int]]:
         pool += [(float(v), i, c) for c, v in enumerate(mean)]
     want = math.floor(config.channels * sum(by_index[i].size for i in scores))
     out: dict[int, list[int]] = {i: [] for i in scores}
+    taken = 0
     for _, i, c in sorted(pool):
-        if sum(map(len, out.values())) >= want:
+        if taken >= want:
             break
         if len(out[i]) < by_index[i].size - 1:
             out[i].append(c)
+            taken += 1
     return {i: sorted(v) for i, v in out.items()}
 
 

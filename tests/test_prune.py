@@ -245,3 +245,24 @@ def test_verify_pruned_fails_on_an_added_slice():
     assert not report.ok
     row = next(r for r in report.rows if r.name == "indexing ops added")
     assert not row.ok and "Slice +1" in row.pruned
+
+
+class _Odd(nn.Module):
+    """Embedding, ConvTranspose and an InstanceNorm without affine params or stats."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(10, 8), nn.Linear(8, 3)
+        self.up, self.inorm, self.up2 = nn.ConvTranspose2d(3, 8, 2, stride=2), nn.InstanceNorm2d(8), nn.ConvTranspose2d(8, 2, 1)
+
+    def forward(self, ids, img):
+        return self.fc(self.emb(ids).mean(1)).sum() + self.up2(torch.relu(self.inorm(self.up(img)))).sum()
+
+
+def test_embedding_conv_transpose_and_instance_norm_sizes():
+    ids = torch.randint(0, 10, (2, 5))
+    gm = transform(_Odd(), phase="prune", channels=0.25, example_args=(ids, IMG))
+    assert gm.emb.weight.shape == (10, 6) and gm.emb.embedding_dim == 6 and gm.fc.in_features == 6
+    assert gm.up.weight.shape == (3, 6, 2, 2) and gm.up.out_channels == 6 and gm.up.bias.shape == (6,)
+    assert gm.inorm.num_features == 6 and gm.up2.weight.shape == (6, 2, 1, 1) and gm.up2.in_channels == 6
+    assert gm(ids, IMG).shape == ()
