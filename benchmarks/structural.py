@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 import dsd_fx.phases
 from dsd_fx.cost import cost
-from dsd_fx.verify_pruned import verify_pruned
+from dsd_fx.export import export_onnx
+from dsd_fx.verify_pruned import _feeds, _session, verify_pruned
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 log = logging.getLogger("structural")
@@ -155,8 +156,24 @@ MODELS = {"resnet": (ResNet, IMG, "fc"), "mobilenetv2": (MobileNet, IMG, "fc"), 
           "flatten_cnn": (FlatCNN, IMG, "fc2"), "cat_self": (CatSelf, IMG, "fc"), "encoder_mha": (Encoder, (8, 16, 16), "head")}
 
 
-def _dsd(model, x, fraction):
-    return dsd_fx.phases.transform(model, phase="prune", channels=fraction, example_args=(x,))
+def _dsd(model, x, fraction, importance="l1"):
+    return dsd_fx.phases.transform(model, phase="prune", channels=fraction, example_args=(x,), importance=importance)
+
+
+def weights_only_l1(model: nn.Module):
+    """L1 over the members' weights only (no biases, no norm shifts): Torch-Pruning's criterion,
+    to see whether the two tools then remove the same channels."""
+    def importance(group, example_args) -> torch.Tensor:
+        scores = torch.zeros(group.size)
+        for m in group.members:
+            if m.tensor != "weight":
+                continue
+            w = model.get_submodule(m.layer).weight.detach().abs()
+            per_index = w.movedim(m.dim, 0).reshape(w.shape[m.dim], -1).sum(1)
+            for c in range(m.start, m.start + m.length):
+                scores[c] += per_index[m.positions([c])].sum()
+        return scores
+    return importance
 
 
 def _tp(model, x, fraction, head):
@@ -188,29 +205,50 @@ def _agreement(a: nn.Module, b: nn.Module, x) -> str:
     return f"{'same' if same else 'different'} channels, max |out diff| {diff:.1e}"
 
 
+def _latencies(models: dict[str, nn.Module], x, runs: int) -> dict[str, tuple[float, float]]:
+    """(torch, onnxruntime) median seconds per model, every model timed in each round (interleaved)."""
+    sessions = {k: _session(export_onnx(m, (x,), fold=False)) for k, m in models.items()}
+    feeds = {k: _feeds(s, (x,)) for k, s in sessions.items()}
+    times = {k: ([], []) for k in models}
+    with torch.no_grad():
+        for _ in range(runs + 2):
+            for k, m in models.items():
+                for slot, call in enumerate((lambda: m(x), lambda: sessions[k].run(None, feeds[k]))):
+                    t0 = time.perf_counter()
+                    call()
+                    times[k][slot].append(time.perf_counter() - t0)
+    return {k: (statistics.median(t[2:]), statistics.median(o[2:])) for k, (t, o) in times.items()}
+
+
 def run_model(name: str, fraction: float, runs: int, latency_runs: int) -> list[str]:
     make, shape, head = MODELS[name]
     torch.manual_seed(0)
     model, x = make().eval(), torch.randn(*shape)
     base = cost(model, x)
-    pruned, lines = {}, []
-    for tool, fn in (("dsd_fx", lambda: _dsd(model, x, fraction)), ("torch_pruning", lambda: _tp(model, x, fraction, head))):
+    tools = {"dsd_fx": lambda: _dsd(model, x, fraction), "torch_pruning": lambda: _tp(model, x, fraction, head)}
+    pruned, seconds, proofs, lines = {}, {}, {}, []
+    for tool, fn in tools.items():
         try:
-            out, seconds = _timed(fn, runs)
+            out, seconds[tool] = _timed(fn, runs)
             with torch.no_grad():
                 assert out.eval()(x).shape == model(x).shape
         except Exception as err:  # noqa: BLE001 - a tool that fails on a model is a result
             lines.append(f"{name:<12} {tool:<14} FAILED: {type(err).__name__}: {str(err).splitlines()[0][:110]}")
             continue
         pruned[tool] = out
+        report = verify_pruned(model, out, x, latency_runs=1)
+        proofs[tool] = "same ONNX ops" if report.ok else "ONNX differs: " + "; ".join(
+            f"{row.name}: {row.pruned}" for row in report.rows if row.ok is False)
+    lat = _latencies({"original": model, **pruned}, x, latency_runs)
+    for tool, out in pruned.items():
         c = cost(out, x)
-        report = verify_pruned(model, out, x, latency_runs=latency_runs)
-        r = report.ratios
-        proof = "same ONNX ops" if report.ok else "ONNX differs: " + "; ".join(f"{row.name}: {row.pruned}" for row in report.rows if row.ok is False)
+        t, o = (lat[tool][k] / lat["original"][k] for k in (0, 1))
         lines.append(f"{name:<12} {tool:<14} params {c.params / base.params:.3f}x  MACs {c.macs / base.macs:.3f}x  "
-                     f"prune {seconds * 1e3:7.1f} ms  latency torch {r['torch_latency']:.2f}x ort {r['ort_latency']:.2f}x  {proof}")
+                     f"prune {seconds[tool] * 1e3:6.1f} ms  latency torch {t:.2f}x ort {o:.2f}x  {proofs[tool]}")
     if len(pruned) == 2:
-        lines.append(f"{name:<12} {'agreement':<14} {_agreement(pruned['dsd_fx'], pruned['torch_pruning'], x)}")
+        same_rule = _dsd(model, x, fraction, weights_only_l1(model))
+        lines.append(f"{name:<12} {'agreement':<14} L1 with biases: {_agreement(pruned['dsd_fx'], pruned['torch_pruning'], x)}; "
+                     f"weights-only L1: {_agreement(same_rule, pruned['torch_pruning'], x)}")
     return lines
 
 
@@ -237,12 +275,14 @@ def main() -> None:
     lines = [f"structural pruning at {args.fraction:.0%} of channels, L1 magnitude, torch {torch.__version__}, 1 thread",
              "ratios are pruned / unpruned; latency: interleaved medians, batch as in MODELS", ""]
     for name in MODELS:
-        lines += run_model(name, args.fraction, runs, latency_runs)
-        log.info("\n".join(lines[-3:]))
+        model_lines = run_model(name, args.fraction, runs, latency_runs)
+        log.info("\n".join(model_lines))
+        lines += model_lines
     lines += scaling(runs)
+    log.info("\n".join(lines[-5:]))
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
-    log.info("\n".join(lines))
+    log.info("wrote %s", args.out)
 
 
 if __name__ == "__main__":

@@ -361,7 +361,8 @@ for _fn in _UNARY_FUNCTIONS:
     FUNCTIONS[("call_function", _fn)] = OpRow(getattr(_fn, "__name__", str(_fn)), (), channels=_PASS)
 for _name in ("add", "mul", "sub", "div", "add_", "mul_"):
     FUNCTIONS[("call_method", _name)] = OpRow(_name, (), channels=_EW)
-for _name in ("relu", "sigmoid", "tanh", "contiguous", "clone", "abs", "neg", "exp", "relu_", "clamp"):
+for _name in ("relu", "sigmoid", "tanh", "contiguous", "clone", "abs", "neg", "exp", "relu_", "clamp", "float", "to",
+              "type_as", "detach"):
     FUNCTIONS[("call_method", _name)] = OpRow(_name, (), channels=_PASS)
 for _key in (("call_function", torch.flatten), ("call_method", "flatten"), ("call_method", "view"),
              ("call_method", "reshape"), ("call_function", torch.reshape)):

@@ -150,6 +150,17 @@ def _consistent(example_args: tuple, out_shapes) -> Invariant:
     return Invariant("channel counts consistent after pruning", check)
 
 
+def _refuse_tied(gm: fx.GraphModule, cuts) -> None:
+    """One tensor object under two layers (tied weights) would be cut into two: refuse."""
+    seen: dict[int, str] = {}
+    for layer, tensor, _ in cuts:
+        t = getattr(gm.get_submodule(layer), tensor, None) if tensor else None
+        other = seen.setdefault(id(t), f"{layer}.{tensor}") if t is not None else None
+        if other is not None and not other.startswith(f"{layer}."):
+            raise ValueError(f"prune: '{layer}.{tensor}' is the same tensor as '{other}' (tied weights); pruning would "
+                             "untie them: exclude the groups of these layers (exclude=[...])")
+
+
 def prune_plan(gm: fx.GraphModule, config: PruneConfig, model: torch.nn.Module):
     """The Plan of transform(phase="prune"): every check runs here or in the invariants, before
     the commit (which writes the smaller layers into `model` only with inplace=True)."""
@@ -162,6 +173,7 @@ def prune_plan(gm: fx.GraphModule, config: PruneConfig, model: torch.nn.Module):
     groups = groups_of(gm)
     removed = choose(gm, groups, config)
     cuts = cut_positions(groups, removed)
+    _refuse_tied(gm, cuts)
 
     def commit() -> None:
         if not config.inplace:

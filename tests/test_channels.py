@@ -172,3 +172,36 @@ def test_accepts_a_graph_module_and_leaves_the_model_unchanged():
     g = by_producer(channel_groups(fx.symbolic_trace(model), IMG))
     assert g["c2"].producers == ("c2", "down")
     assert model.training and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_hand_written_attention_heads_split_the_channel_dim_and_block():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj = nn.Linear(16, 48), nn.Linear(16, 16)
+
+        def forward(self, x):  # (B, T, 16), 2 heads of 8
+            b, t, _ = x.shape
+            q, k, v = self.qkv(x).view(b, t, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, 16)
+            return self.proj(a)
+
+    g = by_producer(channel_groups(Attn(), torch.randn(2, 5, 16)))
+    assert not g["qkv"].prunable and any("splits the channel dim" in r for r in g["qkv"].blocked_by)
+
+
+def test_squeeze_excitation_ties_the_gate_to_the_conv():
+    class SE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc1, self.fc2, self.out = nn.Conv2d(3, 8, 1), nn.Linear(8, 2), nn.Linear(2, 8), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            s = torch.sigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3))))))
+            return self.out(y * s.view(s.size(0), s.size(1), 1, 1))
+
+    g = by_producer(channel_groups(SE(), IMG))
+    assert g["conv"].producers == ("conv", "fc2") and g["conv"].prunable
+    assert slots(g["conv"]) == {("conv", "weight", 0, 0, 1), ("conv", "bias", 0, 0, 1), ("fc1", "weight", 1, 0, 1),
+                                ("fc2", "weight", 0, 0, 1), ("fc2", "bias", 0, 0, 1), ("out", "weight", 1, 0, 1)}

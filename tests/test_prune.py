@@ -266,3 +266,22 @@ def test_embedding_conv_transpose_and_instance_norm_sizes():
     assert gm.up.weight.shape == (3, 6, 2, 2) and gm.up.out_channels == 6 and gm.up.bias.shape == (6,)
     assert gm.inorm.num_features == 6 and gm.up2.weight.shape == (6, 2, 1, 1) and gm.up2.in_channels == 6
     assert gm(ids, IMG).shape == ()
+
+
+def test_tied_weights_are_refused_before_anything_changes():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+            self.b2 = nn.Linear(8, 8)
+            self.b2.weight = self.b.weight
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.c(self.b(h)) + self.c(self.b2(h))
+
+    model = Tied()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="tied weights"):
+        transform(model, phase="prune", channels=0.25, example_args=(torch.randn(2, 4),))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
