@@ -19,6 +19,7 @@ import argparse
 import copy
 import logging
 import os
+import random
 import statistics
 import time
 import warnings
@@ -206,13 +207,16 @@ def _agreement(a: nn.Module, b: nn.Module, x) -> str:
 
 
 def _latencies(models: dict[str, nn.Module], x, runs: int) -> dict[str, tuple[float, float]]:
-    """(torch, onnxruntime) median seconds per model, every model timed in each round (interleaved)."""
+    """(torch, onnxruntime) median seconds per model, every model timed in each round, in a new order each round."""
     sessions = {k: _session(export_onnx(m, (x,), fold=False)) for k, m in models.items()}
     feeds = {k: _feeds(s, (x,)) for k, s in sessions.items()}
     times = {k: ([], []) for k in models}
+    order, shuffle = list(models), random.Random(0).shuffle
     with torch.no_grad():
         for _ in range(runs + 2):
-            for k, m in models.items():
+            shuffle(order)  # no model always runs first (warm caches) or last
+            for k in order:
+                m = models[k]
                 for slot, call in enumerate((lambda: m(x), lambda: sessions[k].run(None, feeds[k]))):
                     t0 = time.perf_counter()
                     call()
@@ -271,7 +275,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    runs, latency_runs = (1, 10) if args.quick else (3, 30)
+    runs, latency_runs = (1, 10) if args.quick else (5, 50)
     lines = [f"structural pruning at {args.fraction:.0%} of channels, L1 magnitude, torch {torch.__version__}, 1 thread",
              "ratios are pruned / unpruned; latency: interleaved medians, batch as in MODELS", ""]
     for name in MODELS:

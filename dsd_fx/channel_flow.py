@@ -32,24 +32,25 @@ class Propagation:
         flat, _ = tree_flatten((node.args, node.kwargs))
         return [self.layouts.get(a) for a in flat if isinstance(a, fx.Node)]
 
-    def _block_all(self, node: fx.Node, reason: str) -> None:
+    def block_inputs(self, node: fx.Node, reason: str) -> None:
+        """Every channel that reaches `node` stays: `reason` names the node and says why."""
         self.state.block(self._ins(node), f"node '{node.name}': {reason}")
 
     def _visit(self, node: fx.Node):
         if node.op in ("placeholder", "get_attr"):
             return None
         if node.op == "output":
-            self._block_all(node, "reaches the model's output (its channels are the model's)")
+            self.block_inputs(node, "reaches the model's output (its channels are the model's)")
             return None
         if node.op == "call_module":
             module = self.gm.get_submodule(node.target)
             row = module_row(module)
             if row is None:
-                self._block_all(node, f"{type(module).__name__} has no row in dsd_fx.op_table")
+                self.block_inputs(node, f"{type(module).__name__} has no row in dsd_fx.op_table")
                 return None
             rule = channel_rule(row)
             if rule is None:
-                return self._weight_op(node, module, row)
+                return rules.weight_op(self, node, module, row)
             return self._rule(node, rule, module)
         if node.op == "call_method" and node.target in ("size", "dim") or node.target is getattr:
             return None
@@ -59,14 +60,14 @@ class Propagation:
         rule = channel_rule(row)
         if rule is None:
             what = "a weight op called functionally (prune supports module calls)" if row else "no row in dsd_fx.op_table"
-            self._block_all(node, f"{node.op} {getattr(node.target, '__name__', node.target)}: {what}")
+            self.block_inputs(node, f"{node.op} {getattr(node.target, '__name__', node.target)}: {what}")
             return None
         return self._rule(node, rule, None)
 
     def _rule(self, node: fx.Node, rule: ChannelRule, module: nn.Module | None):
         handler = _HANDLERS.get(rule.flow)
         if handler is None:
-            self._block_all(node, rule.reason or f"{rule.flow.value} op")
+            self.block_inputs(node, rule.reason or f"{rule.flow.value} op")
             return None
         return handler(self, node, rule, module)
 
@@ -78,6 +79,3 @@ class Propagation:
         if isinstance(lay, Layout):
             self.state.block([lay], f"node '{node.name}': indexing a tensor whose channels are tracked")
         return None
-
-    def _weight_op(self, node: fx.Node, module: nn.Module, row):
-        return rules.weight_op(self, node, module, row)

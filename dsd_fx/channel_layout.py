@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-
 @dataclass(frozen=True)
 class Member:
     """One tensor slice that follows a group's channels.
@@ -36,6 +35,8 @@ class Member:
 
 @dataclass(frozen=True)
 class Segment:
+    """Channels [start, start + length) of channel space `atom` (one producer's outputs)."""
+
     atom: int
     start: int
     length: int

@@ -27,7 +27,7 @@ def _layout(prop, node) -> Layout | None:
 
 
 def _fail(prop, node: fx.Node, reason: str) -> None:
-    prop._block_all(node, reason)
+    prop.block_inputs(node, reason)  # the output gets no layout: what follows cannot reach these channels
 
 
 def tie(state: FlowState, a: Layout, b: Layout) -> bool:

@@ -20,7 +20,7 @@ from dsd_fx.passes.pack_nm import pack_nm
 from dsd_fx.pipeline import Invariant, PassRecord, run_passes
 from dsd_fx.print_changed import PrintChanged
 from dsd_fx.prune_config import PruneConfig
-from dsd_fx.prune_plan import prune_plan
+from dsd_fx.prune_plan import PruningObserver, prune_plan
 from dsd_fx.prunable import PrunableWeight, select_nm, select_weights
 from dsd_fx.state import STATE, MaskKind, MaskRecord, TransformState, current_masks, masks_of
 from dsd_fx.tags import Role, has_dsd_nodes, snapshot, tagged
@@ -131,7 +131,7 @@ def _prune(model: torch.nn.Module, config: PruneConfig | None, options: dict[str
     printer = PrintChanged.resolve(options.get("print_changed"), options.get("print_changed_dir"), options.get("print_changed_passes"))
     gm = capture(model, copy=bool(options.get("copy", False)), concrete_args=options.get("concrete_args"))
     plan = prune_plan(gm, config, model)
-    observer = _DiffObserver() if printer.active else None
+    observer = PruningObserver(_DiffObserver()) if printer.active else None
     gm.meta["dsd_fx"] = {"changes": run_passes(gm, plan.recipe, plan.invariants, observer=observer)}
     printer.emit(gm.meta["dsd_fx"]["changes"], "prune")
     plan.commit()

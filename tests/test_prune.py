@@ -285,3 +285,10 @@ def test_tied_weights_are_refused_before_anything_changes():
     with pytest.raises(ValueError, match="tied weights"):
         transform(model, phase="prune", channels=0.25, example_args=(torch.randn(2, 4),))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_print_changed_shows_the_groups_and_shapes(capsys):
+    transform(ResBlock(), phase="prune", channels={"c2": 0.25}, example_args=(IMG,), print_changed="diff")
+    err = capsys.readouterr().err
+    assert "*** prune_channels (prune phase) ***" in err
+    assert "group 'c2' (c2, down): 16 -> 12 channels" in err and re.search(r"dw\.weight +\(16, 1, 3, 3\) -> \(12, 1, 3, 3\)", err)
