@@ -292,3 +292,47 @@ def test_print_changed_shows_the_groups_and_shapes(capsys):
     err = capsys.readouterr().err
     assert "*** prune_channels (prune phase) ***" in err
     assert "group 'c2' (c2, down): 16 -> 12 channels" in err and re.search(r"dw\.weight +\(16, 1, 3, 3\) -> \(12, 1, 3, 3\)", err)
+
+
+ZOO = [(ResBlock, (2, 3, 8, 8)), (InvertedResidual, (2, 3, 8, 8)), (Inception, (2, 3, 8, 8)), (Dense, (2, 3, 8, 8)),
+       (FlatCNN, (2, 3, 5, 5)), (MLPBlock, (2, 5, 16))]
+
+
+def _sizes_agree(m: nn.Module) -> None:
+    """Every layer's size attributes say what its tensors hold."""
+    for name, layer in m.named_modules():
+        if isinstance(layer, nn.Linear):
+            assert layer.weight.shape == (layer.out_features, layer.in_features), name
+        elif isinstance(layer, nn.Conv2d):
+            assert layer.weight.shape[:2] == (layer.out_channels, layer.in_channels // layer.groups), name
+        elif isinstance(layer, nn.BatchNorm2d):
+            assert layer.weight.shape == layer.running_mean.shape == (layer.num_features,), name
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.sampled_from(ZOO), st.floats(min_value=0.0, max_value=0.99), st.sampled_from(["layer", "global"]))
+def test_any_fraction_of_any_zoo_model_gives_a_consistent_smaller_model(entry, fraction, scope):
+    make, shape = entry
+    model, x = make().eval(), torch.randn(*shape)
+    gm = transform(model, phase="prune", channels=fraction, scope=scope, example_args=(x,))
+    _sizes_agree(gm)
+    with torch.no_grad():
+        assert gm.eval()(x).shape == model(x).shape
+    assert cost(gm, x).params <= cost(model, x).params
+
+
+def test_include_limits_pruning_to_the_named_groups_and_zero_changes_nothing():
+    gm = transform(ResBlock(), phase="prune", channels=0.5, include="c1", example_args=(IMG,))
+    assert gm.c1.out_channels == 8 and gm.stem.out_channels == 8 and gm.c2.out_channels == 16
+    model = ResBlock()
+    gm = transform(model, phase="prune", channels=0.0, example_args=(IMG,))
+    assert all(p is q for p, q in zip(gm.parameters(), model.parameters()))
+    assert not gm.meta["dsd_fx"]["changes"][0].modified
+
+
+@pytest.mark.parametrize("make, shape", ZOO[1:5], ids=[m.__name__ for m, _ in ZOO[1:5]])
+def test_pruned_onnx_of_each_structure_is_proven(make, shape):
+    model, x = make().eval(), torch.randn(*shape)
+    gm = transform(model, phase="prune", channels=0.25, example_args=(x,))
+    report = verify_pruned(model, gm, x, latency_runs=1)
+    assert report.ok, report.table
