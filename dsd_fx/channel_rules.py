@@ -63,7 +63,8 @@ def elementwise(prop, node: fx.Node, rule: ChannelRule, module):
             k = ref.dim - (len(out) - len(sa))
             if k < 0 or sa[k] == 1:
                 continue
-            _fail(prop, node, f"operand '{a.name}' has {sa[k]} channels that no prunable layer makes (a model input, a constant or an untracked op)")
+            _fail(prop, node, f"operand '{a.name}' carries {sa[k]} channels that dsd_fx does not track (a model input, "
+                            "a constant, or the output of an op that blocks its channels)")
             return None
         if lay.dim != ref.dim or not tie(prop.state, ref, lay):
             _fail(prop, node, "its operands' channels cannot be matched one to one (different concatenations or slices)")

@@ -1,6 +1,7 @@
 """channel_groups: the coupled channels of each structure, against hand-written expectations."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -83,7 +84,7 @@ def test_transformer_mlp_hidden_dim_prunable_residual_stream_not():
     assert slots(g["fc1"]) == {("fc1", "weight", 0, 0, 1), ("fc1", "bias", 0, 0, 1), ("fc2", "weight", 1, 0, 1)}
     assert g["fc1"].prunable and g["fc1"].size == 64
     assert not g["fc2"].prunable
-    assert any("operand 'x'" in r for r in g["fc2"].blocked_by)
+    assert any("operand 'x' carries 16 channels" in r for r in g["fc2"].blocked_by)
 
 
 def test_flatten_into_linear_repeats_each_channel_hw_times():
@@ -205,3 +206,25 @@ def test_squeeze_excitation_ties_the_gate_to_the_conv():
     assert g["conv"].producers == ("conv", "fc2") and g["conv"].prunable
     assert slots(g["conv"]) == {("conv", "weight", 0, 0, 1), ("conv", "bias", 0, 0, 1), ("fc1", "weight", 1, 0, 1),
                                 ("fc2", "weight", 0, 0, 1), ("fc2", "bias", 0, 0, 1), ("out", "weight", 1, 0, 1)}
+
+
+def test_bert_from_transformers_tracer_mlp_dims_prunable_attention_and_layernorm_stream_blocked():
+    tr = pytest.importorskip("transformers")
+    hf = pytest.importorskip("transformers.utils.fx")
+    from dsd_fx.phases import transform
+
+    model = tr.BertForSequenceClassification(tr.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, num_labels=3)).eval()
+    gm = hf.symbolic_trace(model, input_names=["input_ids", "attention_mask"])
+    args = (torch.randint(0, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long))
+    g = by_producer(channel_groups(gm, args))
+    assert {k for k, v in g.items() if v.prunable} == {"bert.encoder.layer.0.intermediate.dense",
+                                                       "bert.encoder.layer.1.intermediate.dense", "bert.pooler.dense"}
+    assert any("splits the channel dim" in r for r in g["bert.encoder.layer.0.attention.self.query"].blocked_by)
+    assert any("LayerNorm normalises" in r for r in g["bert.embeddings.word_embeddings"].blocked_by)
+    pruned = transform(gm, phase="prune", channels=0.25, example_args=args)
+    assert pruned.get_submodule("bert.encoder.layer.0.intermediate.dense").out_features == 48
+    assert pruned.get_submodule("bert.encoder.layer.0.output.dense").in_features == 48
+    with torch.no_grad():
+        assert pruned(*args)["logits"].shape == (2, 3)
