@@ -29,9 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dsd_fx.phases
-from dsd_fx.cost import cost
+from dsd_fx.macs import cost
 from dsd_fx.export import export_onnx
-from dsd_fx.verify_pruned import _feeds, _session, verify_pruned
+from dsd_fx.prune_proof import ort_feeds, ort_session, verify_pruned
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 log = logging.getLogger("structural")
@@ -208,8 +208,8 @@ def _agreement(a: nn.Module, b: nn.Module, x) -> str:
 
 def _latencies(models: dict[str, nn.Module], x, runs: int) -> dict[str, tuple[float, float]]:
     """(torch, onnxruntime) median seconds per model, every model timed in each round, in a new order each round."""
-    sessions = {k: _session(export_onnx(m, (x,), fold=False)) for k, m in models.items()}
-    feeds = {k: _feeds(s, (x,)) for k, s in sessions.items()}
+    sessions = {k: ort_session(export_onnx(m, (x,), fold=False)) for k, m in models.items()}
+    feeds = {k: ort_feeds(s, (x,)) for k, s in sessions.items()}
     times = {k: ([], []) for k in models}
     order, shuffle = list(models), random.Random(0).shuffle
     with torch.no_grad():

@@ -193,6 +193,8 @@ def prune_plan(gm: fx.GraphModule, config: PruneConfig, model: torch.nn.Module):
     cuts = cut_positions(groups, removed)
     _refuse_tied(gm, cuts)
 
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: its module, as capture took
+
     def commit() -> None:
         if not config.inplace:
             return

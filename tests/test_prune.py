@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 
-from dsd_fx.cost import cost
+from dsd_fx.macs import cost
 from dsd_fx.phases import transform
-from dsd_fx.verify_pruned import verify_pruned
+from dsd_fx.prune_proof import verify_pruned
 from dsd_fx.prune_config import PruneConfig
 from tests.channel_models import Dense, FlatCNN, Inception, InvertedResidual, MLPBlock, ResBlock, randomize_norms
 

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from torch.utils._pytree import tree_flatten
 
 from dsd_fx.channels import as_args, eval_mode
-from dsd_fx.cost import cost
+from dsd_fx.macs import cost
 from dsd_fx.export import export_onnx
 
 INDEXING = ("Gather", "GatherElements", "GatherND", "Slice", "Pad", "ScatterND", "ScatterElements", "Compress", "Where")
@@ -60,7 +60,7 @@ def _bytes(proto: onnx.ModelProto) -> int:
     return sum(int(numpy_helper.to_array(i).nbytes) for i in proto.graph.initializer)
 
 
-def _session(proto: onnx.ModelProto):
+def ort_session(proto: onnx.ModelProto):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -68,7 +68,7 @@ def _session(proto: onnx.ModelProto):
     return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
-def _feeds(session, args: tuple) -> dict[str, np.ndarray]:
+def ort_feeds(session, args: tuple) -> dict[str, np.ndarray]:
     flat = [a for a in tree_flatten(list(args))[0] if isinstance(a, torch.Tensor)]
     return {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), flat)}
 
@@ -104,8 +104,8 @@ def verify_pruned(original: torch.nn.Module, pruned: torch.nn.Module, example_ar
     ref, fin = export_onnx(original, args, fold=False), export_onnx(pruned, args, fold=False)
     ops_ref, ops_fin = _ops(ref), _ops(fin)
     added = {op: ops_fin[op] - ops_ref[op] for op in INDEXING if ops_fin[op] > ops_ref[op]}
-    sessions = (_session(ref), _session(fin))
-    feeds = (_feeds(sessions[0], args), _feeds(sessions[1], args))
+    sessions = (ort_session(ref), ort_session(fin))
+    feeds = (ort_feeds(sessions[0], args), ort_feeds(sessions[1], args))
     got, want = sessions[1].run(None, feeds[1]), _torch_out(pruned, args)
     diff = max((float(np.max(np.abs(g.astype(np.float32) - w))) for g, w in zip(got, want) if w.size), default=0.0)
     tol = atol + rtol * max((float(np.max(np.abs(w))) for w in want if w.size), default=0.0)
