@@ -25,7 +25,11 @@ class Propagation:
 
     def run(self) -> FlowState:
         for node in self.gm.graph.nodes:
-            self.layouts[node] = self._visit(node)
+            try:
+                self.layouts[node] = self._visit(node)
+            except Exception as err:  # noqa: BLE001 - an op the rules cannot follow keeps its channels
+                self.block_inputs(node, f"dsd_fx could not follow channels through it ({type(err).__name__}: {err})")
+                self.layouts[node] = None
         return self.state
 
     def _ins(self, node: fx.Node) -> list:

@@ -21,6 +21,13 @@ def _arg(node: fx.Node, index: int, kw: str, default=None):
     return node.args[index] if len(node.args) > index else node.kwargs.get(kw, default)
 
 
+def first_input(node: fx.Node):
+    """The op's first operand, positional or keyword (`self.fc(input=x)`)."""
+    if node.args:
+        return node.args[0]
+    return next(iter(node.kwargs.values()), None)
+
+
 def _layout(prop, node) -> Layout | None:
     lay = prop.layouts.get(node) if isinstance(node, fx.Node) else None
     return lay if isinstance(lay, Layout) else None
@@ -73,7 +80,7 @@ def elementwise(prop, node: fx.Node, rule: ChannelRule, module):
 
 
 def passthrough(prop, node: fx.Node, rule: ChannelRule, module):
-    x = node.args[0] if node.args else None
+    x = first_input(node)
     lay, si, so = _layout(prop, x), shape(x), shape(node)
     if lay is None:
         return None
@@ -84,7 +91,7 @@ def passthrough(prop, node: fx.Node, rule: ChannelRule, module):
 
 
 def norm(prop, node: fx.Node, rule: ChannelRule, module: nn.Module):
-    lay = _layout(prop, node.args[0])
+    lay = _layout(prop, first_input(node))
     if lay is None:
         return None
     if lay.dim != 1 or lay.repeat != 1:
@@ -106,7 +113,7 @@ def _shape_spec(node: fx.Node) -> list | None:
 
 
 def reshape(prop, node: fx.Node, rule: ChannelRule, module):
-    x = node.args[0]
+    x = first_input(node)
     lay, si, so = _layout(prop, x), shape(x), shape(node)
     if lay is None:
         return None
@@ -131,7 +138,7 @@ def reshape(prop, node: fx.Node, rule: ChannelRule, module):
 
 
 def move(prop, node: fx.Node, rule: ChannelRule, module):
-    lay, n = _layout(prop, node.args[0]), len(shape(node) or ())
+    lay, n = _layout(prop, first_input(node)), len(shape(node) or ())
     if lay is None:
         return None
     if node.target in ("permute", torch.permute):
@@ -179,11 +186,11 @@ def _slice(lay: Layout, lo: int, hi: int) -> Layout:
 
 
 def split(prop, node: fx.Node, rule: ChannelRule, module):
-    lay = _layout(prop, node.args[0])
+    lay = _layout(prop, first_input(node))
     metas = node.meta.get("tensor_meta")
     if lay is None or not isinstance(metas, (list, tuple)):
         return None
-    n = len(shape(node.args[0]))
+    n = len(shape(first_input(node)))
     dim = int(_arg(node, 2, "dim", 0)) % n
     if dim != lay.dim:
         return tuple(lay for _ in metas)
@@ -198,10 +205,10 @@ def split(prop, node: fx.Node, rule: ChannelRule, module):
 
 
 def reduce(prop, node: fx.Node, rule: ChannelRule, module):
-    lay = _layout(prop, node.args[0])
+    lay = _layout(prop, first_input(node))
     if lay is None:
         return None
-    n = len(shape(node.args[0]))
+    n = len(shape(first_input(node)))
     dims = _arg(node, 1, "dim")
     keep = bool(_arg(node, 2, "keepdim", False))
     dims = [dims] if isinstance(dims, int) else list(dims) if dims is not None else list(range(n))
@@ -233,8 +240,11 @@ def weight_op(prop, node: fx.Node, module: nn.Module, row):
         _fail(prop, node, f"{type(module).__name__} has no channel rule in dsd_fx.op_table")
         return None
     slot, w = slots[0], module.weight
-    x = node.args[0] if node.args else None
+    x = first_input(node)
     out_shape, in_shape = shape(node), shape(x)
+    if out_shape is None or in_shape is None or row.channel_dim is None:
+        _fail(prop, node, f"{type(module).__name__} call without one tensor input and output")
+        return None
     out_dim = row.channel_dim % len(out_shape)
     bias = [("bias", 0)] if isinstance(getattr(module, "bias", None), torch.Tensor) else []
     if slot.in_dim is None:  # an embedding: indices in, a new channel space out

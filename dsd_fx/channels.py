@@ -63,7 +63,12 @@ def propagate_shapes(gm: fx.GraphModule, example_args: tuple) -> None:
 
     `gm` must be a capture (its modules are shells: the user's modules keep their mode)."""
     with eval_mode(gm):
-        ShapeProp(gm).propagate(*example_args)
+        try:
+            ShapeProp(gm).propagate(*example_args)
+        except Exception as err:  # noqa: BLE001 - the user's input: said as such
+            shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in example_args]
+            raise ValueError(f"channel analysis: {type(gm).__name__} does not run on example_args {shapes}: "
+                             f"{type(err).__name__}: {str(err).splitlines()[0]}; pass example inputs its forward accepts") from err
 
 
 def _graph(state: FlowState) -> nx.Graph:

@@ -228,3 +228,16 @@ def test_bert_from_transformers_tracer_mlp_dims_prunable_attention_and_layernorm
     assert pruned.get_submodule("bert.encoder.layer.0.output.dense").in_features == 48
     with torch.no_grad():
         assert pruned(*args)["logits"].shape == (2, 3)
+
+
+def test_keyword_calls_are_followed():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc2(input=F.relu(input=self.fc1(input=x)))
+
+    g = by_producer(channel_groups(M(), torch.randn(2, 4)))
+    assert slots(g["fc1"]) == {("fc1", "weight", 0, 0, 1), ("fc1", "bias", 0, 0, 1), ("fc2", "weight", 1, 0, 1)}

@@ -336,3 +336,11 @@ def test_pruned_onnx_of_each_structure_is_proven(make, shape):
     gm = transform(model, phase="prune", channels=0.25, example_args=(x,))
     report = verify_pruned(model, gm, x, latency_runs=1)
     assert report.ok, report.table
+
+
+def test_example_args_the_model_cannot_run_are_refused():
+    model = ResBlock()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"does not run on example_args \[\(2, 5, 8, 8\)\]"):
+        transform(model, phase="prune", channels=0.25, example_args=(torch.randn(2, 5, 8, 8),))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
