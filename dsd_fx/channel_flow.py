@@ -62,9 +62,10 @@ class Propagation:
             return self._getitem(node)
         row = function_row(node)
         rule = channel_rule(row)
+        if rule is None and row is not None and any(s.out_dim is not None for s in row.slots_of()):
+            return rules.function_weight_op(self, node, row)
         if rule is None:
-            what = "a weight op called functionally (prune supports module calls)" if row else "no row in dsd_fx.op_table"
-            self.block_inputs(node, f"{node.op} {getattr(node.target, '__name__', node.target)}: {what}")
+            self.block_inputs(node, f"{node.op} {getattr(node.target, '__name__', node.target)}: no row in dsd_fx.op_table")
             return None
         return self._rule(node, rule, None)
 

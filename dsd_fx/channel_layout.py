@@ -23,6 +23,12 @@ class Member:
     length: int = 0
     repeat: int = 1
 
+    @property
+    def path(self) -> str:
+        """`layer.tensor` (a parameter of the root: its name)."""
+        name = self.tensor or "<count>"
+        return f"{self.layer}.{name}" if self.layer else name
+
     def positions(self, channels) -> list[int]:
         """Indices of dim `dim` that the group channels `channels` own here."""
         out = []

@@ -9,7 +9,7 @@ from torch import fx
 from torch.utils._pytree import tree_flatten
 
 from dsd_fx.channel_layout import FlowState, Layout, Member, Segment
-from dsd_fx.op_table import ChannelRule
+from dsd_fx.op_table import ChannelRule, slot_arg
 
 
 def shape(node) -> tuple[int, ...] | None:
@@ -269,3 +269,47 @@ def weight_op(prop, node: fx.Node, module: nn.Module, row):
     if lay is not None:
         prop.state.attach(lay, node.target, "weight", slot.in_dim, "in")
     return _new_atom(prop, node, n_out, out_dim, [("weight", slot.out_dim), *bias])
+
+
+def _param_of(prop, arg) -> tuple[str, str] | None:
+    """(owner module path, attribute) of a get_attr of a parameter, else None."""
+    if not isinstance(arg, fx.Node) or arg.op != "get_attr":
+        return None
+    layer, _, attr = arg.target.rpartition(".")
+    owner = prop.gm.get_submodule(layer)
+    return (layer, attr) if isinstance(getattr(owner, attr, None), nn.Parameter) else None
+
+
+def _bias(node: fx.Node, row):
+    if row.packed is None:  # F.conv*: (input, weight, bias, ...)
+        return _arg(node, 2, "bias")
+    return None if row.packed.bias is None else _arg(node, row.packed.bias, row.packed.bias_kw or "bias")
+
+
+def function_weight_op(prop, node: fx.Node, row):
+    """F.linear, F.conv*, matmul, addmm ... of a parameter read by get_attr: its slot's out_dim /
+    in_dim say where channels are made and consumed; the op's other operand is the input."""
+    slot = next(s for s in row.slots_of() if s.out_dim is not None)
+    weight, bias = slot_arg(node, slot), _bias(node, row)
+    x = node.args[row.packed.x if row.packed is not None else 0]
+    param, out_shape, in_shape = _param_of(prop, weight), shape(node), shape(x)
+    groups = _arg(node, 6, "groups", 1) if row.kind.startswith("conv") else 1
+    why = ("its weight is not a parameter read by get_attr" if param is None else f"groups={groups}" if groups != 1
+           else "its bias is not a parameter" if bias is not None and _param_of(prop, bias) is None
+           else "no tensor shapes" if out_shape is None or in_shape is None else "")
+    if why:
+        _fail(prop, node, f"{row.kind} called functionally: {why}")
+        return None
+    w = getattr(prop.gm.get_submodule(param[0]), param[1])
+    out_w, in_w = slot.out_dim % w.dim(), slot.in_dim % w.dim()
+    lay, in_dim, out_dim = _layout(prop, x), row.channel_dim % len(in_shape), row.channel_dim % len(out_shape)
+    if lay is not None and lay.dim != in_dim:
+        _fail(prop, node, f"{row.kind} consumes dim {in_dim}, but the channels are at dim {lay.dim}")
+        lay = None
+    if lay is not None:
+        prop.state.attach(lay, param[0], param[1], in_w, "in")
+    n = w.shape[out_w]
+    atom = prop.state.atom(n, weight.target)
+    for (layer, tensor), dim in [(param, out_w)] + ([(_param_of(prop, bias), 0)] if bias is not None else []):
+        prop.state.members.append((atom, Member(layer, tensor, dim, "out", 0, 0, n)))
+    return Layout(out_dim, (Segment(atom, 0, n),))

@@ -39,7 +39,7 @@ class ChannelGroup:
         return self.producers[0] if self.producers else f"group{self.index}"
 
     def describe(self) -> str:
-        where = ", ".join(f"{m.layer}.{m.tensor or '<count>'}[{m.dim}]" + (f"+{m.offset}" if m.offset else "")
+        where = ", ".join(f"{m.path}[{m.dim}]" + (f"+{m.offset}" if m.offset else "")
                           + (f"x{m.repeat}" if m.repeat > 1 else "") for m in self.members)
         state = "prunable" if self.prunable else "blocked: " + "; ".join(dict.fromkeys(self.blocked_by)) if self.blocked_by else "size 1"
         return f"group {self.index} '{self.name}' ({self.size} channels, {state}): {where}"
@@ -101,6 +101,7 @@ def _overlaps(groups: list[ChannelGroup]) -> dict[int, str]:
 def groups_of(gm: fx.GraphModule) -> list[ChannelGroup]:
     """The channel groups of a shape-propagated capture, in graph order of their first producer."""
     state = Propagation(gm).run()
+    made = {a for a, m in state.members if m.role == "out"}  # atoms a layer makes (not a cat's untracked part)
     g = _graph(state)
     out: list[ChannelGroup] = []
     for comp in nx.connected_components(g):
@@ -110,8 +111,7 @@ def groups_of(gm: fx.GraphModule) -> list[ChannelGroup]:
         sizes = {state.sizes[a] for a in atoms}
         if len(sizes) > 1:
             blocked.append(f"channel spaces of sizes {sorted(sizes)} are tied")
-        producers = tuple(dict.fromkeys(state.producers[a] for a in atoms if any(
-            m.role == "out" and m.layer == state.producers[a] for m in members)))
+        producers = tuple(dict.fromkeys(state.producers[a] for a in atoms if a in made))
         out.append(ChannelGroup(atoms[0], min(sizes), tuple(members), producers, tuple(dict.fromkeys(blocked))))
     out.sort(key=lambda grp: grp.index)
     out = [ChannelGroup(k, grp.size, grp.members, grp.producers, grp.blocked_by) for k, grp in enumerate(out)]

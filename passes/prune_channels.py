@@ -103,7 +103,8 @@ def prune_channels(gm: fx.GraphModule, groups: Sequence[ChannelGroup], removed: 
     cuts = cut_positions(groups, removed)
     by_layer = layer_cuts(cuts)
     def shapes() -> dict[str, tuple]:
-        return {f"{layer}.{t}": tuple(getattr(gm.get_submodule(layer), t).shape) for layer, ts in by_layer.items() for t in ts if t}
+        return {f"{layer}.{t}" if layer else t: tuple(getattr(gm.get_submodule(layer), t).shape)
+                for layer, ts in by_layer.items() for t in ts if t}
 
     before = shapes()
     for layer, tensors in by_layer.items():

@@ -106,6 +106,21 @@ class FlatCNN(nn.Module):
         return self.fc(h.view(h.size(0), -1))
 
 
+class Functional(nn.Module):
+    """Parameters used through F.linear, addmm (a (in, out) weight, like GPT-2's Conv1D), @ and F.conv2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(16, 8)), nn.Parameter(torch.randn(16))
+        self.w2, self.bias2 = nn.Parameter(torch.randn(16, 12)), nn.Parameter(torch.randn(12))
+        self.w3 = nn.Parameter(torch.randn(12, 6))
+        self.k, self.head = nn.Parameter(torch.randn(4, 3, 3, 3)), nn.Linear(4, 6)
+
+    def forward(self, x, img):
+        h = torch.addmm(self.bias2, torch.relu(F.linear(x, self.w1, self.b1)), self.w2)
+        return h @ self.w3 + self.head(F.conv2d(img, self.k, None, 1, 1).mean((2, 3)))
+
+
 def randomize_norms(model: nn.Module) -> nn.Module:
     """Give every BatchNorm non-trivial affine params and running stats (fresh ones hide bugs)."""
     g = torch.Generator().manual_seed(0)

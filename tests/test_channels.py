@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from dsd_fx.channels import channel_groups
-from tests.channel_models import Dense, FlatCNN, Inception, InvertedResidual, MLPBlock, ResBlock
+from tests.channel_models import Dense, FlatCNN, Functional, Inception, InvertedResidual, MLPBlock, ResBlock
 
 IMG = torch.randn(2, 3, 8, 8)
 
@@ -241,3 +241,11 @@ def test_keyword_calls_are_followed():
 
     g = by_producer(channel_groups(M(), torch.randn(2, 4)))
     assert slots(g["fc1"]) == {("fc1", "weight", 0, 0, 1), ("fc1", "bias", 0, 0, 1), ("fc2", "weight", 1, 0, 1)}
+
+
+def test_functional_weight_ops_follow_their_slots():
+    g = by_producer(channel_groups(Functional(), (torch.randn(2, 8), IMG)))
+    assert slots(g["w1"]) == {("", "w1", 0, 0, 1), ("", "b1", 0, 0, 1), ("", "w2", 0, 0, 1)}
+    assert slots(g["w2"]) == {("", "w2", 1, 0, 1), ("", "bias2", 0, 0, 1), ("", "w3", 0, 0, 1)}
+    assert slots(g["k"]) == {("", "k", 0, 0, 1), ("head", "weight", 1, 0, 1)}
+    assert g["w3"].producers == ("w3", "head") and not g["w3"].prunable

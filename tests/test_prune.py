@@ -14,7 +14,7 @@ from dsd_fx.macs import cost
 from dsd_fx.phases import transform
 from dsd_fx.prune_proof import verify_pruned
 from dsd_fx.prune_config import PruneConfig
-from tests.channel_models import Dense, FlatCNN, Inception, InvertedResidual, MLPBlock, ResBlock, randomize_norms
+from tests.channel_models import Dense, FlatCNN, Functional, Inception, InvertedResidual, MLPBlock, ResBlock, randomize_norms
 
 IMG = torch.randn(2, 3, 8, 8)
 BN = ("weight", "bias")
@@ -344,3 +344,11 @@ def test_example_args_the_model_cannot_run_are_refused():
     with pytest.raises(ValueError, match=r"does not run on example_args \[\(2, 5, 8, 8\)\]"):
         transform(model, phase="prune", channels=0.25, example_args=(torch.randn(2, 5, 8, 8),))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_functional_weights_shrink_in_place_of_their_get_attr():
+    model, args = Functional(), (torch.randn(2, 8), IMG)
+    gm = transform(model, phase="prune", channels=0.25, example_args=args)
+    assert gm.w1.shape == (12, 8) and gm.b1.shape == (12,) and gm.w2.shape == (12, 9) and gm.bias2.shape == (9,)
+    assert gm.w3.shape == (9, 6) and gm.k.shape == (3, 3, 3, 3) and gm.head.weight.shape == (6, 3)
+    assert gm(*args).shape == (2, 6) and model.w1.shape == (16, 8)
