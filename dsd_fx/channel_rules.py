@@ -130,7 +130,10 @@ def reshape(prop, node: fx.Node, rule: ChannelRule, module):
         _fail(prop, node, f"splits the channel dim or mixes it with the dims before it ({si} -> {so})")
         return None
     spec = _shape_spec(node)
-    if spec is not None and len(spec) == len(so) and isinstance(spec[k], int) and spec[k] != -1:
+    if spec is not None and len(spec) != len(so):
+        _fail(prop, node, f"reshapes to a computed shape {so}: dsd_fx cannot tell whether its channel entry would shrink")
+        return None
+    if spec is not None and isinstance(spec[k], int) and spec[k] != -1:
         _fail(prop, node, f"reshapes with the literal size {spec[k]} at the channel dim; write -1 there "
                           "(x.view(x.size(0), -1)) so that pruning can shrink it")
         return None

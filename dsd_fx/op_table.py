@@ -349,7 +349,7 @@ for _cls in (nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell):
         Flow.REFUSE, reason=f"{_cls.__name__}: gate-stacked weights and the recurrent state; dsd_fx does not prune recurrent layers"))
 
 _ELEMENTWISE_FUNCTIONS = (operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul, torch.sub,
-                          torch.div, torch.maximum, torch.minimum, torch.where)
+                          torch.div, torch.maximum, torch.minimum, torch.where, torch.pow, operator.pow)
 _UNARY_FUNCTIONS = (F.relu, F.relu6, F.gelu, F.silu, F.leaky_relu, F.elu, F.hardswish, F.hardsigmoid, F.mish,
                     F.dropout, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg,
                     torch.clamp, operator.neg, F.max_pool1d, F.max_pool2d, F.max_pool3d,
@@ -359,7 +359,7 @@ for _fn in _ELEMENTWISE_FUNCTIONS:
     FUNCTIONS[("call_function", _fn)] = OpRow(getattr(_fn, "__name__", str(_fn)), (), channels=_EW)
 for _fn in _UNARY_FUNCTIONS:
     FUNCTIONS[("call_function", _fn)] = OpRow(getattr(_fn, "__name__", str(_fn)), (), channels=_PASS)
-for _name in ("add", "mul", "sub", "div", "add_", "mul_"):
+for _name in ("add", "mul", "sub", "div", "add_", "mul_", "pow"):
     FUNCTIONS[("call_method", _name)] = OpRow(_name, (), channels=_EW)
 for _name in ("relu", "sigmoid", "tanh", "contiguous", "clone", "abs", "neg", "exp", "relu_", "clamp", "float", "to",
               "type_as", "detach"):

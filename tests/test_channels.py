@@ -249,3 +249,19 @@ def test_functional_weight_ops_follow_their_slots():
     assert slots(g["w2"]) == {("", "w2", 1, 0, 1), ("", "bias2", 0, 0, 1), ("", "w3", 0, 0, 1)}
     assert slots(g["k"]) == {("", "k", 0, 0, 1), ("head", "weight", 1, 0, 1)}
     assert g["w3"].producers == ("w3", "head") and not g["w3"].prunable
+
+
+def test_reshape_to_a_computed_shape_blocks_and_pow_is_elementwise():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = nn.Linear(4, 8), nn.Linear(8, 2)
+
+        def forward(self, x):  # (B, T, 4)
+            h = self.fc(x.view(-1, 4))
+            h = h * torch.pow(h, 3) + 0.5
+            return self.out(h.view(x.size()[:-1] + (8,)))  # GPT-2's Conv1D: the 8 is a constant of the graph
+
+    g = by_producer(channel_groups(M(), torch.randn(2, 3, 4)))
+    assert not g["fc"].prunable
+    assert [r for r in g["fc"].blocked_by if "computed shape (2, 3, 8)" in r] and not [r for r in g["fc"].blocked_by if "pow" in r]
