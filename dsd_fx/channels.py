@@ -84,17 +84,20 @@ def _graph(state: FlowState) -> nx.Graph:
 
 
 def _overlaps(groups: list[ChannelGroup]) -> dict[int, str]:
-    """Groups that claim the same index of one tensor dim (a layer reached twice differently)."""
-    seen: dict[tuple, dict[int, int]] = {}
-    clash: dict[int, str] = {}
+    """Groups that claim the same indices of one tensor dim (a layer reached twice, differently)."""
+    spans: dict[tuple, list[tuple[int, int, int]]] = {}
     for g in groups:
-        for m in g.members:
-            owner = seen.setdefault((m.layer, m.tensor, m.dim), {})
-            for p in m.positions(range(g.size)):
-                other = owner.setdefault(p, g.index)
-                if other != g.index:
-                    why = f"layer '{m.layer}': index {p} of {m.tensor or 'its count'} dim {m.dim} is in two channel groups"
-                    clash[g.index] = clash[other] = why
+        for m in g.members:  # a member owns one contiguous span of its dim
+            spans.setdefault((m.layer, m.tensor, m.dim), []).append((m.offset * m.repeat, (m.offset + m.length) * m.repeat, g.index))
+    clash: dict[int, str] = {}
+    for (layer, tensor, dim), found in spans.items():
+        reach, owner = -1, None  # the farthest end so far, and whose: a span starting before it overlaps that one
+        for lo, hi, g in sorted(found):
+            if lo < reach and g != owner:
+                why = f"layer '{layer}': index {lo} of {tensor or 'its count'} dim {dim} is in two channel groups"
+                clash[g] = clash[owner] = why
+            if hi > reach:
+                reach, owner = hi, g
     return clash
 
 

@@ -265,3 +265,33 @@ def test_reshape_to_a_computed_shape_blocks_and_pow_is_elementwise():
     g = by_producer(channel_groups(M(), torch.randn(2, 3, 4)))
     assert not g["fc"].prunable
     assert [r for r in g["fc"].blocked_by if "computed shape (2, 3, 8)" in r] and not [r for r in g["fc"].blocked_by if "pow" in r]
+
+
+def test_a_layer_called_twice_ties_the_groups_that_reach_it():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):  # c reads a's channels on one call and b's on another: a and b are one group
+            return self.c(torch.relu(self.a(x))) + self.c(torch.relu(self.b(x)))
+
+    g = by_producer(channel_groups(M(), IMG))
+    assert g["a"].producers == ("a", "b") and g["a"].prunable
+    assert slots(g["a"]) == {("a", "weight", 0, 0, 1), ("a", "bias", 0, 0, 1), ("b", "weight", 0, 0, 1), ("b", "bias", 0, 0, 1),
+                             ("c", "weight", 1, 0, 1)}
+
+
+def test_a_layer_reached_by_two_groups_at_overlapping_indices_is_blocked():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.d, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):  # c's input channels 0..3 are a's on one call and d's on the other
+            return self.c(torch.cat([self.a(x), self.b(x)], 1)) + self.c(self.d(x))
+
+    g = by_producer(channel_groups(M(), IMG))
+    assert any("layer 'c': index 0 of weight dim 1 is in two channel groups" in r for r in g["a"].blocked_by)
+    for name in ("a", "b", "d"):
+        assert not g[name].prunable and any("of weight dim 1 is in two channel groups" in r for r in g[name].blocked_by)
