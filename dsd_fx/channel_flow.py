@@ -8,6 +8,7 @@ from torch import fx
 from torch.utils._pytree import tree_flatten
 
 from dsd_fx import channel_rules as rules
+from dsd_fx import channel_weights
 from dsd_fx.channel_layout import FlowState, Layout
 from dsd_fx.op_table import ChannelRule, Flow, channel_rule, function_row, module_row
 
@@ -54,7 +55,7 @@ class Propagation:
                 return None
             rule = channel_rule(row)
             if rule is None:
-                return rules.weight_op(self, node, module, row)
+                return channel_weights.weight_op(self, node, module, row)
             return self._rule(node, rule, module)
         if node.op == "call_method" and node.target in ("size", "dim") or node.target is getattr:
             return None
@@ -63,7 +64,7 @@ class Propagation:
         row = function_row(node)
         rule = channel_rule(row)
         if rule is None and row is not None and any(s.out_dim is not None for s in row.slots_of()):
-            return rules.function_weight_op(self, node, row)
+            return channel_weights.function_weight_op(self, node, row)
         if rule is None:
             self.block_inputs(node, f"{node.op} {getattr(node.target, '__name__', node.target)}: no row in dsd_fx.op_table")
             return None
