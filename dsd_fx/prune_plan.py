@@ -13,6 +13,7 @@ from dsd_fx.channels import ChannelGroup, eval_mode, groups_of, propagate_shapes
 from dsd_fx.passes.prune_channels import META, PASS, cut_positions, layer_cuts, prune_channels, shrink_layer
 from dsd_fx.pipeline import Invariant
 from dsd_fx.prune_config import PruneConfig
+from dsd_fx.tags import has_dsd_nodes
 
 
 def _slice_scores(t: torch.Tensor, member, size: int, power: int) -> torch.Tensor:
@@ -184,6 +185,9 @@ def prune_plan(gm: fx.GraphModule, config: PruneConfig, model: torch.nn.Module):
     the commit (which writes the smaller layers into `model` only with inplace=True)."""
     from dsd_fx.phases import Plan  # phases dispatches here: import at call time
 
+    if has_dsd_nodes(gm.graph):
+        raise ValueError(f"transform(phase='prune'): {type(gm).__name__} is a sparse-phase graph (it has dsd_fx mask "
+                         "nodes); re-dense it first with transform(gm, phase='dense'), then prune channels")
     propagate_shapes(gm, config.example_args)
     outputs = [n for n in gm.graph.nodes if n.op == "output"]
     out_shapes = [tuple(a.meta["tensor_meta"].shape) for a in torch.utils._pytree.tree_flatten(outputs[0].args)[0]

@@ -310,3 +310,9 @@ def test_functional_weights_shrink_in_place_of_their_get_attr():
     assert gm.w1.shape == (12, 8) and gm.b1.shape == (12,) and gm.w2.shape == (12, 9) and gm.bias2.shape == (9,)
     assert gm.w3.shape == (9, 6) and gm.k.shape == (3, 3, 3, 3) and gm.head.weight.shape == (6, 3)
     assert gm(*args).shape == (2, 6) and model.w1.shape == (16, 8)
+
+
+def test_a_sparse_phase_graph_is_refused():
+    sparse = transform(MLPBlock(), phase="sparse", sparsity=0.5)
+    with pytest.raises(ValueError, match="re-dense it first"):
+        transform(sparse, phase="prune", channels=0.25, example_args=(torch.randn(2, 5, 16),))
