@@ -1,13 +1,18 @@
 """dsd_fx: Dense-Sparse-Dense and N:M sparse training as torch.fx graph rewrites."""
 from __future__ import annotations
 
+from dsd_fx.channels import ChannelGroup, channel_groups
 from dsd_fx.config import SparseConfig
 from dsd_fx.graph_diff import GraphDiff, diff, diff_onnx
 from dsd_fx.divergence import SAD, SADTracker, sad
 from dsd_fx.export import export_onnx
 from dsd_fx.flow import DSD, PhaseRecord
+from dsd_fx.macs import Cost, cost
 from dsd_fx.phases import changes, transform
 from dsd_fx.prunable import PrunableWeight
+from dsd_fx.prune_config import PruneConfig
+from dsd_fx.prune_proof import PrunedReport, verify_pruned
+from dsd_fx.push import PushConfig, push_loss, tap_utility
 from dsd_fx.state import MaskRecord, current_masks, masks_of
 from dsd_fx.verify import ZeroOverheadReport, compare_onnx, verify_zero_overhead
 
@@ -31,5 +36,15 @@ __all__ = [
     "diff_onnx",
     "DSD",
     "PhaseRecord",
+    "PruneConfig",
+    "channel_groups",
+    "ChannelGroup",
+    "cost",
+    "Cost",
+    "verify_pruned",
+    "PrunedReport",
+    "push_loss",
+    "tap_utility",
+    "PushConfig",
 ]
 __version__ = "0.1.0"

@@ -9,7 +9,8 @@ whether the packed N:M kernel (`x @ W.T + b`) can take it. Adding an op is one r
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from enum import Enum
 from typing import Callable
 
 import torch
@@ -65,6 +66,8 @@ class OpRow:
     channel_dim: the dimension of the op's output that holds its output channels (1 for conv
         activations (N, C, ...), -1 for linear features).
     opt_in: pruned only when the user asks (nn.Embedding: a lookup reads rows, it is no matmul).
+    channels: how channels flow through the op (structural pruning; see `ChannelRule` at the end
+        of this file); None for a weight op means: derived from its slots' out_dim / in_dim.
     """
 
     kind: str
@@ -74,6 +77,7 @@ class OpRow:
     fresh_grad: bool = True
     channel_dim: int | None = None
     opt_in: bool = False
+    channels: "ChannelRule | None" = None
 
     def slots_of(self, module: nn.Module | None = None) -> tuple[Slot, ...]:
         return self.slots(module) if callable(self.slots) else self.slots
@@ -286,3 +290,101 @@ def known_ops() -> str:
     layers = sorted({cls.__name__ for cls in MODULES})
     functions = sorted({getattr(t, "__name__", str(t)) for (_, t) in FUNCTIONS})
     return ", ".join(layers) + "; functions " + ", ".join(functions)
+
+
+# ---- channel flow (structural pruning)
+# How channels flow through ops that hold no matmul weight, for dsd_fx.channels. Weight ops
+# (Linear, Conv*, ConvTranspose*, Embedding) need no rule: their slots' out_dim / in_dim and the
+# row's channel_dim say where channels are made and consumed. An op with no row blocks the
+# channel groups that reach it.
+
+
+class Flow(str, Enum):
+    """What an op does to the channel dimension of its tensor operands."""
+
+    ELEMENTWISE = "elementwise"  # broadcast: every tensor operand's channels tie with the output's
+    NORM = "norm"  # per-channel statistics; affine params and running stats follow the channels
+    PASS = "pass"  # first operand's channels go through unchanged (pooling, dropout, unary math)
+    RESHAPE = "reshape"  # flatten / view / reshape: the shapes say where the channel dim goes
+    MOVE = "move"  # transpose / permute: the channel dim moves
+    CAT = "cat"  # torch.cat along the channel dim: offsets
+    SPLIT = "split"  # split / chunk along the channel dim: ranges
+    REDUCE = "reduce"  # mean / sum over other dims (global pooling): the channel dim stays
+    REFUSE = "refuse"  # channels reaching this op cannot be removed (see reason)
+
+
+@dataclass(frozen=True)
+class ChannelRule:
+    """flow: see Flow. params: the per-channel parameters and buffers of a NORM module, all along
+    dim 0. dim_arg / dim_kw: where a function op takes its dim (cat, split, transpose, flatten).
+    reason: why a REFUSE op blocks its groups, for the message."""
+
+    flow: Flow
+    params: tuple[str, ...] = ()
+    dim_arg: int | None = None
+    dim_kw: str = "dim"
+    reason: str = ""
+
+
+_EW, _PASS = ChannelRule(Flow.ELEMENTWISE), ChannelRule(Flow.PASS)
+_BN = ChannelRule(Flow.NORM, ("weight", "bias", "running_mean", "running_var"))
+_STATS_ACROSS = "normalises over the channel dim: removing a channel changes every other channel's statistics"
+
+for _cls in (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Hardswish,
+             nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+             nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+             nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+             nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d):
+    MODULES[_cls] = OpRow(_cls.__name__.lower(), (), channel_dim=1, channels=_PASS)
+for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
+    MODULES[_cls] = OpRow(_cls.__name__.lower(), (), channel_dim=1, channels=_BN)
+MODULES[nn.Flatten] = OpRow("flatten", (), channels=ChannelRule(Flow.RESHAPE))
+MODULES[nn.GroupNorm] = OpRow("groupnorm", (), channel_dim=1, channels=ChannelRule(Flow.REFUSE, reason="GroupNorm " + _STATS_ACROSS))
+MODULES[nn.LayerNorm] = OpRow("layernorm", (), channel_dim=-1, channels=ChannelRule(Flow.REFUSE, reason="LayerNorm " + _STATS_ACROSS))
+MODULES[nn.MultiheadAttention] = replace(MODULES[nn.MultiheadAttention], channels=ChannelRule(
+    Flow.REFUSE, reason="nn.MultiheadAttention: its embed dim is tied to every head's projections and the "
+    "residual stream; dsd_fx does not prune attention (prune the MLP hidden dim instead)"))
+for _cls in (nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell):
+    MODULES[_cls] = replace(MODULES[_cls], channels=ChannelRule(
+        Flow.REFUSE, reason=f"{_cls.__name__}: gate-stacked weights and the recurrent state; dsd_fx does not prune recurrent layers"))
+
+_ELEMENTWISE_FUNCTIONS = (operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul, torch.sub,
+                          torch.div, torch.maximum, torch.minimum, torch.where, torch.pow, operator.pow)
+_UNARY_FUNCTIONS = (F.relu, F.relu6, F.gelu, F.silu, F.leaky_relu, F.elu, F.hardswish, F.hardsigmoid, F.mish,
+                    F.dropout, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.neg,
+                    torch.clamp, operator.neg, F.max_pool1d, F.max_pool2d, F.max_pool3d,
+                    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+                    F.adaptive_avg_pool3d, F.adaptive_max_pool2d)
+for _fn in _ELEMENTWISE_FUNCTIONS:
+    FUNCTIONS[("call_function", _fn)] = OpRow(getattr(_fn, "__name__", str(_fn)), (), channels=_EW)
+for _fn in _UNARY_FUNCTIONS:
+    FUNCTIONS[("call_function", _fn)] = OpRow(getattr(_fn, "__name__", str(_fn)), (), channels=_PASS)
+for _name in ("add", "mul", "sub", "div", "add_", "mul_", "pow"):
+    FUNCTIONS[("call_method", _name)] = OpRow(_name, (), channels=_EW)
+for _name in ("relu", "sigmoid", "tanh", "contiguous", "clone", "abs", "neg", "exp", "relu_", "clamp", "float", "to",
+              "type_as", "detach"):
+    FUNCTIONS[("call_method", _name)] = OpRow(_name, (), channels=_PASS)
+for _key in (("call_function", torch.flatten), ("call_method", "flatten"), ("call_method", "view"),
+             ("call_method", "reshape"), ("call_function", torch.reshape)):
+    FUNCTIONS[_key] = OpRow("reshape", (), channels=ChannelRule(Flow.RESHAPE))
+for _key in (("call_function", torch.transpose), ("call_method", "transpose"), ("call_method", "permute"),
+             ("call_function", torch.permute)):
+    FUNCTIONS[_key] = OpRow("move", (), channels=ChannelRule(Flow.MOVE))
+FUNCTIONS[("call_function", torch.cat)] = OpRow("cat", (), channels=ChannelRule(Flow.CAT, dim_arg=1))
+FUNCTIONS[("call_function", torch.concat)] = OpRow("cat", (), channels=ChannelRule(Flow.CAT, dim_arg=1))
+for _key in (("call_function", torch.split), ("call_method", "split")):
+    FUNCTIONS[_key] = OpRow("split", (), channels=ChannelRule(Flow.SPLIT, dim_arg=2))
+for _key in (("call_function", torch.chunk), ("call_method", "chunk")):
+    FUNCTIONS[_key] = OpRow("chunk", (), channels=ChannelRule(Flow.SPLIT, dim_arg=2))
+for _fn in (F.layer_norm, F.group_norm, F.softmax, torch.softmax, F.scaled_dot_product_attention):
+    FUNCTIONS[("call_function", _fn)] = OpRow(_fn.__name__, (), channels=ChannelRule(
+        Flow.REFUSE, reason=f"{_fn.__name__} mixes channels (statistics or attention across the channel dim)"))
+
+
+def channel_rule(row: OpRow | None) -> ChannelRule | None:
+    """The channel rule of `row`: its own, or None (no row, or a weight op: see its slots)."""
+    return None if row is None else row.channels
+for _key in (("call_method", "mean"), ("call_function", torch.mean), ("call_method", "sum"), ("call_function", torch.sum),
+             ("call_method", "amax"), ("call_function", torch.amax)):
+    FUNCTIONS[_key] = OpRow("reduce", (), channels=ChannelRule(Flow.REDUCE, dim_arg=1))
+del _cls, _fn, _key, _name

@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import fx
@@ -19,9 +18,11 @@ from dsd_fx.passes.insert_masks import insert_masks
 from dsd_fx.passes.insert_nm import insert_nm
 from dsd_fx.passes.insert_taps import insert_taps, plan_taps
 from dsd_fx.passes.pack_nm import pack_nm
-from dsd_fx.pipeline import Invariant, PassRecord, run_passes
+from dsd_fx.pipeline import Invariant, PassRecord, Plan, run_passes
 from dsd_fx.print_changed import PrintChanged
 from dsd_fx.prunable import PrunableWeight
+from dsd_fx.prune_config import PruneConfig
+from dsd_fx.prune_plan import PruningObserver, prune_plan
 from dsd_fx.selection import select_nm, select_weights
 from dsd_fx.state import STATE, MaskKind, MaskRecord, TransformState, current_masks, masks_of, state_of
 from dsd_fx.tags import Role, has_dsd_nodes, persist, tagged
@@ -34,24 +35,17 @@ def changes(gm: fx.GraphModule) -> list[PassRecord]:
     return list(getattr(gm, "meta", {}).get("dsd_fx", {}).get("changes", []))
 
 
-@dataclass
-class Plan:
-    """A phase's work: the passes with their invariants, the record, and the commit that runs
-    only after every check and every diagnostic has passed."""
-
-    recipe: list
-    invariants: list[Invariant]
-    commit: Callable[[], None]
-    records: list[MaskRecord]
-    final: tuple = ()
-
-
 # the options each phase takes beside TRANSFORM_OPTIONS
-PHASE_OPTIONS: dict[str, tuple[str, ...]] = {"sparse": SparseConfig.option_names(), "dense": (), "push": ("taps",)}
+PHASE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "sparse": SparseConfig.option_names(), "dense": (), "push": ("taps",), "prune": PruneConfig.option_names(),
+}
+CONFIGS = {"sparse": SparseConfig, "prune": PruneConfig}  # the phases whose options are one frozen config
 PHASES = tuple(PHASE_OPTIONS)
 
 
-def transform(model: torch.nn.Module, phase: str = "sparse", *, config: SparseConfig | None = None, **options: Any) -> fx.GraphModule:
+def transform(
+    model: torch.nn.Module, phase: str = "sparse", *, config: SparseConfig | PruneConfig | None = None, **options: Any
+) -> fx.GraphModule:
     """Rewrite `model` into the graph of `phase` and return the new GraphModule.
 
     phase="sparse": trace `model` (or take a GraphModule from any tracer), give every prunable
@@ -63,6 +57,11 @@ def transform(model: torch.nn.Module, phase: str = "sparse", *, config: SparseCo
         every dsd_fx node, tap and buffer and restore the original ops and parameter names.
     phase="push": tap the layers `taps` names (default: the final classifier's input), so that each
         forward records their activations for `dsd_fx.push_loss(gm, labels)`; outputs bitwise unchanged.
+    phase="prune": remove whole channels (dsd_fx.channel_groups) and return a GraphModule whose
+        layers are smaller, under the same parameter names; `model` is untouched unless
+        inplace=True. Its options (`channels` (default 0.25), `importance`, `example_args`
+        (required), `round_to`, `scope`, `include`, `exclude`, `inplace`) are the fields of
+        `PruneConfig`, or pass `config=PruneConfig(...)`.
 
     The returned GraphModule shares its parameter objects with `model` (unless `copy=True`): the
     commit step (zeroing pruned weights, writing W * M) changes them in place. Every check and every
@@ -74,8 +73,8 @@ def transform(model: torch.nn.Module, phase: str = "sparse", *, config: SparseCo
     goes to torch.fx's tracer. `dsd_fx.changes(gm)` lists the passes and, when recorded, their diffs.
     """
     if phase not in PHASES:
-        raise ValueError(f"unknown phase {phase!r}; use phase='sparse' to prune, phase='dense' to re-dense "
-                         "or phase='push' to tap layers for the push loss")
+        raise ValueError(f"unknown phase {phase!r}; use phase='sparse' to prune weights, phase='dense' to re-dense, "
+                         "phase='push' to tap layers for the push loss or phase='prune' to remove channels")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"transform expects an nn.Module or a torch.fx.GraphModule, got {type(model).__name__}")
     config = _phase_config(phase, config, options)
@@ -87,8 +86,13 @@ def transform(model: torch.nn.Module, phase: str = "sparse", *, config: SparseCo
         plan = _dense_plan(gm)
     else:
         gm = capture(model, copy=copy, concrete_args=options.get("concrete_args"))
-        plan = _sparse_plan(gm, config) if phase == "sparse" else _push_plan(gm, options.get("taps"))
-    observer = _DiffObserver() if printer.active else None
+        if phase == "sparse":
+            plan = _sparse_plan(gm, config)
+        elif phase == "prune":
+            plan = prune_plan(gm, config, model)
+        else:
+            plan = _push_plan(gm, options.get("taps"))
+    observer = (PruningObserver(_DiffObserver()) if phase == "prune" else _DiffObserver()) if printer.active else None
     records = run_passes(gm, plan.recipe, plan.invariants, final=plan.final, observer=observer)
     gm.meta["dsd_fx"] = {"changes": records}
     persist(gm)
@@ -97,29 +101,31 @@ def transform(model: torch.nn.Module, phase: str = "sparse", *, config: SparseCo
     return gm
 
 
-def _phase_config(phase: str, config: SparseConfig | None, options: dict) -> SparseConfig | None:
-    """Check that every option belongs to `phase`; the sparse phase's SparseConfig, built once."""
-    sparse = sorted(k for k in options if k in SparseConfig.option_names())
+def _phase_config(phase: str, config, options: dict):
+    """Check that every option belongs to `phase`; the phase's frozen config (CONFIGS), built once."""
     own = PHASE_OPTIONS[phase]
     unknown = sorted(set(options) - {o for opts in PHASE_OPTIONS.values() for o in opts} - set(TRANSFORM_OPTIONS))
     if unknown:
         by_phase = "; ".join(f"phase={p!r}: {', '.join(o) or 'none'}" for p, o in PHASE_OPTIONS.items())
         raise TypeError(f"transform got unknown option(s) {', '.join(unknown)}. Options by phase: {by_phase}; "
                         f"every phase: {', '.join(TRANSFORM_OPTIONS)}")
-    foreign = sorted(k for k in options if k not in own and k not in TRANSFORM_OPTIONS) + (["config"] if config is not None and phase != "sparse" else [])
+    cls = CONFIGS.get(phase)
+    foreign = sorted(k for k in options if k not in own and k not in TRANSFORM_OPTIONS)
+    foreign += ["config"] if config is not None and cls is None else []
     if foreign and phase == "dense":
         raise TypeError(f"phase='dense' takes no sparsity options (got {', '.join(foreign)}): it removes what the sparse and push phases made")
     if foreign:
         raise TypeError(f"phase={phase!r} does not take {', '.join(foreign)}")
     if phase == "dense" and "concrete_args" in options:
         raise TypeError("phase='dense' takes no concrete_args: it does not trace")
-    if phase != "sparse":
+    if cls is None:
         return None
-    if config is not None and sparse:
-        raise TypeError(f"give either config= or the sparse options ({', '.join(sparse)}), not both")
-    if config is not None and not isinstance(config, SparseConfig):
-        raise TypeError(f"config must be a dsd_fx.SparseConfig, got {type(config).__name__}")
-    return config if config is not None else SparseConfig(**{k: options[k] for k in sparse})
+    given = sorted(k for k in options if k in own)
+    if config is not None and given:
+        raise TypeError(f"give either config= or the {phase} options ({', '.join(given)}), not both")
+    if config is not None and not isinstance(config, cls):
+        raise TypeError(f"phase={phase!r} takes config=dsd_fx.{cls.__name__}(...), got {type(config).__name__}")
+    return config if config is not None else cls(**{k: options[k] for k in given})
 
 
 class _DiffObserver:

@@ -42,6 +42,18 @@ class Observer(Protocol):
     def after(self, name: str, snapshot: Any, gm: fx.GraphModule) -> object: ...
 
 
+@dataclass
+class Plan:
+    """A phase's work: the passes with their invariants, the record, and the commit that runs
+    only after every check and every diagnostic has passed."""
+
+    recipe: list[tuple[str, Pass]]
+    invariants: list[Invariant]
+    commit: Callable[[], None]
+    records: list  # the phase's state.MaskRecords (empty where it makes none)
+    final: tuple = ()
+
+
 class PassError(RuntimeError):
     """A pass broke an invariant or failed for a reason that is not the user's input: a bug."""
 
