@@ -43,12 +43,10 @@ def functionalize(
             op = build(g, module, x, ws["weight"], b)
             for helper in _between(x, op):  # an explicit pad: re-dense drops it with the op
                 tag(helper, pass_name, Role.HELPER)
-            info = {"input": x.name}
         else:
             layer = tag(get_attr(g, node.target), pass_name, Role.LAYER)
             op = g.call_function(module_call, (layer, tuple(ws), tuple(ws.values()), node.args, node.kwargs))
-            info = {}
-    tag(op, pass_name, Role.OP, module=node.target, name=node.name, meta=untagged_meta(node), **info)
+    tag(op, pass_name, Role.OP, module=node.target, name=node.name, meta=untagged_meta(node))
     op.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")})
     node.replace_all_uses_with(op)
     g.erase_node(node)

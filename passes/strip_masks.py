@@ -43,13 +43,12 @@ def strip_masks(gm: fx.GraphModule) -> PassResult:
     new._codegen = copy.deepcopy(old._codegen)
     env: dict[fx.Node, fx.Node] = {}
     made: list[fx.Node] = []  # copies of nodes these passes made (weight and bias reads), erased if unused
-    by_name = {n.name: n for n in old.nodes}
     for node in old.nodes:
         t = tag_of(node)
         if t is None or t["pass"] not in PASSES:  # not ours: copied as it is, tag included
             env[node] = new.node_copy(node, env.__getitem__)
             continue
-        restored = _restore(new, node, t, env, by_name)
+        restored = _restore(new, node, t, env)
         if restored is not None:
             env[node] = restored
         elif t["role"] not in (Role.LAYER, Role.HELPER):  # the restored module call reads those itself
@@ -68,7 +67,7 @@ def strip_masks(gm: fx.GraphModule) -> PassResult:
     return PassResult(gm, modified=True)
 
 
-def _restore(new: fx.Graph, node: fx.Node, t: dict, env: dict, by_name: dict) -> fx.Node | None:
+def _restore(new: fx.Graph, node: fx.Node, t: dict, env: dict) -> fx.Node | None:
     """The node of the dense graph that stands for `node`, or None where it is copied or dropped."""
     role = t["role"]
     if role == Role.MASKED_WEIGHT:  # mask_mul / sparsify_nm: the weight itself stands in
@@ -81,8 +80,11 @@ def _restore(new: fx.Graph, node: fx.Node, t: dict, env: dict, by_name: dict) ->
         return None
     if node.target is module_call:  # module_call(layer, names, weights, args, kwargs)
         args, kwargs = fx.node.map_arg((node.args[3], node.args[4]), env.__getitem__)
-    else:  # a functional form of (input, weight, bias)
-        args, kwargs = (env[by_name[t["input"]]],), {}
+    else:  # a functional form of (input, weight, bias); its input may pass through helpers (a pad)
+        x = node.args[0]
+        while (xt := tag_of(x)) is not None and xt["role"] == Role.HELPER:
+            x = x.args[0]
+        args, kwargs = (env[x],), {}
     restored = new.create_node("call_module", t["module"], tuple(args), dict(kwargs), name=t["name"])
     restored.meta = dict(t["meta"])
     return restored

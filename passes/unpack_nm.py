@@ -55,7 +55,7 @@ def unpack_nm(gm: fx.GraphModule, records: Sequence[MaskRecord]) -> PassResult:
             elif "module" in t:
                 x, b = node.args[0], node.args[3]  # nm_linear(x, values, meta, bias, n, m[, kernel])
                 w = tag(get_attr(g, t["weight"]), PASS, Role.WEIGHT)
-                new = tag(g.call_function(F.linear, (x, w, b)), PASS, Role.OP, module=t["module"], name=t["name"], meta=t["meta"], input=x.name)
+                new = tag(g.call_function(F.linear, (x, w, b)), PASS, Role.OP, module=t["module"], name=t["name"], meta=t["meta"])
             else:
                 x, b = node.args[0], node.args[3]  # nm_linear(x, values, meta, bias, n, m[, kernel])
                 marks = {"$x": x, "$b": b, "$W": getter_for(t)}

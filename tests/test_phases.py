@@ -118,3 +118,43 @@ def test_push_phase_refuses_sparse_options():
         dsd_fx.transform(TinyMLP(), phase="push", sparsity=0.5)
     with pytest.raises(TypeError, match="taps"):
         dsd_fx.transform(TinyMLP(), phase="sparse", taps=["fc2"])
+
+
+class Reused(torch.nn.Module):
+    """a(b(a(x))): a's second call reads b's call, which the rewrite reaches after a's."""
+
+    def __init__(self, conv: bool = False):
+        super().__init__()
+        make = (lambda **kw: torch.nn.Conv2d(4, 4, 3, padding=1, **kw)) if conv else (lambda **kw: torch.nn.Linear(8, 8))
+        self.a, self.b = make(), make(padding_mode="reflect") if conv else make()
+
+    def forward(self, x):
+        return self.a(self.b(self.a(x)))
+
+
+class ReadFirst(torch.nn.Module):
+    """fc2's weight read through F.linear before fc2 is called on fc1's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(torch.nn.functional.linear(x, self.fc2.weight)))
+
+
+CASES = {"linear": (Reused, (2, 8)), "conv, padded": (lambda: Reused(conv=True), (1, 4, 6, 6)), "read first": (ReadFirst, (2, 8))}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("mode", MODES)
+def test_reused_layers_round_trip(case, mode):
+    make, shape = CASES[case]
+    torch.manual_seed(0)
+    model, reference = make(), torch.fx.symbolic_trace(make())
+    x = torch.randn(*shape)
+    sparse = dsd_fx.transform(model, **MODES[mode])
+    out = sparse(x)
+    dense = dsd_fx.transform(sparse, phase="dense")
+    assert dense.code == reference.code
+    torch.testing.assert_close(dense(x), out)
