@@ -110,8 +110,5 @@ def capture(model: nn.Module, *, copy: bool = False, concrete_args: dict[str, An
         for name, b in root._buffers.items():
             if name not in gm._buffers:
                 gm.register_buffer(name, b, persistent=name not in root._non_persistent_buffers_set)
-        for key, value in root.__dict__.items():  # dsd_fx's own state on the root (packed weights)
-            if key.startswith("_dsd_fx"):
-                gm.__dict__[key] = value
         gm.meta = dict(getattr(model, "meta", {}))
     return gm

@@ -85,6 +85,16 @@ class SparseConfig:
         return 0.0 if self.method == "ste" else float(self.lambda_w)
 
     def __post_init__(self) -> None:
+        for name in ("pack", "strict", "embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        lam = self.lambda_w
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or math.isnan(lam) or lam < 0:
+            raise ValueError(f"lambda_w must be a float >= 0 (SR-STE's paper uses 2e-4), got {lam!r}")
+        if lam != 2e-4 and self.method == "fixed":
+            raise ValueError(f"lambda_w={lam!r} is SR-STE's refinement weight and needs method='sr-ste' (method={self.method!r} ignores it)")
+        if self.strict and self.pattern is None:
+            raise ValueError("strict=True refuses layers an N:M pattern cannot cover and needs a pattern such as pattern='2:4'")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.pattern is not None:
@@ -150,9 +160,6 @@ class SparseConfig:
                 f"pattern={self.pattern!r} fixes the sparsity at 1 - N/M; drop sparsity={self.sparsity!r} "
                 "(use sparsity without a pattern for unstructured magnitude pruning)"
             )
-        lam = self.lambda_w
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or math.isnan(lam) or lam < 0:
-            raise ValueError(f"lambda_w must be a float >= 0 (SR-STE's paper uses 2e-4), got {lam!r}")
         if self.pack and self.method != "fixed":
             raise ValueError(
                 f"pack=True keeps only the kept values, so the mask cannot change; method={self.method!r} "

@@ -61,7 +61,7 @@ class OpRow:
         `functional(graph, module, x, w, b) -> node`; re-dense restores the module call from the
         op's input. Layers without one (LSTM, attention) are called through `ops.module_call`.
     packed: where a packed N:M kernel can replace the op; None keeps dense compute.
-    fresh_grad: the op's weight gradient is a fresh tensor nothing else holds, so a mask may
+    fresh_grad: (opt-in) the op's weight gradient is a fresh tensor nothing else holds, so a mask may
         be applied to it in place (bmm/einsum gradients can be expanded views: not fresh).
     channel_dim: the dimension of the op's output that holds its output channels (1 for conv
         activations (N, C, ...), -1 for linear features).
@@ -74,7 +74,7 @@ class OpRow:
     slots: tuple[Slot, ...] | Callable[[nn.Module], tuple[Slot, ...]]
     functional: Callable[..., fx.Node] | None = None
     packed: Packed | None = None
-    fresh_grad: bool = True
+    fresh_grad: bool = False
     channel_dim: int | None = None
     opt_in: bool = False
     channels: "ChannelRule | None" = None
@@ -129,13 +129,13 @@ _WEIGHT_T = (Slot("weight", 0, 1, 0),)  # ConvTranspose: (in_channels, out_chann
 
 # module class -> row; a subclass that overrides forward computes something else and is not matched
 MODULES: dict[type, OpRow] = {
-    nn.Linear: OpRow("linear", _WEIGHT, _linear, Packed(x=0, weight=1, bias=2), channel_dim=-1),
-    nn.Conv1d: OpRow("conv1d", _WEIGHT, _conv(F.conv1d), channel_dim=1),
-    nn.Conv2d: OpRow("conv2d", _WEIGHT, _conv(F.conv2d), channel_dim=1),
-    nn.Conv3d: OpRow("conv3d", _WEIGHT, _conv(F.conv3d), channel_dim=1),
-    nn.ConvTranspose1d: OpRow("conv_transpose1d", _WEIGHT_T, _conv_transpose(F.conv_transpose1d), channel_dim=1),
-    nn.ConvTranspose2d: OpRow("conv_transpose2d", _WEIGHT_T, _conv_transpose(F.conv_transpose2d), channel_dim=1),
-    nn.ConvTranspose3d: OpRow("conv_transpose3d", _WEIGHT_T, _conv_transpose(F.conv_transpose3d), channel_dim=1),
+    nn.Linear: OpRow("linear", _WEIGHT, _linear, Packed(x=0, weight=1, bias=2), fresh_grad=True, channel_dim=-1),
+    nn.Conv1d: OpRow("conv1d", _WEIGHT, _conv(F.conv1d), fresh_grad=True, channel_dim=1),
+    nn.Conv2d: OpRow("conv2d", _WEIGHT, _conv(F.conv2d), fresh_grad=True, channel_dim=1),
+    nn.Conv3d: OpRow("conv3d", _WEIGHT, _conv(F.conv3d), fresh_grad=True, channel_dim=1),
+    nn.ConvTranspose1d: OpRow("conv_transpose1d", _WEIGHT_T, _conv_transpose(F.conv_transpose1d), fresh_grad=True, channel_dim=1),
+    nn.ConvTranspose2d: OpRow("conv_transpose2d", _WEIGHT_T, _conv_transpose(F.conv_transpose2d), fresh_grad=True, channel_dim=1),
+    nn.ConvTranspose3d: OpRow("conv_transpose3d", _WEIGHT_T, _conv_transpose(F.conv_transpose3d), fresh_grad=True, channel_dim=1),
     nn.LSTM: OpRow("lstm", _rnn_slots, fresh_grad=False),
     nn.GRU: OpRow("gru", _rnn_slots, fresh_grad=False),
     nn.RNN: OpRow("rnn", _rnn_slots, fresh_grad=False),
@@ -164,24 +164,24 @@ def _w(reduction: int, out_dim: int, in_dim: int) -> tuple[Slot, ...]:
 
 # (fx op, target) -> row
 FUNCTIONS: dict[tuple[str, object], OpRow] = {
-    ("call_function", F.linear): OpRow("linear", (Slot("weight", -1, 0, 1, index=1),), packed=Packed(0, 1, 2, "bias"), channel_dim=-1),
-    ("call_function", F.conv1d): OpRow("conv1d", _w(1, 0, 1), channel_dim=1),
-    ("call_function", F.conv2d): OpRow("conv2d", _w(1, 0, 1), channel_dim=1),
-    ("call_function", F.conv3d): OpRow("conv3d", _w(1, 0, 1), channel_dim=1),
-    ("call_function", F.conv_transpose1d): OpRow("conv_transpose1d", _w(0, 1, 0), channel_dim=1),
-    ("call_function", F.conv_transpose2d): OpRow("conv_transpose2d", _w(0, 1, 0), channel_dim=1),
-    ("call_function", F.conv_transpose3d): OpRow("conv_transpose3d", _w(0, 1, 0), channel_dim=1),
-    ("call_function", torch.matmul): OpRow("matmul", _mm_slots("input", "other"), packed=_MM, channel_dim=-1),
-    ("call_function", operator.matmul): OpRow("matmul", _mm_slots("", ""), packed=_MM, channel_dim=-1),
-    ("call_function", torch.mm): OpRow("mm", _mm_slots("input", "mat2"), packed=_MM, channel_dim=-1),
+    ("call_function", F.linear): OpRow("linear", (Slot("weight", -1, 0, 1, index=1),), packed=Packed(0, 1, 2, "bias"), fresh_grad=True, channel_dim=-1),
+    ("call_function", F.conv1d): OpRow("conv1d", _w(1, 0, 1), fresh_grad=True, channel_dim=1),
+    ("call_function", F.conv2d): OpRow("conv2d", _w(1, 0, 1), fresh_grad=True, channel_dim=1),
+    ("call_function", F.conv3d): OpRow("conv3d", _w(1, 0, 1), fresh_grad=True, channel_dim=1),
+    ("call_function", F.conv_transpose1d): OpRow("conv_transpose1d", _w(0, 1, 0), fresh_grad=True, channel_dim=1),
+    ("call_function", F.conv_transpose2d): OpRow("conv_transpose2d", _w(0, 1, 0), fresh_grad=True, channel_dim=1),
+    ("call_function", F.conv_transpose3d): OpRow("conv_transpose3d", _w(0, 1, 0), fresh_grad=True, channel_dim=1),
+    ("call_function", torch.matmul): OpRow("matmul", _mm_slots("input", "other"), packed=_MM, fresh_grad=True, channel_dim=-1),
+    ("call_function", operator.matmul): OpRow("matmul", _mm_slots("", ""), packed=_MM, fresh_grad=True, channel_dim=-1),
+    ("call_function", torch.mm): OpRow("mm", _mm_slots("input", "mat2"), packed=_MM, fresh_grad=True, channel_dim=-1),
     ("call_function", torch.addmm): OpRow(
         "addmm", (Slot("mat1", -1, index=1), Slot("mat2", -2, -1, -2, index=2)),
-        packed=Packed(x=1, weight=2, bias=0, no_kwargs=True), channel_dim=-1,
+        packed=Packed(x=1, weight=2, bias=0, no_kwargs=True), fresh_grad=True, channel_dim=-1,
     ),
     ("call_function", torch.bmm): OpRow("bmm", _mm_slots("input", "mat2"), fresh_grad=False, channel_dim=-1),
     ("call_method", "bmm"): OpRow("bmm", _mm_slots("", "mat2"), fresh_grad=False, channel_dim=-1),
-    ("call_method", "matmul"): OpRow("matmul", _mm_slots("", "other"), packed=_MM, channel_dim=-1),
-    ("call_method", "mm"): OpRow("mm", _mm_slots("", "mat2"), packed=_MM, channel_dim=-1),
+    ("call_method", "matmul"): OpRow("matmul", _mm_slots("", "other"), packed=_MM, fresh_grad=True, channel_dim=-1),
+    ("call_method", "mm"): OpRow("mm", _mm_slots("", "mat2"), packed=_MM, fresh_grad=True, channel_dim=-1),
     # einsum's slots depend on its equation: see einsum_slots
     ("call_function", torch.functional.einsum): OpRow("einsum", (), fresh_grad=False),
 }

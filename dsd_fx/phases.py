@@ -25,7 +25,7 @@ from dsd_fx.prune_config import PruneConfig
 from dsd_fx.prune_plan import PruningObserver, prune_plan
 from dsd_fx.selection import select_nm, select_weights
 from dsd_fx.state import STATE, MaskKind, MaskRecord, TransformState, current_masks, masks_of, state_of
-from dsd_fx.tags import Role, has_dsd_nodes, persist, tagged
+from dsd_fx.tags import Role, has_dsd_nodes, persist, tag_of, tagged
 
 TRANSFORM_OPTIONS = ("copy", "concrete_args", "print_changed", "print_changed_dir", "print_changed_passes")
 
@@ -147,8 +147,12 @@ def _push_plan(gm: fx.GraphModule, taps) -> Plan:
     return Plan([("insert_taps", functools.partial(insert_taps, taps=taps))], [], lambda: None, [])
 
 
+SPARSE_PASSES = ("insert_masks", "insert_nm", "pack_nm")
+
+
 def _sparse_plan(gm: fx.GraphModule, config: SparseConfig) -> Plan:
-    if state_of(gm) is not None:
+    # the record, or (where it was lost) the nodes the sparse passes tagged
+    if state_of(gm) is not None or any(tag_of(n)["pass"] in SPARSE_PASSES for n in tagged(gm.graph)):
         raise ValueError(
             f"transform(phase='sparse'): {gm.__class__.__name__} is already a sparse-phase graph "
             f"(it has {sum(1 for _ in tagged(gm.graph, role=Role.MASKED_WEIGHT))} masked weights); "

@@ -79,12 +79,6 @@ def module_weights(module: nn.Module) -> list[tuple[str, OpRow, Slot]]:
     return out
 
 
-def is_direct(module: nn.Module) -> bool:
-    """True for layers with a functional form of (input, weight, bias): Linear, Conv*, ConvTranspose*."""
-    row = module_row(module)
-    return row is not None and row.functional is not None
-
-
 def find_prunable(gm: fx.GraphModule) -> list[PrunableWeight]:
     """Every parameter of `gm` used by a matmul-like op, in graph order, with all its uses."""
     canonical = {}
@@ -108,7 +102,8 @@ def find_prunable(gm: fx.GraphModule) -> list[PrunableWeight]:
                 if param.dim() < 2:
                     continue
                 pw = entry(param, f"{node.target}.{pname}")
-                pw.uses.append(WeightUse(node, row, slot.reduction, pname))
+                dim = None if slot.reduction is None else slot.reduction % param.dim()
+                pw.uses.append(WeightUse(node, row, dim, pname))
                 if node not in pw.modules:
                     pw.modules.append(node)
             continue

@@ -11,7 +11,7 @@ from dsd_fx.tags import Role, tag, untagged_meta
 
 
 def get_attr(g: fx.Graph, target: str) -> fx.Node:
-    # select() has checked that the attribute exists; Graph.get_attr would look it up again
+    # selection has checked that the attribute exists; Graph.get_attr would look it up again
     return g.create_node("get_attr", target)
 
 
@@ -88,10 +88,10 @@ def wrap_weight_uses(
                 calls.setdefault(use.node, []).append((use.param, f"{use.node.target}.{use.param}", wrap))
     for call, wrapped in calls.items():
         row = module_row(gm.get_submodule(call.target))
-        direct = row is not None and row.functional is not None
+        fresh = row is not None and row.fresh_grad
 
-        def weights(g: fx.Graph, wrapped=wrapped, direct=direct) -> dict[str, fx.Node]:
+        def weights(g: fx.Graph, wrapped=wrapped, fresh=fresh) -> dict[str, fx.Node]:
             # a Linear/Conv weight gradient is fresh; an LSTM's may be a view of a flat buffer
-            return {name: wrap(g, tag(get_attr(g, target), pass_name, Role.WEIGHT), direct) for name, target, wrap in wrapped}
+            return {name: wrap(g, tag(get_attr(g, target), pass_name, Role.WEIGHT), fresh) for name, target, wrap in wrapped}
 
         functionalize(gm, call, weights, pass_name)

@@ -1,7 +1,7 @@
 """The one helper that marks the nodes dsd_fx makes, and finds them again."""
 from __future__ import annotations
 
-from enum import Enum
+from enum import Enum, unique
 from typing import Any, Iterator
 
 import torch.fx as fx
@@ -12,6 +12,7 @@ META_KEY = "dsd_fx"
 RECORDS = ("_dsd_fx", "_dsd_fx_taps")
 
 
+@unique
 class Role(str, Enum):
     """What a node that dsd_fx made stands for; inverse passes find nodes by role."""
 

@@ -1,4 +1,5 @@
 """transform's phases: options declared once, diagnostics before the commit, failures that change nothing."""
+import copy
 import logging
 
 import pytest
@@ -158,3 +159,37 @@ def test_reused_layers_round_trip(case, mode):
     dense = dsd_fx.transform(sparse, phase="dense")
     assert dense.code == reference.code
     torch.testing.assert_close(dense(x), out)
+
+
+@pytest.mark.parametrize("options, exc, words", [
+    ({"pack": "false", "pattern": "2:4"}, TypeError, "pack must be True or False"),
+    ({"lambda_w": -1.0}, ValueError, "lambda_w must be a float >= 0"),
+    ({"lambda_w": 1e-3}, ValueError, "needs method='sr-ste'"),
+    ({"strict": True}, ValueError, "strict=True"),
+    ({"kernel": "sparse"}, ValueError, "needs pack=True"),
+])
+def test_every_option_is_checked_not_ignored(options, exc, words):
+    model = TinyMLP()
+    snap = snapshot(model)
+    with pytest.raises(exc, match=words):
+        dsd_fx.transform(model, **options)
+    assert_unchanged(model, snap)
+
+
+def test_a_sparse_graph_that_lost_its_record_is_not_sparsified_twice():
+    sparse = dsd_fx.transform(TinyMLP(), sparsity=0.5, exclude=["fc2"])
+    lost = torch.fx.GraphModule(sparse, sparse.graph)  # the graph's nodes, without the record module
+    with pytest.raises(ValueError, match="already a sparse-phase graph"):
+        dsd_fx.transform(lost, sparsity=0.5)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "sparse", "dense"])
+def test_packed_graph_runs_with_every_kernel_choice(kernel):
+    model = TinyMLP()
+    ref = copy.deepcopy(model)
+    x = torch.randn(3, 8)
+    packed = dsd_fx.transform(model, pattern="2:4", pack=True, kernel=kernel)
+    keep = dsd_fx.current_masks(packed)
+    expected = torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(x, ref.fc1.weight * keep["fc1.weight"], ref.fc1.bias)),
+                                          ref.fc2.weight * keep["fc2.weight"], ref.fc2.bias)
+    torch.testing.assert_close(packed(x), expected)
