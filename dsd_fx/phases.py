@@ -268,15 +268,25 @@ def _packed_plan(gm: fx.GraphModule, chosen, config: SparseConfig) -> Plan:
 
 
 def _all_uses_masked(g: fx.GraphModule) -> None:
-    """No get_attr of a masked (or packed) weight feeds anything but dsd_fx's own nodes."""
-    kinds = {r.weight: r.kind for r in masks_of(g)}
+    """Every read of a sparse weight's Parameter (by any name, by get_attr or inside a module call)
+    feeds dsd_fx's own nodes only; a packed weight is read nowhere."""
+    sparse = {id(g.get_parameter(r.weight)): r.weight for r in masks_of(g) if r.kind is not MaskKind.PACKED}
+    packed = {r.weight for r in masks_of(g) if r.kind is MaskKind.PACKED}
     for node in g.graph.nodes:
-        kind = kinds.get(node.target) if node.op == "get_attr" else None
-        if kind is MaskKind.PACKED:
-            raise AssertionError(f"packed weight {node.target} is still read by {node.name}")
-        bare = [u.name for u in node.users if "dsd_fx" not in u.meta] if kind is not None else []
-        if bare:
-            raise AssertionError(f"weight {node.target} reaches {', '.join(bare)} unmasked")
+        if node.op == "get_attr":
+            if node.target in packed:
+                raise AssertionError(f"packed weight {node.target} is still read by {node.name}")
+            param = g._parameters.get(node.target) if "." not in node.target else None
+            if param is None:
+                path, _, attr = node.target.rpartition(".")
+                param = getattr(g.get_submodule(path), "_parameters", {}).get(attr) if path else None
+            bare = [u.name for u in node.users if tag_of(u) is None] if param is not None and id(param) in sparse else []
+            if bare:
+                raise AssertionError(f"weight {sparse[id(param)]} reaches {', '.join(bare)} unmasked")
+        elif node.op == "call_module":
+            inside = [sparse[id(p)] for p in g.get_submodule(node.target).parameters() if id(p) in sparse]
+            if inside:
+                raise AssertionError(f"module call {node.name} reads sparse weight(s) {', '.join(inside)} unmasked")
 
 
 # ---------------------------------------------------------------- dense

@@ -127,14 +127,17 @@ def select_weights(gm: fx.GraphModule, config: SparseConfig) -> list[tuple[Pruna
     for (w, _), ok in zip(chosen, finite.tolist()):
         if not ok:
             raise ValueError(f"select: weight '{w.name}' holds NaN or Inf; magnitudes cannot be ranked. Fix the weights or exclude it")
+    suffixes = ("_values", "_meta") if config.pack else ("_mask",) if config.method == "fixed" else ()
     for w, _ in chosen:
         owner = resolve(gm, w.layer) if w.layer else gm
-        mask_attr = w.mask_name.rpartition(".")[2]
-        if any(mask_attr in d for d in (owner.__dict__, owner._parameters, owner._buffers, owner._modules)):
-            raise ValueError(
-                f"select: layer '{w.layer}' already has an attribute '{mask_attr}'; is this model already "
-                "sparse? Re-dense it first (transform(gm, phase='dense'))"
-            )
+        attr = w.name.rpartition(".")[2]
+        for made in (attr + suffix for suffix in suffixes):
+            if any(made in d for d in (owner.__dict__, owner._parameters, owner._buffers, owner._modules)):
+                raise ValueError(
+                    f"select: layer '{w.layer or type(gm).__name__}' already has an attribute '{made}', the name dsd_fx "
+                    "gives to what it adds; is this model already sparse? Re-dense it first (transform(gm, phase='dense')), "
+                    f"or rename that attribute, or exclude the layer (exclude=['{w.name}'])"
+                )
     return chosen
 
 

@@ -193,3 +193,25 @@ def test_packed_graph_runs_with_every_kernel_choice(kernel):
     expected = torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(x, ref.fc1.weight * keep["fc1.weight"], ref.fc1.bias)),
                                           ref.fc2.weight * keep["fc2.weight"], ref.fc2.bias)
     torch.testing.assert_close(packed(x), expected)
+
+
+def test_an_attribute_named_like_dsd_fx_storage_is_refused():
+    model = TinyMLP()
+    model.fc1.register_buffer("weight_meta", torch.ones(3))
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="'fc1' already has an attribute 'weight_meta'"):
+        dsd_fx.transform(model, pattern="2:4", pack=True)
+    assert_unchanged(model, snap)
+    dsd_fx.transform(model, sparsity=0.5)  # unstructured masks make no weight_meta: fine
+
+
+def test_the_masked_use_invariant_sees_module_calls(monkeypatch):
+    """A rewrite that left a module call reading its sparse weight unmasked is caught before the commit."""
+    import dsd_fx.rewrite
+
+    monkeypatch.setattr(dsd_fx.rewrite, "functionalize", lambda *a, **k: None)
+    model = TinyMLP()
+    snap = snapshot(model)
+    with pytest.raises(dsd_fx.pipeline.PassError, match="module call fc1 reads sparse weight"):
+        dsd_fx.transform(model, pattern="2:4", pack=False)
+    assert_unchanged(model, snap)

@@ -74,3 +74,11 @@ def test_the_observer_sees_the_passes_that_changed_the_graph():
     assert seen == [("swap", True, True)]
     assert [(r.name, r.modified, r.diff) for r in records] == [("idle", False, None), ("swap", True, "diff of swap")]
     assert "relu" in records[1].before and "sigmoid" in records[1].after
+
+
+def test_an_invariant_that_cannot_even_run_is_a_pass_error():
+    def needs_a_buffer(gm):
+        gm.get_buffer("fc1.weight_mask")
+
+    with pytest.raises(PassError, match="invariant 'has masks' does not hold after pass 'idle'"):
+        run_passes(_gm(), [("idle", _nothing)], [Invariant("has masks", needs_a_buffer)])
