@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -274,6 +275,9 @@ def start(args: argparse.Namespace):
     try:
         dsd = dsd_fx.DSD(task.net, sgd, lr=task.lr, redense_lr_scale=0.1, print_changed_dir=diffs,
                          sad_every=steps_per_epoch, **options)  # SAD once per epoch (SR-STE / STE)
+        with warnings.catch_warnings():  # a dry run on a copy: a pattern no layer can take fails now, not
+            warnings.simplefilter("ignore")  # after the dense phase; its warnings come with the real run
+            dsd_fx.transform(task.net, phase="sparse", copy=True, **options)
     except (ValueError, TypeError) as err:
         raise DemoError(flag_words(str(err))) from err
     return out, task, options, dsd

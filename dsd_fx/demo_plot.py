@@ -12,14 +12,14 @@ COLOURS = {"dsd": "tab:blue", "baseline": "tab:orange"}
 NAMES = {"dsd": "D → S → D", "baseline": "dense baseline (same epochs, same lr drop)"}
 
 
-def new_figure(rows: int, height: float):
-    """A Figure of `rows` stacked axes sharing x, attached to an Agg canvas."""
+def new_figure(rows: int, height: float, sharex: bool = True):
+    """A Figure of `rows` stacked axes (sharing x by default), attached to an Agg canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, height))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
+    axes = fig.subplots(rows, 1, sharex=sharex, squeeze=False)[:, 0]
     return fig, list(axes)
 
 
