@@ -95,7 +95,7 @@ class Recipe:
 RECIPES: dict[tuple[str, str], Recipe] = {
     ("mnist1d", "cnn"): Recipe(MNIST1DCNN, lr=0.1, epochs=20),
     ("mnist1d", "mlp"): Recipe(lambda: MLP(40), lr=0.05, epochs=20),
-    ("mnist1d", "gru"): Recipe(lambda: GRUNet(40, 1), lr=0.3, epochs=10),
+    ("mnist1d", "gru"): Recipe(lambda: GRUNet(40, 1), lr=0.1, epochs=10),  # 0.3 left 1 seed of 3 stuck near 60%
     ("digits", "cnn"): Recipe(DigitsCNN, lr=0.05, epochs=10, batch=64),
     ("digits", "mlp"): Recipe(lambda: MLP(64), lr=0.05, epochs=10, batch=64),
     ("digits", "gru"): Recipe(lambda: GRUNet(8, 8), lr=0.3, epochs=10, batch=64),  # one row of pixels per step
