@@ -179,7 +179,7 @@ def plot_sad(curves: dict[str, dict[str, list[list[float]]]], epochs: dict[str, 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[-1].set_xlabel("epoch (lr drops 10x for the last third)")
-    fig.suptitle(title + ": fraction of mask entries changed since the first step")
+    fig.suptitle(title + "\nSAD: the fraction of mask entries changed since the first step", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

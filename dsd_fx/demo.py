@@ -96,12 +96,12 @@ def load_task(args: argparse.Namespace) -> Task:
 
 def table(rows: list[PhaseRow]) -> str:
     """Per phase, both runs; then the final test accuracy of each and the difference."""
-    head = (f"{'phase':<9} {'epochs':>6} {'lr':>7} {'sparsity':>8}  {'DSD loss':>9} {'DSD acc':>7}  "
-            f"{'baseline loss':>13} {'baseline acc':>12} {'time':>7}")
+    head = (f"{'phase':<9} {'epochs':>6} {'lr':>7} {'sparsity':>8}  {'DSD train loss':>14} {'test acc':>8}  "
+            f"{'baseline train loss':>19} {'test acc':>8} {'time':>7}")
     lines = [head]
     for r in rows:
-        lines.append(f"{r.phase:<9} {r.epochs:>6} {r.lr:>7.4g} {r.sparsity:>8.1%}  {r.train_loss:>9.4f} "
-                     f"{r.test_accuracy:>7.3f}  {r.baseline_train_loss:>13.4f} {r.baseline_test_accuracy:>12.3f} "
+        lines.append(f"{r.phase:<9} {r.epochs:>6} {r.lr:>7.4g} {r.sparsity:>8.1%}  {r.train_loss:>14.4f} "
+                     f"{r.test_accuracy:>8.3f}  {r.baseline_train_loss:>19.4f} {r.baseline_test_accuracy:>8.3f} "
                      f"{r.seconds:>6.1f}s")
     last = rows[-1]
     lines.append(f"final test accuracy: D -> S -> D {last.test_accuracy:.3f}, dense baseline "

@@ -9,7 +9,7 @@ from typing import Sequence
 PHASE_SHADE = {"dense": "0.93", "sparse": "#fde7e7", "redense": "#e7f0fd"}
 PHASE_LABEL = {"dense": "dense", "sparse": "sparse", "redense": "re-dense"}
 COLOURS = {"dsd": "tab:blue", "baseline": "tab:orange"}
-NAMES = {"dsd": "D → S → D", "baseline": "dense baseline (same epochs, same lr drop)"}
+NAMES = {"dsd": "D → S → D", "baseline": "dense baseline (one run with DSD until the sparse phase; same epochs, same lr drop)"}
 
 
 def new_figure(rows: int, height: float, sharex: bool = True):
