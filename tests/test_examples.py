@@ -23,11 +23,13 @@ def demo(*args, timeout=600):
 
 def test_cli_demo_writes_every_output(tmp_path):
     import json
+    import re
 
     import onnx
 
     out = demo("--quick", "--out", str(tmp_path / "out"))
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "on MNIST-1D (4000 train / 1000 test)" in out.stderr  # the default task
     assert "zero overhead: PROVEN" in out.stdout
     for phase in ("dense", "sparse", "re-dense"):
         assert f"\n{phase} " in out.stdout  # the table
@@ -46,10 +48,38 @@ def test_cli_demo_writes_every_output(tmp_path):
     for p in passes:  # the per-pass diff as text and as a picture
         assert "mask_mul" in (d / "diffs" / p / "diff.txt").read_text()
         assert (d / "diffs" / p / "diff.png").read_bytes()[:4] == b"\x89PNG"
-    # the same seed gives the same run
+    # both curves, one point per epoch; the baseline is the DSD run until the fork, then its own
+    dsd, base = metrics["curves"]["dsd"], metrics["curves"]["baseline"]
+    assert [e["epoch"] for e in dsd] == [e["epoch"] for e in base] == [1, 2, 3]
+    assert [e["phase"] for e in dsd] == ["dense", "sparse", "redense"]
+    assert dsd[0] == base[0]
+    assert dsd[1]["loss"] != base[1]["loss"] and dsd[2]["loss"] != base[2]["loss"]
+    # the table's baseline row: the final test accuracy of each run and their difference
+    row = re.search(r"final test accuracy: D -> S -> D (\d\.\d+), dense baseline (\d\.\d+), difference ([-+]\d\.\d+)",
+                    out.stdout)
+    assert row, out.stdout
+    acc, base_acc, diff = (float(g) for g in row.groups())
+    assert acc == round(dsd[-1]["accuracy"], 3) and base_acc == round(base[-1]["accuracy"], 3)
+    assert abs(diff - (dsd[-1]["accuracy"] - base[-1]["accuracy"])) < 1e-3
+    final = metrics["final"]
+    assert final["dsd_test_accuracy"] == dsd[-1]["accuracy"] and final["baseline_test_accuracy"] == base[-1]["accuracy"]
+    assert final["difference"] == pytest.approx(dsd[-1]["accuracy"] - base[-1]["accuracy"])
+    # the same seed gives the same run, both curves; another seed another dataset and run
     again = demo("--quick", "--out", str(tmp_path / "again"))
     redo = json.loads((tmp_path / "again" / "metrics.json").read_text())
-    assert [e["loss"] for e in redo["epochs"]] == [e["loss"] for e in metrics["epochs"]], again.stderr[-2000:]
+    assert redo["curves"] == metrics["curves"], again.stderr[-2000:]
+
+
+def test_cli_demo_on_digits_with_the_mlp(tmp_path):
+    import json
+
+    out = demo("--quick", "--data", "digits", "--model", "mlp", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "MLP on scikit-learn digits (1348 train / 449 test)" in out.stderr
+    assert "zero overhead: PROVEN" in out.stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["args"]["data"] == "digits" and metrics["args"]["model"] == "mlp"
+    assert len(metrics["curves"]["baseline"]) == 3
 
 
 def test_cli_demo_sr_ste_logs_sad(tmp_path):
@@ -65,15 +95,41 @@ def test_cli_demo_sr_ste_logs_sad(tmp_path):
 @pytest.mark.parametrize(
     "args, words",
     [
-        (["--epochs", "0"], "--epochs must be at least 1, got 0"),
-        (["--sparsity", "1.5"], "--sparsity must be in (0, 1), got 1.5"),
-        (["--method", "sr-ste"], "--method sr-ste needs --pattern N:M"),
+        (["--epochs", "0"], ["--epochs must be at least 1, got 0"]),
+        (["--sparsity", "1.5"], ["--sparsity", "1.5"]),  # SparseConfig's check, in the flag's name
+        (["--method", "sr-ste"], ["--method sr-ste", "--pattern"]),
+        (["--pattern", "2x4"], ["--pattern", "2x4"]),
+        (["--lr", "0"], ["--lr must be > 0"]),  # DSD's check, in the flag's name
+        (["--seed", "-1"], ["--seed", "-1"]),  # the loader's check
+        (["--pattern", "1:7"], ["1:7"]),  # no layer of the CNN takes it: found before the dense phase
     ],
 )
 def test_cli_demo_rejects_bad_options(args, words, tmp_path):
     out = demo(*args, "--out", str(tmp_path / "o"))
-    assert out.returncode == 2 and words in out.stderr
+    assert out.returncode == 2, out.stderr[-2000:]
+    message = out.stderr.strip()
+    assert "\n" not in message and "[###" not in message  # one line, nothing trained
+    for w in words:
+        assert w in message
+    assert not any(f"{k}=" in message for k in ("sparsity", "pattern", "method", "lr"))  # flags, not keywords
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+@pytest.mark.parametrize(
+    "message, flags",
+    [
+        ("sparsity must be in [0, 1); got 1.5", "--sparsity must be in [0, 1); got 1.5"),
+        ("method='sr-ste' needs a pattern; add pattern='2:4' (or another 'N:M')",
+         "--method sr-ste needs a pattern; add --pattern 2:4 (or another 'N:M')"),
+        ("pattern '2x4' is not of the form 'N:M'", "--pattern '2x4' is not of the form 'N:M'"),
+        ("pattern='2:4' fixes the sparsity at 1 - N/M; drop sparsity=0.3", "--pattern 2:4 fixes the sparsity at 1 - N/M; drop --sparsity 0.3"),
+        ("lr must be > 0, got 0.0", "--lr must be > 0, got 0.0"),
+    ],
+)
+def test_demo_words_config_errors_in_flag_names(message, flags):
+    from dsd_fx.demo import flag_words
+
+    assert flag_words(message) == flags
 
 
 def test_cli_demo_refuses_an_unwritable_folder_before_training(tmp_path):
