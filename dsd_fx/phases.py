@@ -24,7 +24,7 @@ from dsd_fx.prunable import PrunableWeight
 from dsd_fx.prune_config import PruneConfig
 from dsd_fx.prune_plan import PruningObserver, prune_plan
 from dsd_fx.selection import select_nm, select_weights
-from dsd_fx.state import STATE, MaskKind, MaskRecord, TransformState, current_masks, masks_of, state_of
+from dsd_fx.state import STATE, MaskKind, MaskRecord, TransformState, keep_mask, masks_of, state_of
 from dsd_fx.tags import Role, has_dsd_nodes, persist, tag_of, tagged
 
 TRANSFORM_OPTIONS = ("copy", "concrete_args", "print_changed", "print_changed_dir", "print_changed_passes")
@@ -251,9 +251,9 @@ def _packed_plan(gm: fx.GraphModule, chosen, config: SparseConfig) -> Plan:
                                   shape=tuple(w.param.shape), order=tuple(owner._parameters)))
 
     def unpacks(g: fx.GraphModule) -> None:  # packed storage unpacks to W * M of the user's dense W
-        keep = current_masks(g)
+        records = {r.weight: r for r in masks_of(g)}
         for w, dim in weights:
-            _nm_groups(keep[w.name], n, m, dim, w.name)
+            _nm_groups(keep_mask(g, records[w.name]), n, m, dim, w.name)
             dense = unpack_tensor(g.get_parameter(f"{w.name}_values"), g.get_buffer(f"{w.name}_meta"), n, m, dim)
             if not torch.equal(dense.reshape(w.param.shape), w.param.detach() * nm_mask(w.param, n, m, dim)):
                 raise AssertionError(f"{w.name}: the packed storage does not unpack to W * M")

@@ -8,6 +8,9 @@ from enum import Enum
 import torch
 from torch import fx
 
+from dsd_fx.masks import nm_mask
+from dsd_fx.packing import unpack_tensor
+
 STATE = "_dsd_fx"  # the submodule of a sparse-phase graph holding its record
 
 
@@ -83,38 +86,54 @@ def masks_of(gm: torch.nn.Module) -> list[MaskRecord]:
     return list(record.masks.values()) if record is not None else []
 
 
+def keep_mask(gm: fx.GraphModule, r: MaskRecord) -> torch.Tensor:
+    """The boolean keep-mask of one sparse weight as it is now: a fixed mask from its buffer, an
+    SR-STE mask recomputed from the current weight, a packed mask from the index metadata."""
+    if r.kind is MaskKind.BUFFER:
+        return gm.get_buffer(r.buffer).detach().ne(0)
+    if r.kind is MaskKind.DYNAMIC:
+        return nm_mask(gm.get_parameter(r.weight).detach(), r.n, r.m, r.dim).ne(0)
+    ones = torch.ones_like(gm.get_parameter(r.values), dtype=torch.float32)
+    return unpack_tensor(ones, gm.get_buffer(r.meta), r.n, r.m, r.dim).reshape(r.shape).ne(0)
+
+
 def current_masks(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
-    """The boolean keep-mask of every sparse weight, as it is now: fixed masks from their buffers,
-    SR-STE masks recomputed from the current weights, packed masks from the index metadata."""
-    from dsd_fx.masks import nm_mask
-    from dsd_fx.packing import unpack_tensor
-
-    out: dict[str, torch.Tensor] = {}
-    for r in masks_of(gm):
-        if r.kind is MaskKind.BUFFER:
-            out[r.weight] = gm.get_buffer(r.buffer).detach().ne(0)
-        elif r.kind is MaskKind.DYNAMIC:
-            out[r.weight] = nm_mask(gm.get_parameter(r.weight).detach(), r.n, r.m, r.dim).ne(0)
-        else:
-            ones = torch.ones_like(gm.get_parameter(r.values), dtype=torch.float32)
-            out[r.weight] = unpack_tensor(ones, gm.get_buffer(r.meta), r.n, r.m, r.dim).reshape(r.shape).ne(0)
-    return out
+    """The boolean keep-mask of every sparse weight of a sparse-phase graph, as it is now."""
+    return {r.weight: keep_mask(gm, r) for r in masks_of(gm)}
 
 
-def dense_weights(gm: fx.GraphModule) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
-    """(parameter, its re-dense value W * M) of every sparse weight: what re-dense and fold commit."""
-    from dsd_fx.packing import unpack_tensor
+@dataclass(frozen=True)
+class Refill:
+    """What re-dense writes into one Parameter, from tensors held before the passes drop them:
+    W * M in place (mask a buffer, or None for an SR-STE mask recomputed from W), or the unpacked
+    values of a packed weight into the emptied Parameter. Computed one weight at a time."""
 
+    record: MaskRecord
+    param: torch.nn.Parameter
+    mask: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    meta: torch.Tensor | None = None
+
+    def commit(self) -> None:
+        r = self.record
+        with torch.no_grad():
+            if r.kind is MaskKind.PACKED:  # the same Parameter object, refilled
+                self.param.data = unpack_tensor(self.values.detach(), self.meta, r.n, r.m, r.dim).reshape(r.shape).contiguous()
+            elif r.kind is MaskKind.BUFFER:
+                self.param.mul_(self.mask.to(self.param.dtype))
+            else:
+                self.param.mul_(nm_mask(self.param, r.n, r.m, r.dim))
+
+
+def refills(gm: fx.GraphModule) -> list[Refill]:
+    """One Refill per sparse Parameter (a tied weight once), holding references, not copies."""
     out, seen = [], set()
-    keep = current_masks(gm)
     for r in masks_of(gm):
         if r.kind is MaskKind.PACKED:
-            values = gm.get_parameter(r.values).detach()
-            dense = unpack_tensor(values, gm.get_buffer(r.meta), r.n, r.m, r.dim).reshape(r.shape).contiguous()
-            out.append((r.param, dense))
+            out.append(Refill(r, r.param, values=gm.get_parameter(r.values), meta=gm.get_buffer(r.meta)))
             continue
         param = gm.get_parameter(r.weight)
         if id(param) not in seen:
             seen.add(id(param))
-            out.append((param, param.detach() * keep[r.weight].to(param.dtype)))
+            out.append(Refill(r, param, mask=gm.get_buffer(r.buffer) if r.kind is MaskKind.BUFFER else None))
     return out

@@ -83,6 +83,16 @@ def persist(gm: fx.GraphModule) -> None:
             gm._modules[name].tags = saved
 
 
+def _read(model: object, target: str) -> object:
+    """What a get_attr of `target` reads (by identity), or the target itself where it reads nothing."""
+    obj = model
+    for atom in target.split("."):
+        obj = getattr(obj, atom, None)
+        if obj is None:
+            return target
+    return id(obj)
+
+
 def _restore(graph: fx.Graph) -> None:
     """Put back the tags the graph's records kept (see `persist`) if the graph lost them."""
     modules = getattr(graph.owning_module, "_modules", {})
@@ -90,19 +100,24 @@ def _restore(graph: fx.Graph) -> None:
     if not saved or any(META_KEY in n.meta for n in graph.nodes):
         return
     nodes = {n.name: n for n in graph.nodes}
-    # re-tracing names get_attr nodes after their target and in order of first use: match those by
-    # target (the same name first), every other node by name, op and target
-    free: dict[str, list[fx.Node]] = {}
+    # re-tracing names get_attr nodes after their target and in order of first use, and reads a tied
+    # weight under one of its names: match those by the object they read (the same name first),
+    # every other node by name, op and target
+    free: dict[object, list[fx.Node]] = {}
     for n in graph.nodes:
         if n.op == "get_attr":
-            free.setdefault(n.target, []).append(n)
-    found, mismatched = {}, []
+            free.setdefault(_read(graph.owning_module, n.target), []).append(n)
+    found, mismatched, taken = {}, [], {}
     for name, (op, target, t) in saved.items():
         if op == "get_attr":
-            pool = free.get(target, [])
+            key = _read(graph.owning_module, target)
+            pool = free.get(key, [])
             node = next((n for n in pool if n.name == name), pool[0] if pool else None)
             if node is not None:
                 pool.remove(node)
+                taken.setdefault(key, node)
+            elif key in taken and found[taken[key]]["role"] == t["role"]:
+                node = taken[key]  # two reads of one tied weight that the re-trace merged into one node
         else:
             node = nodes.get(name)
             node = node if node is not None and node.op == op and _target_key(node.target) == target else None

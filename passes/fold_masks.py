@@ -4,12 +4,11 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
-import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from dsd_fx.pipeline import Invariant, Pass, run_passes
-from dsd_fx.state import STATE, MaskKind, dense_weights, masks_of
+from dsd_fx.state import STATE, MaskKind, masks_of, refills
 from dsd_fx.tags import has_dsd_nodes
 from dsd_fx.taps import recorder_of
 
@@ -32,8 +31,7 @@ def redense_plan(gm: fx.GraphModule) -> tuple[list[tuple[str, Pass]], list[Invar
             f"{type(gm).__name__} has dsd_fx nodes but no dsd_fx record ({STATE}); it was not made by "
             "dsd_fx.transform, or its record was removed. Re-dense the GraphModule transform returned"
         )
-    values = dense_weights(gm)  # read before the passes drop the masks and the packed storage
-    packed = {id(r.param) for r in records if r.kind is MaskKind.PACKED}
+    pending = refills(gm)  # references taken before the passes drop the masks and the packed storage
     keys = {k for k in gm.state_dict() if not k.startswith(f"{STATE}.")}
     for r in records:
         if r.kind is MaskKind.BUFFER:
@@ -53,12 +51,8 @@ def redense_plan(gm: fx.GraphModule) -> tuple[list[tuple[str, Pass]], list[Invar
             raise AssertionError(f"state_dict keys after re-dense {sorted(g.state_dict())} != {sorted(keys)}")
 
     def commit() -> None:
-        with torch.no_grad():
-            for param, value in values:
-                if id(param) in packed:
-                    param.data = value  # the same Parameter object, refilled
-                else:
-                    param.copy_(value)
+        for refill in pending:  # one weight at a time: no second copy of the model
+            refill.commit()
 
     recipe = [("unpack_nm", functools.partial(unpack_nm, records=records)), ("strip_masks", strip_masks), ("drop_record", drop_record)]
     if tapped:  # taps first: strip_masks rebuilds the graph and would copy them untagged

@@ -44,3 +44,29 @@ def test_the_record_survives_deepcopy_and_torch_load(mode):
 def test_a_dense_model_has_no_record():
     assert dsd_fx.masks_of(TinyMLP()) == []
     assert dsd_fx.masks_of(dsd_fx.transform(dsd_fx.transform(TinyMLP()), phase="dense")) == []
+
+
+class Tied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tied_weights_survive_torch_load(mode):
+    """torch.load re-traces the code and reads the tied weight once, under one name: tags still match."""
+    torch.manual_seed(0)
+    sparse = dsd_fx.transform(Tied(), **MODES[mode][0])
+    x = torch.randn(2, 8)
+    buf = io.BytesIO()
+    torch.save(sparse, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    dense = dsd_fx.transform(loaded, phase="dense")
+    torch.testing.assert_close(dense(x), sparse(x))
+    assert dense.code == torch.fx.symbolic_trace(Tied()).code
+    assert dense.get_parameter("a.weight") is dense.get_parameter("b.weight")
