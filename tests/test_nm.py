@@ -320,18 +320,6 @@ def test_cuda_packed_linear_uses_semi_structured_kernels(dtype):
 
 
 @cuda
-def test_dense_kernel_switch():
-    from dsd_fx import ops
-
-    w = torch.randn(128, 256, device="cuda", dtype=torch.float16)
-    values, meta = pack_tensor(w, 2, 4)
-    x = torch.randn(32, 256, device="cuda", dtype=torch.float16)
-    y = nm_linear(x, values, meta, None, 2, 4, "dense")
-    assert ops.SEMI_STRUCTURED.peek(values, meta) is None
-    torch.testing.assert_close(y, F.linear(x, w * nm_mask(w, 2, 4, 1)), rtol=1e-2, atol=1e-2)
-
-
-@cuda
 def test_cutlass_weight_matches_torchs_own_conversion():
     from dsd_fx.packing import cutlass_weight
     from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
