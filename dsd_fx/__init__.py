@@ -7,6 +7,7 @@ from dsd_fx.graph_diff import GraphDiff, diff, diff_onnx
 from dsd_fx.divergence import SAD, SADTracker, sad
 from dsd_fx.export import export_onnx
 from dsd_fx.flow import DSD, PhaseRecord
+from dsd_fx.gpp import GPP, GPPRecord, PruneStep
 from dsd_fx.macs import Cost, cost
 from dsd_fx.phases import changes, transform
 from dsd_fx.prunable import PrunableWeight
@@ -36,6 +37,9 @@ __all__ = [
     "diff_onnx",
     "DSD",
     "PhaseRecord",
+    "GPP",
+    "GPPRecord",
+    "PruneStep",
     "PruneConfig",
     "channel_groups",
     "ChannelGroup",

@@ -1,0 +1,108 @@
+"""dsd_fx.GPP: push phases and prune steps around the user's loop, to a budget, then a fine-tune."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dsd_fx
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(10, 64), nn.Linear(64, 64), nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.head(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+def _data(seed=0, n=256):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 10, generator=g)
+    y = (x[:, :3] * torch.tensor([1.0, -1.5, 0.7])).argmax(1)
+    return [(x[i:i + 64], y[i:i + 64]) for i in range(0, n, 64)]
+
+
+def sgd(params, lr):
+    return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+def _train(model, opt, data, extra=None):
+    total = 0.0
+    for x, y in data:
+        opt.zero_grad()
+        out = model(x)
+        loss = F.cross_entropy(out, y) + (extra(y) if extra else 0.0)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach())
+    return total / len(data)
+
+
+def test_the_flow_reaches_the_budget_and_records_each_phase():
+    torch.manual_seed(0)
+    data = _data()
+    model = MLP()
+    start = dsd_fx.cost(model, (data[0][0],)).params
+    gpp = dsd_fx.GPP(model, sgd, lr=0.05, example_args=(data[0][0],), target_params=0.4, step=0.3)
+    while not gpp.done:
+        net, opt = gpp.begin("push")
+        gpp.log(loss=_train(net, opt, data, gpp.push_loss))
+        gpp.prune()
+    net, opt = gpp.begin("finetune")
+    gpp.log(loss=_train(net, opt, data))
+    final = dsd_fx.cost(net, (data[0][0],)).params
+    assert final <= 0.4 * start
+    assert "tap" not in net.code  # the fine-tuned model has no taps
+    phases = [r.name for r in gpp.history]
+    assert phases[-1] == "finetune" and set(phases[:-1]) == {"push"} and len(phases) >= 3
+    params = [r.params for r in gpp.history]
+    assert params == sorted(params, reverse=True) and params[0] == start
+    assert all(len(r.steps) == 1 for r in gpp.history[:-1])
+    assert all(r.metrics and torch.isfinite(torch.tensor(r.metrics[-1]["loss"])) for r in gpp.history)
+
+
+def test_a_push_phase_trains_through_the_tap():
+    data = _data()
+    gpp = dsd_fx.GPP(MLP(), sgd, lr=0.05, example_args=(data[0][0],), target_params=0.5)
+    net, opt = gpp.begin("push")
+    before = net.get_parameter("fc2.weight").detach().clone()
+    net(data[0][0])
+    gpp.push_loss(data[0][1]).backward()
+    assert net.get_parameter("fc2.weight").grad.abs().sum() > 0  # the push loss reaches the layers below the tap
+    opt.step()
+    assert not torch.equal(net.get_parameter("fc2.weight").detach(), before)
+
+
+@pytest.mark.parametrize("calls, words", [
+    (["finetune"], "budget is not met"),
+    (["push", "push"], "followed by a prune step"),
+    (["prune"], "follows a push phase"),
+    (["grow"], "unknown phase 'grow'"),
+])
+def test_phases_out_of_order_are_refused(calls, words):
+    data = _data()
+    gpp = dsd_fx.GPP(MLP(), sgd, lr=0.05, example_args=(data[0][0],), target_params=0.5)
+    with pytest.raises(ValueError, match=words):
+        for c in calls:
+            gpp.prune() if c == "prune" else gpp.begin(c)
+
+
+@pytest.mark.parametrize("options, words", [
+    ({}, "exactly one budget"),
+    ({"target_params": 0.5, "target_macs": 0.5}, "exactly one budget"),
+    ({"target_params": 1.5}, "target_params must be a fraction"),
+    ({"target_params": 0.5, "step": 0.0}, "step must be a fraction"),
+])
+def test_bad_budgets_are_refused_before_training(options, words):
+    with pytest.raises(ValueError, match=words):
+        dsd_fx.GPP(MLP(), sgd, lr=0.05, example_args=(torch.randn(2, 10),), **options)
+
+
+def test_a_budget_that_cannot_be_met_says_so():
+    """One Linear: its input and output channels are never pruned, so no prune step can help."""
+    model = nn.Sequential(nn.Linear(10, 3))
+    gpp = dsd_fx.GPP(model, sgd, lr=0.05, example_args=(torch.randn(4, 10),), target_params=0.5)
+    gpp.begin("push")
+    with pytest.raises(ValueError, match="no channel group"):
+        gpp.prune()
