@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from dsd_fx import demo
+from dsd_fx import demo, demo_gpp
 from dsd_fx.config import SparseConfig
 
 # SparseConfig's options that are flags here: its errors are reworded in the flags' names
@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description=demo.__doc__.split("\n")[0] + " Writes model.onnx, reference.onnx, "
                                    "zero_overhead.txt, training.png, metrics.json and diffs/ to --out.")
     demo.add_arguments(p)
-    p.set_defaults(fn=demo.run)
+    p.set_defaults(fn=lambda a: (demo_gpp.run if a.method == "gpp" else demo.run)(a))
     return parser
 
 

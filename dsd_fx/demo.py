@@ -215,7 +215,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="1 epoch per phase: every output in a few seconds (a smoke test)")
     p.add_argument("--sparsity", type=float, help="fraction pruned in the sparse phase (default 0.5)")
     p.add_argument("--pattern", help="N:M pattern instead of a fraction, e.g. 2:4")
-    p.add_argument("--method", choices=["fixed", "sr-ste", "ste"], help="N:M method (default fixed)")
+    p.add_argument("--method", choices=["fixed", "sr-ste", "ste", "gpp"],
+                   help="N:M method (default fixed), or gpp: Grow-Push-Prune's push and prune iterations instead of DSD")
+    p.add_argument("--target", type=float, default=0.5, help="with --method gpp: the parameter budget, a fraction of the start (default 0.5)")
+    p.add_argument("--step", type=float, default=0.3, help="with --method gpp: the fraction of every channel group each prune step removes (default 0.3)")
     p.add_argument("--lr", type=float, help="dense learning rate; re-dense and the baseline's last phase use a "
                                             "tenth (default: the recipe's, 0.1 for the MNIST-1D CNN)")
     p.add_argument("--batch", type=int, help="batch size (default 100 on MNIST-1D, 64 on digits)")

@@ -178,3 +178,34 @@ def test_sigint_during_the_demo_leaves_only_whole_files(tmp_path):
     assert not list(tmp_path.glob(".dsd_fx-*"))
     for f in tmp_path.glob("*.onnx"):
         onnx.checker.check_model(onnx.load(f))
+
+
+def test_cli_demo_gpp_prunes_to_the_budget_and_proves_the_pruned_file(tmp_path):
+    import json
+
+    import onnx
+
+    out = demo("--method", "gpp", "--quick", "--target", "0.6", "--out", str(tmp_path / "out"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "pruned: same graph, smaller shapes: PROVEN" in out.stdout
+    d = tmp_path / "out"
+    for name in ("model.onnx", "reference.onnx"):
+        onnx.checker.check_model(onnx.load(d / name))
+    metrics = json.loads((d / "metrics.json").read_text())
+    phases = metrics["phases"]
+    assert phases[0]["phase"] == "dense" and phases[-1]["phase"] == "finetune"
+    assert phases[-1]["params"] <= 0.6 * phases[0]["params"]  # the budget
+    assert [p["params"] for p in phases] == sorted((p["params"] for p in phases), reverse=True)
+    assert metrics["pruned_proof"] is True
+    assert (d / "gpp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    ref, final = onnx.load(d / "reference.onnx"), onnx.load(d / "model.onnx")
+    assert sorted(n.op_type for n in ref.graph.node) == sorted(n.op_type for n in final.graph.node)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--method", "gpp", "--target", "1.5"], "--target and --step must be fractions"),
+    (["--method", "gpp", "--sparsity", "0.5"], "--sparsity and --pattern belong to the DSD run"),
+])
+def test_cli_demo_gpp_rejects_bad_options(args, words, tmp_path):
+    out = demo(*args, "--out", str(tmp_path / "out"))
+    assert out.returncode == 2 and words in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,170 @@
+"""`dsd-fx demo --method gpp`: dense training, Grow-Push-Prune iterations to a parameter budget, a
+fine-tune, beside the unpruned dense baseline; the pruned ONNX file with its proof."""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dsd_fx.demo import DATA_NAMES, DemoError, check_out, load_task
+from dsd_fx.demo_models import evaluate, sgd, train_epoch
+from dsd_fx.demo_plot import new_figure
+from dsd_fx.demo_runs import Progress
+
+OUTPUTS = ("model.onnx", "reference.onnx", "pruned_proof.txt", "gpp.png", "metrics.json")
+
+
+@dataclass
+class Row:
+    """One phase of the GPP run, with the baseline's accuracy after the same number of epochs."""
+
+    phase: str
+    epochs: int
+    params: int
+    macs: int
+    train_loss: float
+    test_accuracy: float
+    baseline_test_accuracy: float
+
+
+def push_epoch(gpp, net, opt, data, batch: int, generator: torch.Generator) -> float:
+    """One epoch of cross-entropy plus the push loss on the tapped layer; the mean training loss."""
+    x, y = data
+    net.train()
+    total = 0.0
+    for idx in torch.randperm(len(x), generator=generator).split(batch):
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x[idx]), y[idx]) + gpp.push_loss(y[idx])
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * len(idx)
+    return total / len(x)
+
+
+def _phase(label: str, epochs: int, epoch, model, base: dict, task, gen_base: torch.Generator):
+    """`epoch()` (one epoch of the GPP model) and one of the baseline, `epochs` times; the last figures."""
+    bar = Progress(label, epochs)
+    for _ in range(epochs):
+        loss = epoch()
+        acc, _ = evaluate(model, task.test)
+        train_epoch(base["net"], base["opt"], task.train, task.batch, gen_base)
+        b_acc, _ = evaluate(base["net"], task.test)
+        bar.update(f"loss {loss:.4f} acc {acc:.3f} | baseline {b_acc:.3f}")
+    return loss, acc, b_acc
+
+
+def train_gpp(task, target: float, step: float):
+    """Dense E epochs; push E/2 epochs and a prune step until the params are at most `target`; fine-tune E."""
+    import dsd_fx
+
+    gens = {"gpp": torch.Generator().manual_seed(task.seed), "base": None}
+    example = (task.test[0][:1],)
+    net, opt, rows = task.net, sgd(task.net.parameters(), task.lr), []
+    loss = 0.0
+    bar = Progress("dense", task.epochs)
+    for _ in range(task.epochs):
+        loss = train_epoch(net, opt, task.train, task.batch, gens["gpp"])
+        acc, _ = evaluate(net, task.test)
+        bar.update(f"loss {loss:.4f} acc {acc:.3f}")
+    start = dsd_fx.cost(net, example)
+    rows.append(Row("dense", task.epochs, start.params, start.macs, loss, acc, acc))
+    base = {"net": copy.deepcopy(net)}
+    gens["base"] = torch.Generator().manual_seed(task.seed)
+    gens["base"].set_state(gens["gpp"].get_state())
+    try:
+        gpp = dsd_fx.GPP(net, sgd, lr=task.lr, example_args=example, target_params=target, step=step,
+                         finetune_lr_scale=0.1)
+    except (ValueError, TypeError) as err:
+        raise DemoError(str(err)) from err
+    push_epochs = max(1, task.epochs // 2)
+    while not gpp.done:
+        pushed, opt = gpp.begin("push")
+        base["opt"] = sgd(base["net"].parameters(), task.lr)
+        loss, acc, b_acc = _phase("push", push_epochs, lambda: push_epoch(gpp, pushed, opt, task.train, task.batch, gens["gpp"]),
+                                  pushed, base, task, gens["base"])
+        gpp.log(loss=loss, accuracy=acc)
+        pruned = gpp.prune()
+        now = dsd_fx.cost(pruned, example)
+        p_acc, _ = evaluate(pruned, task.test)
+        rows.append(Row(f"push+prune {len(rows)}", push_epochs, now.params, now.macs, loss, p_acc, b_acc))
+    final, opt = gpp.begin("finetune")
+    base["opt"] = sgd(base["net"].parameters(), task.lr * 0.1)  # the same lr drop for the baseline
+    loss, acc, b_acc = _phase("finetune", task.epochs, lambda: train_epoch(final, opt, task.train, task.batch, gens["gpp"]),
+                              final, base, task, gens["base"])
+    gpp.log(loss=loss, accuracy=acc)
+    now = dsd_fx.cost(final, example)
+    rows.append(Row("finetune", task.epochs, now.params, now.macs, loss, acc, b_acc))
+    return rows, final, base["net"]
+
+
+def table(rows: list[Row], start_params: int) -> str:
+    lines = [f"{'phase':<14} {'epochs':>6} {'params':>9} {'of start':>8} {'MACs':>10} {'train loss':>10} "
+             f"{'test acc':>8} {'baseline acc':>12}"]
+    for r in rows:
+        lines.append(f"{r.phase:<14} {r.epochs:>6} {r.params:>9,} {r.params / start_params:>8.1%} {r.macs:>10,} "
+                     f"{r.train_loss:>10.4f} {r.test_accuracy:>8.3f} {r.baseline_test_accuracy:>12.3f}")
+    last = rows[-1]
+    lines.append(f"final: GPP {last.test_accuracy:.3f} at {last.params / start_params:.1%} of the parameters, dense "
+                 f"baseline {last.baseline_test_accuracy:.3f}, difference {last.test_accuracy - last.baseline_test_accuracy:+.3f}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: str, title: str) -> None:
+    fig, (ax,) = new_figure(1, 4.0)
+    ax.plot([r.params for r in rows], [r.test_accuracy for r in rows], "o-", label="Grow-Push-Prune (after each phase)")
+    ax.axhline(rows[-1].baseline_test_accuracy, color="tab:orange", linestyle="--", label="dense baseline, same epochs")
+    for r in rows:
+        ax.annotate(r.phase, (r.params, r.test_accuracy), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The GPP demo; returns 0 if the pruned model's proof holds, 1 if not."""
+    import dsd_fx
+
+    if not 0 < args.target < 1 or not 0 < args.step < 1:
+        raise DemoError(f"--target and --step must be fractions in (0, 1), got {args.target} and {args.step}")
+    if args.sparsity is not None or args.pattern is not None:
+        raise DemoError("--method gpp prunes whole channels; --sparsity and --pattern belong to the DSD run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        started = time.perf_counter()
+        out = check_out(args.out)
+        task = load_task(args)
+        print(f"dsd-fx demo --method gpp: {type(task.net).__name__} on {DATA_NAMES[task.data]}, target {args.target:.0%} "
+              f"of the parameters, {args.step:.0%} of every channel group per prune step, seed {task.seed}; "
+              "the dense baseline beside it", file=sys.stderr)
+        rows, final, baseline = train_gpp(task, args.target, args.step)
+        example = (task.test[0][:1],)
+        dsd_fx.export_onnx(final, example, os.path.join(out, "model.onnx"))
+        dsd_fx.export_onnx(baseline, example, os.path.join(out, "reference.onnx"))
+        report = dsd_fx.verify_pruned(baseline, final, example)
+        with open(os.path.join(out, "pruned_proof.txt"), "w") as f:
+            f.write(report.table + "\n")
+        print(table(rows, rows[0].params))
+        plot(rows, os.path.join(out, "gpp.png"), f"Grow-Push-Prune on {DATA_NAMES[task.data]}, {task.model.upper()}, seed {task.seed}")
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            json.dump({"target": args.target, "step": args.step, "phases": [asdict(r) for r in rows],
+                       "pruned_proof": report.ok}, f, indent=1)
+        print()
+        print(report.table)
+        print(f"\nwrote {', '.join(OUTPUTS)} to {out}")
+        print(f"done in {time.perf_counter() - started:.1f} s")
+        return 0 if report.ok else 1
+    finally:
+        torch.set_num_threads(threads)
