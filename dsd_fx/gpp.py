@@ -41,7 +41,8 @@ def _fraction(value: float, name: str) -> float:
 
 class GPP:
     """Grow-Push-Prune around the user's own loop: push phases (cross-entropy plus the push loss on
-    a tapped layer), each followed by a prune step that removes `step` of every channel group, until
+    a tapped layer), each followed by a prune step that removes `step` of every channel group (the
+    last step less, to land near the budget: 1 - sqrt(target / now), inferred), until
     the parameters (or MACs) are at most `target_params` (or `target_macs`) times the start; then a
     fine-tune. ::
 
@@ -131,15 +132,24 @@ class GPP:
         if self.done:
             raise ValueError(f"GPP: the budget is met already ({self.budget[0]} <= {self.target:,}); begin('finetune')")
         before = self._now(self.budget[0])
+        # the last step lands near the budget: removing a fraction f of every group scales a layer's
+        # weights by about (1 - f)^2 (its inputs and its outputs), so f = 1 - sqrt(target / now)
+        fraction = min(self.step_fraction, max(0.01, 1 - (self.target / before) ** 0.5))
         options = {"data": data} if self.importance == "discriminant" else {}
-        self.model = transform(self._plain(), phase="prune", channels=self.step_fraction, importance=self.importance,
+        plain = self._plain()
+        while True:  # a fraction too small to take a channel from any group is doubled, up to `step`
+            pruned = transform(plain, phase="prune", channels=fraction, importance=self.importance,
                                example_args=self.example_args, **options)
-        now = cost(self.model, self.example_args)
-        self.history[-1].steps.append(PruneStep(self.step_fraction, now.params, now.macs))
-        if self._now(self.budget[0]) >= before:
+            now = cost(pruned, self.example_args)
+            if (now.params if self.budget[0] == "params" else now.macs) < before or fraction >= self.step_fraction:
+                break
+            fraction = min(self.step_fraction, 2 * fraction)
+        if (now.params if self.budget[0] == "params" else now.macs) >= before:
             raise ValueError(f"GPP: the budget cannot be met: a prune step removed nothing ({self.budget[0]} {before:,}, "
                              f"target {self.target:,}); every channel group is at its smallest or unprunable. "
                              "Raise the target or make more groups prunable")
+        self.model = pruned
+        self.history[-1].steps.append(PruneStep(fraction, now.params, now.macs))
         self.phase = "prune"
         return self.model
 
