@@ -11,6 +11,7 @@ from dsd_fx.gpp import GPP, GPPRecord, PruneStep
 from dsd_fx.macs import Cost, cost
 from dsd_fx.phases import changes, transform
 from dsd_fx.prunable import PrunableWeight
+from dsd_fx.grow_config import GrowConfig
 from dsd_fx.prune_config import PruneConfig
 from dsd_fx.prune_proof import PrunedReport, verify_pruned
 from dsd_fx.push import PushConfig, push_loss, tap_utility
@@ -41,6 +42,7 @@ __all__ = [
     "GPPRecord",
     "PruneStep",
     "PruneConfig",
+    "GrowConfig",
     "channel_groups",
     "ChannelGroup",
     "cost",

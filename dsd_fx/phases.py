@@ -11,6 +11,8 @@ from dsd_fx.capture import capture
 from dsd_fx.config import SparseConfig
 from dsd_fx.graph_diff import diff_graphs
 from dsd_fx.graphs import fx_to_nx
+from dsd_fx.grow_config import GrowConfig
+from dsd_fx.grow_plan import GrowingObserver, grow_plan
 from dsd_fx.masks import global_magnitude_masks, magnitude_mask, n_pruned, nm_mask
 from dsd_fx.packing import unpack_tensor
 from dsd_fx.passes.fold_masks import redense_plan
@@ -38,13 +40,14 @@ def changes(gm: fx.GraphModule) -> list[PassRecord]:
 # the options each phase takes beside TRANSFORM_OPTIONS
 PHASE_OPTIONS: dict[str, tuple[str, ...]] = {
     "sparse": SparseConfig.option_names(), "dense": (), "push": ("taps",), "prune": PruneConfig.option_names(),
+    "grow": GrowConfig.option_names(),
 }
-CONFIGS = {"sparse": SparseConfig, "prune": PruneConfig}  # the phases whose options are one frozen config
+CONFIGS = {"sparse": SparseConfig, "prune": PruneConfig, "grow": GrowConfig}  # the phases whose options are one frozen config
 PHASES = tuple(PHASE_OPTIONS)
 
 
 def transform(
-    model: torch.nn.Module, phase: str = "sparse", *, config: SparseConfig | PruneConfig | None = None, **options: Any
+    model: torch.nn.Module, phase: str = "sparse", *, config: SparseConfig | PruneConfig | GrowConfig | None = None, **options: Any
 ) -> fx.GraphModule:
     """Rewrite `model` into the graph of `phase` and return the new GraphModule.
 
@@ -62,6 +65,8 @@ def transform(
         inplace=True. Its options (`channels` (default 0.25), `importance`, `example_args`
         (required), `round_to`, `scope`, `include`, `exclude`, `inplace`) are the fields of
         `PruneConfig`, or pass `config=PruneConfig(...)`.
+    phase="grow": widen the channel groups of the layers `at` names by `width` channels, function-preserving
+        (`how`="zeros" | "net2net"; fields of `GrowConfig`, `example_args` required; see dsd_fx.grow_plan).
 
     The returned GraphModule shares its parameter objects with `model` (unless `copy=True`): the
     commit step (zeroing pruned weights, writing W * M) changes them in place. Every check and every
@@ -90,9 +95,12 @@ def transform(
             plan = _sparse_plan(gm, config)
         elif phase == "prune":
             plan = prune_plan(gm, config, model)
+        elif phase == "grow":
+            plan = grow_plan(gm, config, model)
         else:
             plan = _push_plan(gm, options.get("taps"))
-    observer = (PruningObserver(_DiffObserver()) if phase == "prune" else _DiffObserver()) if printer.active else None
+    observer = ({"prune": PruningObserver, "grow": GrowingObserver}.get(phase, lambda o: o)(_DiffObserver())
+                if printer.active else None)
     records = run_passes(gm, plan.recipe, plan.invariants, final=plan.final, observer=observer)
     gm.meta["dsd_fx"] = {"changes": records}
     persist(gm)
