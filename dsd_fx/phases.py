@@ -79,7 +79,8 @@ def transform(
     """
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; use phase='sparse' to prune weights, phase='dense' to re-dense, "
-                         "phase='push' to tap layers for the push loss or phase='prune' to remove channels")
+                         "phase='push' to tap layers for the push loss, phase='prune' to remove channels or "
+                         "phase='grow' to add them")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"transform expects an nn.Module or a torch.fx.GraphModule, got {type(model).__name__}")
     config = _phase_config(phase, config, options)
