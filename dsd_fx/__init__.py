@@ -4,6 +4,7 @@ from __future__ import annotations
 from dsd_fx.channels import ChannelGroup, channel_groups
 from dsd_fx.config import SparseConfig
 from dsd_fx.graph_diff import GraphDiff, diff, diff_onnx
+from dsd_fx.importance import importance
 from dsd_fx.divergence import SAD, SADTracker, sad
 from dsd_fx.export import export_onnx
 from dsd_fx.flow import DSD, PhaseRecord
@@ -51,6 +52,7 @@ __all__ = [
     "PrunedReport",
     "push_loss",
     "tap_utility",
+    "importance",
     "PushConfig",
 ]
 __version__ = "0.1.0"

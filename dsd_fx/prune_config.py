@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-IMPORTANCES = ("l1", "l2")
+IMPORTANCES = ("l1", "l2", "discriminant")
 SCOPES = ("layer", "global")
 
 
@@ -30,8 +30,10 @@ class PruneConfig:
     """channels: a fraction in [0, 1) of every prunable group (floor(fraction * size) removed,
         never all), or {layer pattern: fraction}: a group takes the first pattern that matches one
         of its producing layers; groups no pattern matches stay whole.
-    importance: "l1", "l2" or a callable (group, example_args) -> scores of shape (group.size,):
-        the lowest-scoring channels go.
+    importance: "l1", "l2", "discriminant" or a callable (group, example_args) -> scores of shape
+        (group.size,): the lowest-scoring channels go. "discriminant": dsd_fx.importance's class
+        separation at the final classifier's input, traced back through the weights (needs `data`).
+    data: for importance="discriminant" only: an iterable of (inputs, labels) batches (a DataLoader).
     example_args: an example input (a tensor or a tuple), to propagate shapes.
     round_to: keep each pruned group's size a multiple of this (rounding the kept count up).
     scope: "layer" (each group its fraction) or "global" (one ranking of mean |w| per channel
@@ -48,6 +50,7 @@ class PruneConfig:
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
     inplace: bool = False
+    data: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.channels, Mapping):
@@ -63,6 +66,7 @@ class PruneConfig:
             object.__setattr__(self, "channels", _fraction(self.channels, "channels"))
         if not callable(self.importance) and self.importance not in IMPORTANCES:
             raise ValueError(f"prune: importance must be one of {IMPORTANCES} or a callable (group, example_args) -> scores, got {self.importance!r}")
+        self._check_data()
         if self.round_to is not None and (isinstance(self.round_to, bool) or not isinstance(self.round_to, int) or self.round_to < 1):
             raise ValueError(f"prune: round_to must be a positive int (like 8) or None, got {self.round_to!r}")
         if self.scope not in SCOPES:
@@ -78,6 +82,17 @@ class PruneConfig:
             object.__setattr__(self, "example_args", (self.example_args,))
         if not isinstance(self.inplace, bool):
             raise TypeError(f"prune: inplace must be True or False, got {self.inplace!r}")
+
+    def _check_data(self) -> None:
+        if self.importance == "discriminant" and self.data is None:
+            raise TypeError("prune: importance='discriminant' needs data=: an iterable of (inputs, labels) batches "
+                            "(a DataLoader will do), to measure how well each unit separates the classes")
+        if self.importance != "discriminant" and self.data is not None:
+            raise TypeError(f"prune: data= is used only by importance='discriminant', but importance={self.importance!r}; "
+                            "drop data= or set importance='discriminant'")
+        if self.data is not None and (isinstance(self.data, (str, bytes, dict)) or not hasattr(self.data, "__iter__")):
+            raise TypeError(f"prune: data must be an iterable of (inputs, labels) batches (a DataLoader or a list of "
+                            f"(x, y) pairs), got a {type(self.data).__name__}")
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:

@@ -110,7 +110,10 @@ def choose(gm: fx.GraphModule, groups: Sequence[ChannelGroup], config: PruneConf
         raise ValueError(f"prune: no channel group of {type(gm).__name__} can be pruned with these options "
                          f"(blocked groups: {blocked or 'none'}); check include/exclude/channels")
     by_index = {g.index: g for g in groups}
-    scores = {i: score(gm, by_index[i], config.importance, config.example_args) for i in rates}
+    if config.importance == "discriminant":
+        scores = _discriminant(gm, groups, rates, config)
+    else:
+        scores = {i: score(gm, by_index[i], config.importance, config.example_args) for i in rates}
     if config.scope == "global":
         return _global(gm, by_index, scores, config)
     out = {}
@@ -120,10 +123,24 @@ def choose(gm: fx.GraphModule, groups: Sequence[ChannelGroup], config: PruneConf
     return out
 
 
+def _discriminant(gm: fx.GraphModule, groups: Sequence[ChannelGroup], rates: dict[int, float],
+                  config: PruneConfig) -> dict[int, torch.Tensor]:
+    """dsd_fx.importance's scores of the groups in scope; a group that feeds no scored layer is refused."""
+    from dsd_fx.importance import discriminant_scores  # dsd_fx.push imports phases, which imports this module
+
+    found = discriminant_scores(gm, groups, config.data)
+    missing = [groups[i].name for i in rates if i not in found]
+    if missing:
+        raise ValueError(f"prune: importance='discriminant' has no score for group(s) {', '.join(map(repr, missing))}: "
+                         "their channels do not reach the final classifier's input through layers dsd_fx traces; "
+                         f"exclude them (exclude={missing!r}) or use importance='l1'")
+    return {i: found[i] for i in rates}
+
+
 def _global(gm, by_index, scores, config: PruneConfig) -> dict[int, list[int]]:
     pool = []
-    for i, s in scores.items():
-        mean = s / _counts(gm, by_index[i])
+    for i, s in scores.items():  # discriminant scores are per-group normalised already, not sums of weights
+        mean = s if config.importance == "discriminant" else s / _counts(gm, by_index[i])
         pool += [(float(v), i, c) for c, v in enumerate(mean)]
     want = math.floor(config.channels * sum(by_index[i].size for i in scores))
     out: dict[int, list[int]] = {i: [] for i in scores}
