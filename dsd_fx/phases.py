@@ -238,12 +238,17 @@ def _nm_plan(chosen, config: SparseConfig) -> Plan:
     lam = config.effective_lambda
     records = [MaskRecord(w.name, MaskKind.DYNAMIC, n=n, m=m, dim=dim, lambda_w=lam) for w, dim in weights]
 
-    def pattern(g: fx.GraphModule) -> None:  # the op of every use carries the record's pattern
+    def pattern(g: fx.GraphModule) -> None:  # every dynamic weight has its op, with the record's pattern
         want = {r.weight: (r.n, r.m, r.dim, r.lambda_w) for r in records}
+        seen = set()
         for node in tagged(g.graph, role=Role.MASKED_WEIGHT):
-            got = tuple(node.args[1:5])
-            if got != want[node.meta["dsd_fx"]["weight"]]:
-                raise AssertionError(f"{node.name} computes (n, m, dim, lambda_w) = {got}, not {want[node.meta['dsd_fx']['weight']]}")
+            weight = tag_of(node)["weight"]
+            got = tuple(node.args[1:5]) if node.target is torch.ops.dsd_fx.sparsify_nm.default else None
+            if got != want[weight]:
+                raise AssertionError(f"{node.name} computes {node.target} (n, m, dim, lambda_w) = {got}, not sparsify_nm {want[weight]}")
+            seen.add(weight)
+        if seen != set(want):
+            raise AssertionError(f"no sparsify_nm op for {', '.join(sorted(set(want) - seen))}")
 
     recipe = [("insert_nm", functools.partial(insert_nm, weights=weights, n=n, m=m, lambda_w=lam))]
     return Plan(recipe, [Invariant("N:M pattern of every dynamic mask", pattern)], lambda: None, records)

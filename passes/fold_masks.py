@@ -4,17 +4,24 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
+import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from dsd_fx.pipeline import Invariant, Pass, run_passes
 from dsd_fx.state import STATE, MaskKind, masks_of, refills
-from dsd_fx.tags import has_dsd_nodes
+from dsd_fx.tags import META_KEY, has_dsd_nodes
 from dsd_fx.taps import recorder_of
 
 from dsd_fx.passes.strip_masks import strip_masks
 from dsd_fx.passes.strip_taps import strip_taps
 from dsd_fx.passes.unpack_nm import unpack_nm
+
+
+def _is_dsd_fx_op(target: object) -> bool:
+    if isinstance(target, torch._ops.OpOverload):
+        return target.namespace == "dsd_fx"
+    return getattr(target, "__module__", "") in ("dsd_fx.ops", "dsd_fx.taps")
 
 
 def redense_plan(gm: fx.GraphModule) -> tuple[list[tuple[str, Pass]], list[Invariant], Callable[[], None]]:
@@ -44,8 +51,9 @@ def redense_plan(gm: fx.GraphModule) -> tuple[list[tuple[str, Pass]], list[Invar
         return PassResult(g, modified=False)  # the graph is unchanged
 
     def nothing_left(g: fx.GraphModule) -> None:
-        left = [n.name for n in g.graph.nodes if "dsd_fx" in n.meta]
-        if left or has_dsd_nodes(g.graph):
+        # by tag and by what the nodes call: an untagged dsd_fx op would be caught too
+        left = [n.name for n in g.graph.nodes if META_KEY in n.meta or _is_dsd_fx_op(n.target)]
+        if left:
             raise AssertionError(f"dsd_fx nodes left after re-dense: {left}")
         if set(g.state_dict()) != keys:
             raise AssertionError(f"state_dict keys after re-dense {sorted(g.state_dict())} != {sorted(keys)}")

@@ -215,3 +215,15 @@ def test_the_masked_use_invariant_sees_module_calls(monkeypatch):
     with pytest.raises(dsd_fx.pipeline.PassError, match="module call fc1 reads sparse weight"):
         dsd_fx.transform(model, pattern="2:4", pack=False)
     assert_unchanged(model, snap)
+
+
+def test_a_dynamic_weight_left_without_its_op_is_caught(monkeypatch):
+    import dsd_fx.passes.insert_nm as insert_nm
+
+    real = insert_nm.wrap_weight_uses
+    monkeypatch.setattr(insert_nm, "wrap_weight_uses", lambda gm, items, name: real(gm, items[:1], name))
+    model = TinyMLP()
+    snap = snapshot(model)
+    with pytest.raises(dsd_fx.pipeline.PassError, match="fc2.weight"):
+        dsd_fx.transform(model, pattern="2:4", method="sr-ste")
+    assert_unchanged(model, snap)
