@@ -11,8 +11,9 @@ budget (a fraction of the dense model's parameters):
                  until the budget; a fine-tune of E epochs at lr/10
   no push        the same schedule with the push term off (importance alone)
   l1             the same schedule, no push, L1 magnitude importance (iterative L1 channel pruning)
-  torch-pruning  Torch-Pruning's MagnitudePruner (L1), one shot, at a channel ratio 1 - sqrt(budget),
-                 then as many epochs of fine-tuning as the gpp run trained after its dense phase
+  torch-pruning  Torch-Pruning's MagnitudePruner (L1), one shot, at the channel ratio (bisected) that
+                 reaches the budget, then as many epochs of fine-tuning as the gpp run trained after
+                 its dense phase
   dense          never pruned, trained for as many epochs as the gpp run (the unpruned reference)
 Reported: test accuracy mean +- std over seeds, the parameter fraction reached, and the
 difference to gpp paired by seed. Writes --out (default benchmarks/results_gpp.txt).
@@ -69,18 +70,30 @@ def _schedule(task, net, gen, target, step, push_weight, importance):
     return evaluate(model, task.test)[0], dsd_fx.cost(model, (task.test[0][:1],)).params, trained + task.epochs
 
 
-def _torch_pruning(task, net, gen, target, epochs):
+def _tp_prune(net, x, ratio):
     import torch_pruning as tp
 
     model = copy.deepcopy(net)
     head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-    pruner = tp.pruner.MagnitudePruner(model, task.test[0][:1], importance=tp.importance.MagnitudeImportance(p=1),
-                                       pruning_ratio=1 - math.sqrt(target), ignored_layers=[head])
-    pruner.step()
+    tp.pruner.MagnitudePruner(model, x, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
+                              ignored_layers=[head]).step()
+    return model
+
+
+def _torch_pruning(task, net, gen, target, epochs):
+    """Torch-Pruning's L1 MagnitudePruner, one shot, at the channel ratio (bisected) that brings the
+    parameters to the budget, then `epochs` of fine-tuning at lr/10."""
+    x = task.test[0][:1]
+    budget = target * dsd_fx.cost(net, (x,)).params
+    low, high = 0.0, 0.95
+    for _ in range(14):
+        mid = (low + high) / 2
+        low, high = (mid, high) if dsd_fx.cost(_tp_prune(net, x, mid), (x,)).params > budget else (low, mid)
+    model = _tp_prune(net, x, high)
     opt = sgd(model.parameters(), task.lr * 0.1)
     for _ in range(epochs):
         train_epoch(model, opt, task.train, task.batch, gen)
-    return evaluate(model, task.test)[0], dsd_fx.cost(model, (task.test[0][:1],)).params
+    return evaluate(model, task.test)[0], dsd_fx.cost(model, (x,)).params
 
 
 def _dense(task, net, gen, epochs):
