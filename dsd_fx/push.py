@@ -9,6 +9,7 @@ inferred here: the default log-det criterion, the scale-free ridge and the corre
 """
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -16,7 +17,10 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import fx
 
-from dsd_fx.phases import transform
+from dsd_fx.capture import capture
+from dsd_fx.passes.insert_taps import insert_taps, plan_taps
+from dsd_fx.pipeline import run_passes
+from dsd_fx.tags import persist
 from dsd_fx.taps import TapRecorder, recorder_of
 
 log = logging.getLogger(__name__)
@@ -51,13 +55,18 @@ def tap_push(
     model: torch.nn.Module, taps: Sequence[str] | None = None, *, copy: bool = False,
     concrete_args: dict[str, Any] | None = None,
 ) -> fx.GraphModule:
-    """Capture `model` and tap the chosen layers (default: the final classifier's input) for `push_loss`.
+    """Capture `model` and tap the chosen layers (default: the final classifier's input) for `push_loss`:
+    what `transform(model, phase="push", taps=...)` does, for code below the transform (importance).
 
     The GraphModule shares the model's parameters (unless `copy=True`) and computes bitwise the same
     outputs; each forward records the tapped activations for `push_loss(gm, labels)`.
     """
-    options = {"concrete_args": concrete_args} if concrete_args is not None else {}
-    return transform(model, phase="push", taps=None if taps is None else list(taps), copy=copy, **options)
+    taps = None if taps is None else list(taps)
+    gm = capture(model, copy=copy, concrete_args=concrete_args)
+    plan_taps(gm, taps)  # a bad tap list raises before any change
+    gm.meta["dsd_fx"] = {"changes": run_passes(gm, [("insert_taps", functools.partial(insert_taps, taps=taps))])}
+    persist(gm)
+    return gm
 
 
 def pooled(x: torch.Tensor, name: str = "features") -> torch.Tensor:
@@ -186,7 +195,7 @@ def _recorded(gm: fx.GraphModule, taps: Sequence[str] | None) -> dict[str, torch
     rec = recorder_of(gm)
     if rec is None or not rec.names:
         raise ValueError(
-            f"push_loss: {type(gm).__name__} has no taps; make the push graph with dsd_fx.push.tap_push(model) "
+            f"push_loss: {type(gm).__name__} has no taps; make the push graph with dsd_fx.transform(model, phase='push') "
             "(or transform(model, phase='push')) and train that"
         )
     names = rec.names if taps is None else tuple(taps)
@@ -314,7 +323,7 @@ def tap_utility(
         raise ValueError(f"tap_utility: unknown method {method!r}; use 'ratio' (CVIU21's per-neuron ratio) or 'fisher'")
     rec = recorder_of(gm)
     if rec is None or not rec.names:
-        raise ValueError(f"tap_utility: {type(gm).__name__} has no taps; tap it first with dsd_fx.push.tap_push(model)")
+        raise ValueError(f"tap_utility: {type(gm).__name__} has no taps; tap it first with dsd_fx.transform(model, phase='push')")
     was_training = gm.training
     gm.eval()
     try:
