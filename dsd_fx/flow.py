@@ -76,6 +76,8 @@ class DSD:
             if set(sparse_options) - set(inspect) - {"config"}:
                 raise TypeError("DSD: give either config= or the sparse options, not both")
             self.config = sparse_options["config"]
+            if not isinstance(self.config, SparseConfig):
+                raise TypeError(f"DSD: config must be a dsd_fx.SparseConfig, got {type(self.config).__name__}")
         else:  # built now, so that a bad option fails before the dense phase trains
             self.config = SparseConfig(**{k: v for k, v in sparse_options.items() if k not in inspect})
         self.transform_options = inspect

@@ -227,3 +227,8 @@ def test_a_dynamic_weight_left_without_its_op_is_caught(monkeypatch):
     with pytest.raises(dsd_fx.pipeline.PassError, match="fc2.weight"):
         dsd_fx.transform(model, pattern="2:4", method="sr-ste")
     assert_unchanged(model, snap)
+
+
+def test_dsd_refuses_a_config_that_is_not_a_sparse_config():
+    with pytest.raises(TypeError, match="SparseConfig"):
+        dsd_fx.DSD(TinyMLP(), torch.optim.SGD, lr=0.1, config={"sparsity": 0.5})
