@@ -83,6 +83,7 @@ class GPP:
         self.example_args, self.importance, self.taps = example_args, importance, taps
         self.push_weight, self.finetune_lr_scale = push_weight, finetune_lr_scale
         self.start = cost(model, example_args)  # bad example_args fail here, before any training
+        self.now = self.start  # the cost of the current model: only a prune step changes it
         self.phase: str | None = None
         self.history: list[GPPRecord] = []
 
@@ -94,8 +95,7 @@ class GPP:
     @property
     def done(self) -> bool:
         """True once the model is within the budget."""
-        now = cost(self._plain(), self.example_args)
-        return (now.params if self.budget[0] == "params" else now.macs) <= self.target
+        return self._size(self.now) <= self.target
 
     def begin(self, phase: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
         """Enter "push" (the tapped model) or "finetune" (the final untapped model) with a fresh optimizer."""
@@ -107,13 +107,12 @@ class GPP:
             raise ValueError("GPP: a push phase is followed by a prune step (gpp.prune()), not by another push")
         if phase == "finetune" and not self.done:
             kind = self.budget[0]
-            raise ValueError(f"GPP: the budget is not met yet ({kind} {self._now(kind):,} > target {self.target:,}); "
+            raise ValueError(f"GPP: the budget is not met yet ({kind} {self._size(self.now):,} > target {self.target:,}); "
                              "push and prune again before the fine-tune")
         plain = self._plain()
         self.model = transform(plain, phase="push", taps=self.taps) if phase == "push" else plain
         lr = self.lr * (self.finetune_lr_scale if phase == "finetune" else 1.0)
-        now = cost(plain, self.example_args)
-        self.history.append(GPPRecord(phase, lr, params=now.params, macs=now.macs))
+        self.history.append(GPPRecord(phase, lr, params=self.now.params, macs=self.now.macs))
         self.phase = phase
         return self.model, self.optimizer_fn(self.model.parameters(), lr)
 
@@ -131,7 +130,7 @@ class GPP:
             raise ValueError("GPP: a prune step follows a push phase; call begin('push') and train first")
         if self.done:
             raise ValueError(f"GPP: the budget is met already ({self.budget[0]} <= {self.target:,}); begin('finetune')")
-        before = self._now(self.budget[0])
+        before = self._size(self.now)
         # the last step lands near the budget: removing a fraction f of every group scales a layer's
         # weights by about (1 - f)^2 (its inputs and its outputs), so f = 1 - sqrt(target / now)
         fraction = min(self.step_fraction, max(0.01, 1 - (self.target / before) ** 0.5))
@@ -141,14 +140,14 @@ class GPP:
             pruned = transform(plain, phase="prune", channels=fraction, importance=self.importance,
                                example_args=self.example_args, **options)
             now = cost(pruned, self.example_args)
-            if (now.params if self.budget[0] == "params" else now.macs) < before or fraction >= self.step_fraction:
+            if self._size(now) < before or fraction >= self.step_fraction:
                 break
             fraction = min(self.step_fraction, 2 * fraction)
-        if (now.params if self.budget[0] == "params" else now.macs) >= before:
+        if self._size(now) >= before:
             raise ValueError(f"GPP: the budget cannot be met: a prune step removed nothing ({self.budget[0]} {before:,}, "
                              f"target {self.target:,}); every channel group is at its smallest or unprunable. "
                              "Raise the target or make more groups prunable")
-        self.model = pruned
+        self.model, self.now = pruned, now
         self.history[-1].steps.append(PruneStep(fraction, now.params, now.macs))
         self.phase = "prune"
         return self.model
@@ -165,6 +164,5 @@ class GPP:
             return transform(self.model, phase="dense")
         return self.model
 
-    def _now(self, kind: str) -> int:
-        now = cost(self._plain(), self.example_args)
-        return now.params if kind == "params" else now.macs
+    def _size(self, c) -> int:
+        return c.params if self.budget[0] == "params" else c.macs

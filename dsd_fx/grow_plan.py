@@ -10,7 +10,7 @@ from torch import fx
 
 from dsd_fx.channels import ChannelGroup, eval_mode, groups_of, propagate_shapes
 from dsd_fx.grow_config import GrowConfig
-from dsd_fx.passes.grow_channels import META, PASS, Growth, edits_of, grow_channels
+from dsd_fx.passes.grow_channels import PASS, Growth, edits_of, grow_channels
 from dsd_fx.passes.prune_channels import fix_attributes
 from dsd_fx.pipeline import Invariant, Plan
 from dsd_fx.prune_plan import score
@@ -96,24 +96,6 @@ def _preserving(example_args: tuple, want: list[torch.Tensor]) -> Invariant:
             raise AssertionError(f"the grown graph does not run: {err}") from err
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     return Invariant("outputs unchanged by growing (eval mode, example_args)", check)
-
-
-class GrowingObserver:
-    """The pipeline's diff observer for the grow phase: growing changes shapes, not code, so the
-    pass's diff gets describe_growing's text (groups that grew, shapes before -> after)."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-
-    def before(self, gm: fx.GraphModule):
-        return self.inner.before(gm)
-
-    def after(self, name: str, snapshot, gm: fx.GraphModule):
-        diff = self.inner.after(name, snapshot, gm)
-        text = gm.meta.get(META)
-        if name == PASS and text and hasattr(diff, "code"):
-            diff.code = f"{diff.code}\n{text}" if diff.code else text
-        return diff
 
 
 def grow_plan(gm: fx.GraphModule, config: GrowConfig, model: torch.nn.Module) -> Plan:

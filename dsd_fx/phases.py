@@ -12,7 +12,7 @@ from dsd_fx.config import SparseConfig
 from dsd_fx.graph_diff import diff_graphs
 from dsd_fx.graphs import fx_to_nx
 from dsd_fx.grow_config import GrowConfig
-from dsd_fx.grow_plan import GrowingObserver, grow_plan
+from dsd_fx.grow_plan import grow_plan
 from dsd_fx.masks import global_magnitude_masks, magnitude_mask, n_pruned, nm_mask
 from dsd_fx.packing import unpack_tensor
 from dsd_fx.passes.fold_masks import redense_plan
@@ -20,11 +20,11 @@ from dsd_fx.passes.insert_masks import insert_masks
 from dsd_fx.passes.insert_nm import insert_nm
 from dsd_fx.passes.insert_taps import insert_taps, plan_taps
 from dsd_fx.passes.pack_nm import pack_nm
-from dsd_fx.pipeline import Invariant, PassRecord, Plan, run_passes
+from dsd_fx.pipeline import NOTES, Invariant, PassRecord, Plan, run_passes
 from dsd_fx.print_changed import PrintChanged
 from dsd_fx.prunable import PrunableWeight
 from dsd_fx.prune_config import PruneConfig
-from dsd_fx.prune_plan import PruningObserver, prune_plan
+from dsd_fx.prune_plan import prune_plan
 from dsd_fx.selection import select_nm, select_weights
 from dsd_fx.state import STATE, MaskKind, MaskRecord, TransformState, keep_mask, masks_of, state_of
 from dsd_fx.tags import Role, has_dsd_nodes, persist, tag_of, tagged
@@ -100,8 +100,7 @@ def transform(
             plan = grow_plan(gm, config, model)
         else:
             plan = _push_plan(gm, options.get("taps"))
-    observer = ({"prune": PruningObserver, "grow": GrowingObserver}.get(phase, lambda o: o)(_DiffObserver())
-                if printer.active else None)
+    observer = _DiffObserver() if printer.active else None
     records = run_passes(gm, plan.recipe, plan.invariants, final=plan.final, observer=observer)
     gm.meta["dsd_fx"] = {"changes": records}
     persist(gm)
@@ -138,14 +137,19 @@ def _phase_config(phase: str, config, options: dict):
 
 
 class _DiffObserver:
-    """The pipeline's observer when diffs are asked for: each changed pass's structural diff."""
+    """The pipeline's observer when diffs are asked for: each changed pass's structural diff, with
+    the pass's note where its change is one the code does not show (shapes: prune, grow)."""
 
     def before(self, gm: fx.GraphModule):
         return gm.code, fx_to_nx(gm)
 
     def after(self, name: str, snapshot, gm: fx.GraphModule):
         code, graph = snapshot
-        return diff_graphs(graph, fx_to_nx(gm), code, gm.code, name)
+        diff = diff_graphs(graph, fx_to_nx(gm), code, gm.code, name)
+        text = gm.meta.get(NOTES, {}).get(name)
+        if text:
+            diff.code = f"{diff.code}\n{text}" if diff.code else text
+        return diff
 
 
 # ---------------------------------------------------------------- sparse

@@ -54,6 +54,21 @@ class Plan:
     final: tuple = ()
 
 
+NOTES = "dsd_fx_notes"  # gm.meta key: {pass name: text of a change the code does not show}
+
+
+def note(gm: fx.GraphModule, pass_name: str, text: str) -> None:
+    """Say what a pass changed that its code diff cannot show (pruning and growing change shapes,
+    not code); the diff observer appends it to that pass's diff."""
+    gm.meta.setdefault(NOTES, {})[pass_name] = text
+
+
+def shapes_of(gm: fx.GraphModule, layers: dict[str, Sequence[str]]) -> dict[str, tuple]:
+    """{"<layer>.<tensor>": shape} of the named tensors of each layer (for a pass's note)."""
+    return {f"{layer}.{t}" if layer else t: tuple(getattr(gm.get_submodule(layer), t).shape)
+            for layer, ts in layers.items() for t in ts if t}
+
+
 class PassError(RuntimeError):
     """A pass broke an invariant or failed for a reason that is not the user's input: a bug."""
 

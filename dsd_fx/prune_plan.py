@@ -10,7 +10,7 @@ import torch
 from torch import fx
 
 from dsd_fx.channels import ChannelGroup, eval_mode, groups_of, propagate_shapes
-from dsd_fx.passes.prune_channels import META, PASS, cut_positions, layer_cuts, prune_channels, shrink_layer
+from dsd_fx.passes.prune_channels import cut_positions, layer_cuts, prune_channels, shrink_layer
 from dsd_fx.pipeline import Invariant, Plan
 from dsd_fx.prune_config import PruneConfig
 from dsd_fx.tags import has_dsd_nodes
@@ -166,24 +166,6 @@ def _consistent(example_args: tuple, out_shapes) -> Invariant:
         if got != out_shapes:
             raise AssertionError(f"output shapes {got}, not {out_shapes} as before pruning")
     return Invariant("channel counts consistent after pruning", check)
-
-
-class PruningObserver:
-    """The pipeline's diff observer for the prune phase: pruning changes shapes, not code, so the
-    pass's diff gets describe_pruning's text (groups that lost channels, shapes before -> after)."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-
-    def before(self, gm: fx.GraphModule):
-        return self.inner.before(gm)
-
-    def after(self, name: str, snapshot, gm: fx.GraphModule):
-        diff = self.inner.after(name, snapshot, gm)
-        text = gm.meta.get(META)
-        if name == PASS and text and hasattr(diff, "code"):
-            diff.code = f"{diff.code}\n{text}" if diff.code else text
-        return diff
 
 
 def _refuse_tied(gm: fx.GraphModule, cuts) -> None:

@@ -5,15 +5,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from dsd_fx.passes.prune_channels import fix_attributes
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from dsd_fx.channel_layout import Member
 from dsd_fx.channels import ChannelGroup
+from dsd_fx.passes.prune_channels import fix_attributes
+from dsd_fx.pipeline import note, shapes_of
 
 PASS = "grow_channels"
-META = "dsd_fx_growing"  # gm.meta key of the pass's text summary (describe_growing)
 ONES = ("weight", "running_var")  # a norm's entries that are 1 where it is the identity
 
 
@@ -117,19 +117,15 @@ def grow_channels(gm: fx.GraphModule, growths: Sequence[Growth], seed: int = 0) 
         conv2.weight (4, 8, 3, 3) -> (4, 12, 3, 3)  (new input columns: zero)
 
     New tensors replace the layers' entries (the shells of a capture): the user's model keeps its
-    own tensors. The text of the change is in gm.meta["dsd_fx_growing"] (describe_growing).
+    own tensors. The text of the change (describe_growing) is the pass's note (dsd_fx.pipeline.note).
     """
     gen = torch.Generator().manual_seed(seed)
     layers = edits_of(growths)
 
-    def shapes() -> dict[str, tuple]:
-        return {f"{layer}.{t}" if layer else t: tuple(getattr(gm.get_submodule(layer), t).shape)
-                for layer, ts in layers.items() for t in ts if t}
-
-    before = shapes()
+    before = shapes_of(gm, layers)
     for layer, tensors in layers.items():
         grow_layer(gm.get_submodule(layer), tensors, gen)
-    gm.meta[META] = describe_growing(before, shapes(), growths)
+    note(gm, PASS, describe_growing(before, shapes_of(gm, layers), growths))
     return PassResult(gm, modified=bool(growths))
 
 

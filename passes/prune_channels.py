@@ -9,9 +9,9 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from dsd_fx.channels import ChannelGroup
+from dsd_fx.pipeline import note, shapes_of
 
 PASS = "prune_channels"
-META = "dsd_fx_pruning"  # gm.meta key of the pass's text summary (describe_pruning)
 
 
 def cut_positions(groups: Sequence[ChannelGroup], removed: Mapping[int, Sequence[int]]) -> dict[tuple[str, str, int], list[int]]:
@@ -98,19 +98,15 @@ def prune_channels(gm: fx.GraphModule, groups: Sequence[ChannelGroup], removed: 
         fc.weight (10, 128) -> (10, 96)               (each channel a block of 16 features)
 
     New tensors replace the layers' entries (the shells of a capture): the user's model keeps its
-    own tensors. The text of the change is in gm.meta["dsd_fx_pruning"] (describe_pruning).
+    own tensors. The text of the change (describe_pruning) is the pass's note (dsd_fx.pipeline.note).
     """
     cuts = cut_positions(groups, removed)
     by_layer = layer_cuts(cuts)
-    def shapes() -> dict[str, tuple]:
-        return {f"{layer}.{t}" if layer else t: tuple(getattr(gm.get_submodule(layer), t).shape)
-                for layer, ts in by_layer.items() for t in ts if t}
-
-    before = shapes()
+    before = shapes_of(gm, by_layer)
     for layer, tensors in by_layer.items():
         shrink_layer(gm.get_submodule(layer), tensors)
-    after = shapes()
-    gm.meta[META] = describe_pruning(before, after, groups, removed)
+    after = shapes_of(gm, by_layer)
+    note(gm, PASS, describe_pruning(before, after, groups, removed))
     return PassResult(gm, modified=bool(cuts))
 
 

@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 from dsd_fx.macs import cost
 from dsd_fx.phases import transform
+from dsd_fx.pipeline import NOTES
 from dsd_fx.prune_config import PruneConfig
 from tests.channel_models import Dense, FlatCNN, Functional, Inception, InvertedResidual, MLPBlock, ResBlock, randomize_norms
 
@@ -155,7 +156,7 @@ def test_same_parameter_names_and_text_of_the_change():
     model = ResBlock()
     gm = transform(model, phase="prune", channels={"c2": 0.25}, example_args=(IMG,))
     assert list(gm.state_dict()) == list(model.state_dict())
-    text = gm.meta["dsd_fx_pruning"]
+    text = gm.meta[NOTES]["prune_channels"]
     assert "group 'c2' (c2, down): 16 -> 12 channels" in text
     assert re.search(r"\n  c2\.weight +\(16, 16, 3, 3\) -> \(12, 16, 3, 3\)\n", text)
     assert re.search(r"\n  fc\.weight +\(10, 256\) -> \(10, 192\)", text) and "c1.weight" not in text
