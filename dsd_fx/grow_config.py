@@ -29,10 +29,14 @@ class GrowConfig:
         rounded up: ceil(width * size)).
     how: "zeros" (new producer channels drawn like the layer's own init, norms identity, consumers
         zero input columns), "net2net" (the `width` channels of largest L1 duplicated, consumers'
-        columns split in half between original and copy) or "inception" (refused for now).
+        columns split in half between original and copy) or "inception" (each layer, a convolution,
+        becomes one branch of an Inception module: 1x1 | 1x1->3x3 | 1x1->3x3->3x3 | pool->1x1
+        branches beside it share the `width` new channels, concatenated after its own; norms
+        identity, consumers zero input columns).
     example_args: an example input (a tensor or a tuple), to propagate shapes and check that the
         grown graph computes what the original does.
-    inplace: write the wider layers into the user's own modules too.
+    inplace: write the wider layers into the user's own modules too (not with how="inception":
+        its new layers are calls the model's own forward does not make).
     seed: the seed of the new channels' random init (how="zeros").
     """
 
@@ -55,6 +59,9 @@ class GrowConfig:
             object.__setattr__(self, "example_args", (self.example_args,))
         if not isinstance(self.inplace, bool):
             raise TypeError(f"grow: inplace must be True or False, got {self.inplace!r}")
+        if self.inplace and self.how == "inception":
+            raise ValueError("grow: how='inception' adds layers that the model's own forward does not call, so it "
+                             "cannot be written into the model: leave inplace=False and use the GraphModule transform returns")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"grow: seed must be an int, got {self.seed!r}")
 

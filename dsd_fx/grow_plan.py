@@ -1,25 +1,23 @@
 """The grow phase's plan: find the named layers' channel groups, size and seed their growth, check, commit."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
 
 import torch
-from torch import fx
+from torch import fx, nn
 
 from dsd_fx.channels import ChannelGroup, eval_mode, groups_of, propagate_shapes
 from dsd_fx.grow_config import GrowConfig
 from dsd_fx.passes.grow_channels import PASS, Growth, edits_of, grow_channels
+from dsd_fx.passes.grow_inception import PASS as INCEPTION, InceptionGrowth, grow_inception, split_width, without_outputs
 from dsd_fx.passes.prune_channels import fix_attributes
 from dsd_fx.pipeline import Invariant, Plan
 from dsd_fx.prune_plan import score
 from dsd_fx.tags import has_dsd_nodes
 
-INCEPTION_REFUSED = ("grow: how='inception' is refused for {layer!r}: not built yet. The Inception branches would be new "
-                     "graph nodes, and a tagged dsd_fx node makes tags.has_dsd_nodes call the graph sparse-phase, so "
-                     "prune, dense and export would then misread the grown graph; grow {layer!r} with how='zeros' "
-                     "or how='net2net' (function-preserving widening) instead")
 
 
 def _group_of(groups: Sequence[ChannelGroup], layer: str) -> ChannelGroup:
@@ -56,8 +54,6 @@ def growths_of(gm: fx.GraphModule, groups: Sequence[ChannelGroup], config: GrowC
     `n` channels of largest L1 over every member's slice (ties: lowest index)."""
     out: dict[int, Growth] = {}
     for layer in config.at:
-        if config.how == "inception":
-            raise ValueError(INCEPTION_REFUSED.format(layer=layer))
         g = _group_of(groups, layer)
         _split(g, layer)
         n = _count(g, layer, config)
@@ -67,6 +63,60 @@ def growths_of(gm: fx.GraphModule, groups: Sequence[ChannelGroup], config: GrowC
             sources = tuple(torch.argsort(-scores, stable=True)[:n].tolist())
         out.setdefault(g.index, Growth(g, n, sources))
     return list(out.values())
+
+
+def _conv_node(gm: fx.GraphModule, layer: str) -> fx.Node:
+    """The one call of `layer`, a convolution whose output keeps the grid a 1x1 convolution with its
+    stride makes (the branches' grid): refused otherwise, with what to do."""
+    module = gm.get_submodule(layer)
+    if not isinstance(module, nn.modules.conv._ConvNd) or module.transposed or module.groups != 1:
+        kind = type(module).__name__ + (f" with groups={module.groups}" if getattr(module, "groups", 1) != 1 else "")
+        raise ValueError(f"grow: how='inception' grows a convolution (Conv1d/2d/3d, groups=1) into an Inception module; "
+                         f"{layer!r} is a {kind}: grow it with how='zeros' or how='net2net' instead")
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == layer]
+    if len(calls) != 1:
+        raise ValueError(f"grow: how='inception' needs {layer!r} called once, it is called {len(calls)} times: "
+                         "grow a layer that is called once")
+    node = calls[0]
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    spatial = module.weight.dim() - 2
+    have, out = tuple(x.meta["tensor_meta"].shape[-spatial:]), tuple(node.meta["tensor_meta"].shape[-spatial:])
+    want = tuple((h - 1) // s + 1 for h, s in zip(have, module.stride))
+    if out != want:
+        raise ValueError(f"grow: how='inception' adds 1x1/3x3 branches with {layer!r}'s stride {module.stride} and 'same' "
+                         f"padding, which map its input grid {have} to {want}, but {layer!r} maps it to {out} (kernel "
+                         f"{module.kernel_size}, padding {module.padding}): grow a layer that pads to keep the grid "
+                         f"(padding = kernel // 2), or use how='zeros'")
+    return node
+
+
+def inception_growths(gm: fx.GraphModule, growths: Sequence[Growth], config: GrowConfig) -> list[InceptionGrowth]:
+    """One InceptionGrowth per layer in at=; the width split over the four branches."""
+    out, taken = [], {}
+    for layer, growth in zip(config.at, growths):
+        _conv_node(gm, layer)
+        other = taken.setdefault(growth.group.index, layer)
+        if other != layer:
+            raise ValueError(f"grow: {other!r} and {layer!r} make one channel group (tied, e.g. by an add): "
+                             f"how='inception' grows one layer of a group; leave one of them out of at=")
+        if growth.n < 4:
+            raise ValueError(f"grow: how='inception' adds 4 branches (1x1 | 1x1->3x3 | 1x1->3x3->3x3 | pool->1x1), "
+                             f"at least one channel each, but width={config.width!r} gives {growth.n} channel(s) for "
+                             f"{layer!r}: ask width >= 4")
+        name, k = f"{layer}_inception", 1
+        while _exists(gm, name):
+            k += 1
+            name = f"{layer}_inception_{k}"
+        out.append(InceptionGrowth(layer, without_outputs(growth, layer), split_width(growth.n), name))
+    return out
+
+
+def _exists(gm: fx.GraphModule, name: str) -> bool:
+    try:
+        gm.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _refuse_tied(gm: fx.GraphModule, growths: Sequence[Growth]) -> None:
@@ -105,7 +155,12 @@ def grow_plan(gm: fx.GraphModule, config: GrowConfig, model: torch.nn.Module) ->
         raise ValueError(f"transform(phase='grow'): {type(gm).__name__} is a sparse-phase graph (it has dsd_fx mask "
                          "nodes); re-dense it first with transform(gm, phase='dense'), then grow channels")
     propagate_shapes(gm, config.example_args)
-    growths = growths_of(gm, groups_of(gm), config)
+    groups = groups_of(gm)
+    if config.how == "inception":  # one growth per layer (growths_of merges a group named twice)
+        grown = inception_growths(gm, [growths_of(gm, groups, dataclasses.replace(config, at=(a,)))[0] for a in config.at], config)
+        growths = [g.growth for g in grown]
+    else:
+        growths = growths_of(gm, groups, config)
     _refuse_tied(gm, growths)
     want = _outputs(gm, config.example_args)
     model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: its module, as capture took
@@ -123,5 +178,8 @@ def grow_plan(gm: fx.GraphModule, config: GrowConfig, model: torch.nn.Module) ->
             added = max(sum(g.n * m.repeat for m, g in e) for dims in tensors.values() for e in dims.values())
             fix_attributes(theirs, -added)
 
-    recipe = [(PASS, functools.partial(grow_channels, growths=growths, seed=config.seed))]
+    if config.how == "inception":
+        recipe = [(INCEPTION, functools.partial(grow_inception, grown=grown, seed=config.seed))]
+    else:
+        recipe = [(PASS, functools.partial(grow_channels, growths=growths, seed=config.seed))]
     return Plan(recipe, [_preserving(config.example_args, want)], commit, [])

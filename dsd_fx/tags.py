@@ -30,6 +30,12 @@ class Role(str, Enum):
     RESTORED = "restored"  # a node unpack_nm gave back, under its original name
     TAP = "tap"  # a push tap recording activations
     TAP_RECORDER = "tap_recorder"  # get_attr of the recorder the taps write to
+    GROWN = "grown"  # a node the grow phase added (an Inception branch): part of the model from then on
+
+
+# roles of nodes that stay in the model: no inverse pass removes them, and they do not make a
+# graph sparse-phase (has_dsd_nodes) or count as dsd_fx left over after re-dense
+PERMANENT = frozenset({Role.GROWN})
 
 
 def tag(node: fx.Node, pass_name: str, role: Role, **info: Any) -> fx.Node:
@@ -41,8 +47,9 @@ def tag(node: fx.Node, pass_name: str, role: Role, **info: Any) -> fx.Node:
 
 
 def untagged_meta(node: fx.Node) -> dict[str, Any]:
-    """`node.meta` without dsd_fx's tag: what a restored node gets back."""
-    return {k: v for k, v in node.meta.items() if k != META_KEY}
+    """`node.meta` without a dsd_fx tag that an inverse pass removes: what a restored node gets
+    back (a permanent tag, as on a grown layer that DSD masks, stays)."""
+    return {k: v for k, v in node.meta.items() if k != META_KEY or is_permanent(node)}
 
 
 def tag_of(node: fx.Node) -> dict[str, Any] | None:
@@ -65,8 +72,15 @@ def tagged(graph: fx.Graph, pass_name: str | None = None, role: Role | None = No
         yield node
 
 
+def is_permanent(node: fx.Node) -> bool:
+    t = node.meta.get(META_KEY)
+    return t is not None and t["role"] in PERMANENT
+
+
 def has_dsd_nodes(graph: fx.Graph) -> bool:
-    return next(tagged(graph), None) is not None
+    """Whether `graph` has nodes of a phase that an inverse pass removes (masks, packing, taps);
+    grown nodes (PERMANENT roles) are part of the model and do not count."""
+    return any(not is_permanent(n) for n in tagged(graph))
 
 
 def _target_key(target: Any) -> str:

@@ -10,7 +10,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from dsd_fx.pipeline import Invariant, Pass, run_passes
 from dsd_fx.state import STATE, MaskKind, masks_of, refills
-from dsd_fx.tags import META_KEY, has_dsd_nodes
+from dsd_fx.tags import META_KEY, has_dsd_nodes, is_permanent
 from dsd_fx.taps import recorder_of
 
 from dsd_fx.passes.strip_masks import strip_masks
@@ -52,7 +52,7 @@ def redense_plan(gm: fx.GraphModule) -> tuple[list[tuple[str, Pass]], list[Invar
 
     def nothing_left(g: fx.GraphModule) -> None:
         # by tag and by what the nodes call: an untagged dsd_fx op would be caught too
-        left = [n.name for n in g.graph.nodes if META_KEY in n.meta or _is_dsd_fx_op(n.target)]
+        left = [n.name for n in g.graph.nodes if (META_KEY in n.meta and not is_permanent(n)) or _is_dsd_fx_op(n.target)]
         if left:
             raise AssertionError(f"dsd_fx nodes left after re-dense: {left}")
         if set(g.state_dict()) != keys:

@@ -142,7 +142,8 @@ BAD = [
     ({"at": ["head"], "width": 2}, ValueError, r"group of 'head' cannot grow: node 'output'.*model's output"),
     ({"at": ["conv1"], "width": 2, "example_args": None}, TypeError, r"needs example_args"),
     ({"at": ["conv1"], "width": 9, "how": "net2net"}, ValueError, r"asks 9 of the 8 channels of 'conv1'"),
-    ({"at": ["conv1"], "width": 3, "how": "inception"}, ValueError, r"how='inception' is refused for 'conv1'"),
+    ({"at": ["conv1"], "width": 3, "how": "inception"}, ValueError, r"4 branches.*width=3 gives 3 channel\(s\) for 'conv1'.*width >= 4"),
+    ({"at": ["conv1"], "width": 4, "how": "inception", "inplace": True}, ValueError, r"inception.*cannot be written into the model"),
     ({"at": [], "width": 2}, TypeError, r"at must be a layer name"),
 ]
 
@@ -181,3 +182,150 @@ def test_a_grown_model_exports_to_onnx(tmp_path):
     proto = dsd_fx.export_onnx(gm, (x,), tmp_path / "grown.onnx", optimize=False)
     shapes = {i.name: tuple(i.dims) for i in proto.graph.initializer}
     assert (tmp_path / "grown.onnx").exists() and (18, 1, 3, 3) in shapes.values()
+
+
+# ---------------------------------------------------------------- Inception growth
+
+
+class Conv1dNet(nn.Module):
+    """The MNIST-1D CNN's shape: stride-2 Conv1d layers, BN, flatten into the head; conv1 does not
+    keep the grid of a 1x1 stride-2 conv (kernel 5, padding 1: 40 -> 19, not 20)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(1, 8, 5, stride=2, padding=1)
+        self.conv2, self.bn2 = nn.Conv1d(8, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm1d(8)
+        self.conv3 = nn.Conv1d(8, 6, 3, stride=2, padding=1)
+        self.head = nn.Linear(6 * 5, 4)
+
+    def forward(self, x):  # (B, 1, 40)
+        h = F.relu(self.conv3(F.relu(self.bn2(self.conv2(F.relu(self.conv1(x)))))))
+        return self.head(h.flatten(1))
+
+
+class Conv3dNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv3d(2, 4, 3, padding=1), nn.BatchNorm3d(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(F.relu(self.bn(self.conv(x))).mean((2, 3, 4)))
+
+
+# model, input, layers grown into Inception modules (by 8 channels each: 2 a branch), {path: (dim, before, after)}
+INCEPTION_CASES = {
+    "conv1d": (Conv1dNet, torch.randn(3, 1, 40), ["conv2", "conv3"],
+               {"bn2.weight": (0, 8, 16), "conv3.weight": (1, 8, 16), "head.weight": (1, 30, 70)}),  # 5 features a channel
+    "cnn_bn": (BNCNN, IMG, ["conv1"], {"bn1.running_var": (0, 8, 16), "conv2.weight": (1, 8, 16)}),
+    "resnet": (ResBlock, IMG, ["c1", "c2"], {"b1.weight": (0, 16, 24), "down.weight": (0, 16, 24),  # c2 + down: one group
+                                             "dw.weight": (0, 16, 24), "fc.weight": (1, 256, 384)}),
+    "cat": (Inception, IMG, ["b", "stem"], {"bn.weight": (0, 10, 18), "mix.weight": (1, 10, 18), "a.weight": (1, 8, 16)}),
+    "flatten": (FlatCNN, SMALL, ["conv2"], {"fc.weight": (1, 100, 300)}),
+    "conv3d": (Conv3dNet, torch.randn(2, 2, 4, 4, 4), ["conv"], {"bn.weight": (0, 4, 12), "head.weight": (1, 4, 12)}),
+}
+
+
+def _inception(name: str):
+    make, x, at, _ = INCEPTION_CASES[name]
+    torch.manual_seed(0)
+    model = randomize_norms(make()).eval()
+    return model, x, transform(model, phase="grow", at=at, width=8, how="inception", example_args=(x,))
+
+
+@pytest.mark.parametrize("name", list(INCEPTION_CASES))
+def test_inception_growth_preserves_the_function(name):
+    model, x, gm = _inception(name)
+    torch.testing.assert_close(_out(gm, x), _out(model, x))
+    state, mine = gm.state_dict(), model.state_dict()
+    for path, (dim, size, grown) in INCEPTION_CASES[name][3].items():
+        assert (mine[path].shape[dim], state[path].shape[dim]) == (size, grown), path
+    for layer in INCEPTION_CASES[name][2]:  # the grown layer is one branch: its own outputs stay as they were
+        mine, grown = model.get_submodule(layer).weight, gm.get_submodule(layer).weight
+        assert grown.shape[0] == mine.shape[0] and torch.equal(grown[:, :mine.shape[1]], mine)
+        branches = gm.get_submodule(f"{layer}_inception")
+        assert [sum(1 for _ in b.parameters()) > 0 for b in branches.values()] == [True] * 4
+        assert sorted(branches) == ["branch1x1", "branch3x3", "branch3x3dbl", "branch_pool"]
+
+
+def test_inception_branches_are_the_basic_module_beside_the_layer():
+    model, x, gm = _inception("cnn_bn")
+    b = gm.conv1_inception
+    kinds = {name: [(type(m).__name__, getattr(m, "kernel_size", None)) for m in seq] for name, seq in b.items()}
+    assert kinds == {"branch1x1": [("Conv2d", (1, 1))],
+                     "branch3x3": [("Conv2d", (1, 1)), ("ReLU", None), ("Conv2d", (3, 3))],
+                     "branch3x3dbl": [("Conv2d", (1, 1)), ("ReLU", None), ("Conv2d", (3, 3)), ("ReLU", None), ("Conv2d", (3, 3))],
+                     "branch_pool": [("MaxPool2d", 3), ("Conv2d", (1, 1))]}
+    assert [seq[-1].out_channels for seq in b.values()] == [2, 2, 2, 2] and b.branch1x1[0].in_channels == 3
+    cat = [n for n in gm.graph.nodes if n.target is torch.cat]
+    assert len(cat) == 1 and cat[0].args[0][0].target == "conv1" and [u.name for u in cat[0].users] == ["bn1"]
+    assert {dsd_fx.tags.tag_of(n)["role"] for n in gm.graph.nodes if n.name.startswith("conv1_inception")} == {dsd_fx.tags.Role.GROWN}
+    assert torch.equal(gm.bn1.weight[8:], torch.ones(8)) and torch.equal(gm.conv2.weight[:, 8:], torch.zeros(6, 8, 3, 3))
+    assert gm.bn1.num_features == 16 and gm.conv2.in_channels == 16 and gm.conv1.out_channels == 8
+
+
+def test_inception_width_is_split_over_the_branches_and_growing_twice_adds_a_second_module():
+    model, x = _fresh("cnn_bn")
+    gm = transform(model, phase="grow", at="conv1", width=0.75, how="inception", example_args=(x,))  # ceil(6): 2, 2, 1, 1
+    assert [seq[-1].out_channels for seq in gm.conv1_inception.values()] == [2, 2, 1, 1]
+    again = transform(gm, phase="grow", at="conv1", width=4, how="inception", example_args=(x,))
+    assert again.conv1_inception_2.branch1x1[0].out_channels == 1 and again.bn1.num_features == 18
+    torch.testing.assert_close(_out(again, x), _out(model, x))
+
+
+def test_the_inception_grown_model_trains_and_the_branches_learn():
+    model, x, gm = _inception("flatten")
+    gm.train()
+    rows, cols = gm.conv2_inception.branch3x3[2].weight.detach().clone(), gm.fc.weight[:, 100:].detach().clone()
+    assert torch.isfinite(_step(gm, x)) and not torch.equal(gm.fc.weight[:, 100:], cols)
+    assert torch.equal(gm.conv2_inception.branch3x3[2].weight, rows)  # zero columns: no gradient yet
+    assert torch.isfinite(_step(gm, x)) and not torch.equal(gm.conv2_inception.branch3x3[2].weight, rows)
+
+
+def test_an_inception_grown_graph_is_a_plain_model_to_every_other_phase(tmp_path):
+    """The grown nodes are permanent: prune sees their channels, DSD's sparse/dense round trip
+    keeps them (code and tags), export writes them as ordinary Conv and Concat ops."""
+    model, x, gm = _inception("conv1d")
+    assert not dsd_fx.tags.has_dsd_nodes(gm.graph)
+    with pytest.raises(ValueError, match="no dsd_fx nodes, so there is nothing to re-dense"):
+        transform(gm, phase="dense")
+    groups = {g.name: g for g in dsd_fx.channel_groups(gm, (x,))}
+    assert groups["conv2_inception.branch3x3.0"].prunable and groups["conv2"].size == 8  # the layer's own channels
+    pruned = transform(gm, phase="prune", channels=0.5, example_args=(x,))
+    assert pruned.conv2_inception.branch3x3[0].out_channels == 1 and pruned.bn2.num_features < 16
+    back = transform(transform(gm, phase="sparse", sparsity=0.5), phase="dense")
+    assert back.code == gm.code and sum(1 for n in back.graph.nodes if dsd_fx.tags.is_permanent(n)) == 24  # 11 modules and a cat each
+    proto = dsd_fx.export_onnx(gm, (x,), tmp_path / "grown.onnx", optimize=False)
+    ops = [n.op_type for n in proto.graph.node]
+    concats = [n for n in proto.graph.node if n.op_type == "Concat" and len(n.input) == 5]  # the layer and 4 branches
+    assert len(concats) == 2 and ops.count("Conv") == 3 + 2 * 7 and ops.count("MaxPool") == 2
+    import onnxruntime as ort
+    got = ort.InferenceSession(str(tmp_path / "grown.onnx")).run(None, {proto.graph.input[0].name: x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), _out(model, x), rtol=1e-4, atol=1e-5)
+
+
+def test_print_changed_shows_the_inception_module_and_the_shapes(capsys):
+    model, x = _fresh("cnn_bn")
+    transform(model, phase="grow", at=["conv1"], width=4, how="inception", example_args=(x,), print_changed="diff")
+    err = capsys.readouterr().err
+    assert "grow_inception" in err and "'conv1' grown into an Inception module 'conv1_inception'" in err
+    assert re.search(r"conv2\.weight +\(6, 8, 3, 3\) -> \(6, 12, 3, 3\)", err) and "+1 cat" in err
+
+
+INCEPTION_BAD = [
+    (MLP, torch.randn(4, 6), {"at": ["fc1"]}, r"grows a convolution.*'fc1' is a Linear.*how='zeros'"),
+    (Conv1dNet, torch.randn(2, 1, 40), {"at": ["conv1"]}, r"'conv1'.*input grid \(40,\) to \(20,\).*maps it to \(19,\).*padding = kernel // 2"),
+    (ResBlock, IMG, {"at": ["c2", "down"]}, r"'c2' and 'down' make one channel group"),
+    (ResBlock, IMG, {"at": ["c1", "dw"]}, r"'dw'"),
+]
+
+
+@pytest.mark.parametrize("make,x,options,words", INCEPTION_BAD)
+def test_inception_bad_input_raises_before_anything_changes(make, x, options, words):
+    torch.manual_seed(0)
+    model = make()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=words):
+        transform(model, phase="grow", how="inception", width=8, example_args=(x,), **options)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], v) for k, v in after.items())
