@@ -219,6 +219,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="N:M method (default fixed), or gpp: Grow-Push-Prune's push and prune iterations instead of DSD")
     p.add_argument("--target", type=float, default=0.5, help="with --method gpp: the parameter budget, a fraction of the start (default 0.5)")
     p.add_argument("--step", type=float, default=0.3, help="with --method gpp: the fraction of every channel group each prune step removes (default 0.3)")
+    p.add_argument("--grow", help="with --method gpp: grow these layers first (comma-separated, e.g. conv2,conv3 on the "
+                                  "MNIST-1D CNN) and train the grown model before pushing and pruning it")
+    p.add_argument("--grow-width", type=float, default=0.5, help="with --grow: channels added per layer, a count (>= 1) "
+                                                                 "or a fraction of its channels (default 0.5)")
+    p.add_argument("--grow-how", default="inception", choices=["inception", "zeros", "net2net"],
+                   help="with --grow: an Inception module beside each layer (default), or wider layers")
     p.add_argument("--lr", type=float, help="dense learning rate; re-dense and the baseline's last phase use a "
                                             "tenth (default: the recipe's, 0.1 for the MNIST-1D CNN)")
     p.add_argument("--batch", type=int, help="batch size (default 100 on MNIST-1D, 64 on digits)")

@@ -60,8 +60,21 @@ def _phase(label: str, epochs: int, epoch, model, base: dict, task, gen_base: to
     return loss, acc, b_acc
 
 
-def train_gpp(task, target: float, step: float):
-    """Dense E epochs; push E/2 epochs and a prune step until the params are at most `target`; fine-tune E."""
+def grow_options(args: argparse.Namespace) -> dict | None:
+    """transform(phase="grow") options from --grow, --grow-width, --grow-how (None without --grow)."""
+    if not args.grow:
+        return None
+    width = args.grow_width
+    if not width > 0 or (width >= 1 and width != int(width)):
+        raise DemoError(f"--grow-width must be a fraction in (0, 1) or a whole number of channels, got {width}")
+    return {"at": [a.strip() for a in args.grow.split(",") if a.strip()], "width": int(width) if width >= 1 else width,
+            "how": args.grow_how}
+
+
+def train_gpp(task, target: float, step: float, grow: dict | None = None):
+    """Dense E epochs; with `grow`, the grown model E/2 epochs; push E/2 epochs and a prune step until
+    the params are at most `target` of the dense model; fine-tune E. Returns the rows, the final
+    model, the baseline and the model the prune steps started from (the grown one, or the dense)."""
     import dsd_fx
 
     gens = {"gpp": torch.Generator().manual_seed(task.seed), "base": None}
@@ -84,6 +97,18 @@ def train_gpp(task, target: float, step: float):
     except (ValueError, TypeError) as err:
         raise DemoError(str(err)) from err
     push_epochs = max(1, task.epochs // 2)
+    unpruned = base["net"]
+    if grow:
+        try:
+            grown, opt = gpp.begin("grow", **grow)
+        except (ValueError, TypeError) as err:
+            raise DemoError(str(err)) from err
+        base["opt"] = sgd(base["net"].parameters(), task.lr)
+        loss, acc, b_acc = _phase("grow", push_epochs, lambda: train_epoch(grown, opt, task.train, task.batch, gens["gpp"]),
+                                  grown, base, task, gens["base"])
+        gpp.log(loss=loss, accuracy=acc)
+        rows.append(Row(f"grow ({grow['how']})", push_epochs, gpp.now.params, gpp.now.macs, loss, acc, b_acc))
+        unpruned = copy.deepcopy(grown)
     while not gpp.done:
         pushed, opt = gpp.begin("push")
         base["opt"] = sgd(base["net"].parameters(), task.lr)
@@ -101,14 +126,14 @@ def train_gpp(task, target: float, step: float):
     gpp.log(loss=loss, accuracy=acc)
     now = dsd_fx.cost(final, example)
     rows.append(Row("finetune", task.epochs, now.params, now.macs, loss, acc, b_acc))
-    return rows, final, base["net"]
+    return rows, final, base["net"], unpruned
 
 
 def table(rows: list[Row], start_params: int) -> str:
-    lines = [f"{'phase':<14} {'epochs':>6} {'params':>9} {'of start':>8} {'MACs':>10} {'train loss':>10} "
+    lines = [f"{'phase':<16} {'epochs':>6} {'params':>9} {'of start':>8} {'MACs':>10} {'train loss':>10} "
              f"{'test acc':>8} {'baseline acc':>12}"]
     for r in rows:
-        lines.append(f"{r.phase:<14} {r.epochs:>6} {r.params:>9,} {r.params / start_params:>8.1%} {r.macs:>10,} "
+        lines.append(f"{r.phase:<16} {r.epochs:>6} {r.params:>9,} {r.params / start_params:>8.1%} {r.macs:>10,} "
                      f"{r.train_loss:>10.4f} {r.test_accuracy:>8.3f} {r.baseline_test_accuracy:>12.3f}")
     last = rows[-1]
     lines.append(f"final: GPP {last.test_accuracy:.3f} at {last.params / start_params:.1%} of the parameters, dense "
@@ -145,21 +170,24 @@ def run(args: argparse.Namespace) -> int:
     try:
         started = time.perf_counter()
         out = check_out(args.out)
+        grow = grow_options(args)
         task = load_task(args)
+        grown = f"; grow {', '.join(grow['at'])} first ({grow['how']}, width {grow['width']})" if grow else ""
         print(f"dsd-fx demo --method gpp: {type(task.net).__name__} on {DATA_NAMES[task.data]}, target {args.target:.0%} "
-              f"of the parameters, {args.step:.0%} of every channel group per prune step, seed {task.seed}; "
+              f"of the parameters, {args.step:.0%} of every channel group per prune step, seed {task.seed}{grown}; "
               "the dense baseline beside it", file=sys.stderr)
-        rows, final, baseline = train_gpp(task, args.target, args.step)
+        rows, final, baseline, unpruned = train_gpp(task, args.target, args.step, grow)
         example = (task.test[0][:1],)
         dsd_fx.export_onnx(final, example, os.path.join(out, "model.onnx"))
-        dsd_fx.export_onnx(baseline, example, os.path.join(out, "reference.onnx"))
-        report = dsd_fx.verify_pruned(baseline, final, example)
+        # the proof's reference: the model the prune steps started from (the grown one with --grow)
+        dsd_fx.export_onnx(unpruned, example, os.path.join(out, "reference.onnx"))
+        report = dsd_fx.verify_pruned(unpruned, final, example)
         with open(os.path.join(out, "pruned_proof.txt"), "w") as f:
             f.write(report.table + "\n")
         print(table(rows, rows[0].params))
         plot(rows, os.path.join(out, "gpp.png"), f"Grow-Push-Prune on {DATA_NAMES[task.data]}, {task.model.upper()}, seed {task.seed}")
         with open(os.path.join(out, "metrics.json"), "w") as f:
-            json.dump({"target": args.target, "step": args.step, "phases": [asdict(r) for r in rows],
+            json.dump({"target": args.target, "step": args.step, "grow": grow, "phases": [asdict(r) for r in rows],
                        "pruned_proof": report.ok}, f, indent=1)
         print()
         print(report.table)

@@ -40,14 +40,18 @@ def _fraction(value: float, name: str) -> float:
 
 
 class GPP:
-    """Grow-Push-Prune around the user's own loop: push phases (cross-entropy plus the push loss on
+    """Grow-Push-Prune around the user's own loop: optional grow phases first (the model grown by
+    transform(phase="grow"), then trained), push phases (cross-entropy plus the push loss on
     a tapped layer), each followed by a prune step that removes `step` of every channel group (the
     last step less, to land near the budget: 1 - sqrt(target / now), inferred), until
-    the parameters (or MACs) are at most `target_params` (or `target_macs`) times the start; then a
-    fine-tune. ::
+    the parameters (or MACs) are at most `target_params` (or `target_macs`) times those of the
+    model given (before any growth); then a fine-tune. ::
 
         gpp = dsd_fx.GPP(model, lambda p, lr: torch.optim.SGD(p, lr, momentum=0.9), lr=0.05,
                          example_args=(x,), target_params=0.25, step=0.3)
+        model, opt = gpp.begin("grow", at=["conv2"], width=16, how="inception")  # optional
+        for x, y in data:
+            opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()
         while not gpp.done:
             model, opt = gpp.begin("push")
             for x, y in data:
@@ -97,12 +101,18 @@ class GPP:
         """True once the model is within the budget."""
         return self._size(self.now) <= self.target
 
-    def begin(self, phase: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        """Enter "push" (the tapped model) or "finetune" (the final untapped model) with a fresh optimizer."""
-        if phase not in ("push", "finetune"):
-            raise ValueError(f"GPP: unknown phase {phase!r}; the phases are 'push' and 'finetune' (prune steps: gpp.prune())")
+    def begin(self, phase: str, **grow: Any) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """Enter "grow" (the model grown by transform(phase="grow", **grow): at=, width=, how=,
+        seed=; example_args are GPP's), "push" (the tapped model) or "finetune" (the final untapped
+        model), with a fresh optimizer. Grow phases come before the first push."""
+        if phase not in ("grow", "push", "finetune"):
+            raise ValueError(f"GPP: unknown phase {phase!r}; the phases are 'grow', 'push' and 'finetune' (prune steps: gpp.prune())")
         if self.phase == "finetune":
             raise ValueError("GPP: the fine-tune is the last phase; nothing follows it")
+        if grow and phase != "grow":
+            raise TypeError(f"GPP: only begin('grow', ...) takes options, got {', '.join(sorted(grow))} for {phase!r}")
+        if phase == "grow":
+            return self._grow(grow)
         if phase == "push" and self.phase == "push":
             raise ValueError("GPP: a push phase is followed by a prune step (gpp.prune()), not by another push")
         if phase == "finetune" and not self.done:
@@ -115,6 +125,19 @@ class GPP:
         self.history.append(GPPRecord(phase, lr, params=self.now.params, macs=self.now.macs))
         self.phase = phase
         return self.model, self.optimizer_fn(self.model.parameters(), lr)
+
+    def _grow(self, options: dict[str, Any]) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        if self.phase not in (None, "grow"):
+            raise ValueError(f"GPP: grow phases come first, before the first push (now after {self.phase!r}): the "
+                             "base model grows, then it is pushed and pruned")
+        if "example_args" in options or "inplace" in options:
+            raise TypeError("GPP: begin('grow') takes at=, width=, how=, seed=; example_args are GPP's own and the grown "
+                            "model is returned (no inplace)")
+        self.model = transform(self.model, phase="grow", example_args=self.example_args, **options)
+        self.now = cost(self.model, self.example_args)
+        self.history.append(GPPRecord("grow", self.lr, params=self.now.params, macs=self.now.macs))
+        self.phase = "grow"
+        return self.model, self.optimizer_fn(self.model.parameters(), self.lr)
 
     def push_loss(self, labels: torch.Tensor) -> torch.Tensor:
         """`push_weight` times the push objective of the batch the tapped model just ran."""

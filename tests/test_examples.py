@@ -202,7 +202,26 @@ def test_cli_demo_gpp_prunes_to_the_budget_and_proves_the_pruned_file(tmp_path):
     assert sorted(n.op_type for n in ref.graph.node) == sorted(n.op_type for n in final.graph.node)
 
 
+def test_cli_demo_gpp_grows_inception_modules_first_and_proves_against_the_grown_model(tmp_path):
+    import json
+
+    import onnx
+
+    out = demo("--method", "gpp", "--quick", "--target", "0.6", "--grow", "conv2,conv3", "--out", str(tmp_path / "out"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "pruned: same graph, smaller shapes: PROVEN" in out.stdout
+    d = tmp_path / "out"
+    phases = json.loads((d / "metrics.json").read_text())["phases"]
+    assert [p["phase"] for p in phases[:2]] == ["dense", "grow (inception)"] and phases[1]["params"] > phases[0]["params"]
+    assert phases[-1]["params"] <= 0.6 * phases[0]["params"]  # the budget is of the dense model
+    ref, final = onnx.load(d / "reference.onnx"), onnx.load(d / "model.onnx")
+    assert sum(1 for n in ref.graph.node if n.op_type == "Concat" and len(n.input) == 5) == 2  # two Inception modules
+    assert sorted(n.op_type for n in ref.graph.node) == sorted(n.op_type for n in final.graph.node)
+
+
 @pytest.mark.parametrize("args, words", [
+    (["--method", "gpp", "--quick", "--grow", "conv1"], "'conv1' maps it to (19,)"),
+    (["--method", "gpp", "--grow", "conv2", "--grow-width", "2.5"], "--grow-width must be a fraction"),
     (["--method", "gpp", "--target", "1.5"], "--target and --step must be fractions"),
     (["--method", "gpp", "--sparsity", "0.5"], "--sparsity and --pattern belong to the DSD run"),
 ])

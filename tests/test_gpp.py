@@ -78,14 +78,66 @@ def test_a_push_phase_trains_through_the_tap():
     (["finetune"], "budget is not met"),
     (["push", "push"], "followed by a prune step"),
     (["prune"], "follows a push phase"),
-    (["grow"], "unknown phase 'grow'"),
+    (["grow_"], "unknown phase 'grow_'"),
+    (["push", "grow"], "grow phases come first, before the first push"),
 ])
 def test_phases_out_of_order_are_refused(calls, words):
     data = _data()
     gpp = dsd_fx.GPP(MLP(), sgd, lr=0.05, example_args=(data[0][0],), target_params=0.5)
     with pytest.raises(ValueError, match=words):
         for c in calls:
-            gpp.prune() if c == "prune" else gpp.begin(c)
+            gpp.prune() if c == "prune" else gpp.begin(c, **({"at": ["fc1"], "width": 4} if c == "grow" else {}))
+
+
+@pytest.mark.parametrize("phase, options, words", [
+    ("push", {"at": ["fc1"]}, r"only begin\('grow', ...\) takes options, got at for 'push'"),
+    ("grow", {"at": ["fc1"], "example_args": (torch.randn(2, 10),)}, "example_args are GPP's own"),
+    ("grow", {"at": ["fc1"], "colour": 1}, "unknown option"),
+])
+def test_grow_options_are_checked(phase, options, words):
+    gpp = dsd_fx.GPP(MLP(), sgd, lr=0.05, example_args=(torch.randn(2, 10),), target_params=0.5)
+    with pytest.raises(TypeError, match=words):
+        gpp.begin(phase, **options)
+    assert gpp.phase is None and not gpp.history
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv1d(1, 16, 3, padding=1), nn.BatchNorm1d(16)
+        self.conv2 = nn.Conv1d(16, 16, 3, stride=2, padding=1)
+        self.head = nn.Linear(16 * 8, 3)
+
+    def forward(self, x):
+        h = F.relu(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return self.head(h.flatten(1))
+
+
+def test_grow_first_then_push_and_prune_to_the_budget_of_the_model_given():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(192, 1, 16, generator=g)
+    y = (x[:, 0, :5].sum(1) > 0).long() + (x[:, 0, -5:].sum(1) > 0).long()
+    data = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 192, 64)]
+    model = Conv1dNet()
+    start = dsd_fx.cost(model, (x[:4],)).params
+    with torch.no_grad():
+        want = model.eval()(x[:4])
+    gpp = dsd_fx.GPP(model, sgd, lr=0.05, example_args=(x[:4],), target_params=0.5, step=0.5)
+    net, opt = gpp.begin("grow", at=["conv1", "conv2"], width=8, how="inception")
+    with torch.no_grad():
+        torch.testing.assert_close(net.eval()(x[:4]), want)  # function-preserving at insertion
+    gpp.log(loss=_train(net.train(), opt, data))
+    grown = gpp.history[0].params
+    assert gpp.history[0].name == "grow" and grown > start and not gpp.done
+    while not gpp.done:
+        net, opt = gpp.begin("push")
+        gpp.log(loss=_train(net, opt, data, gpp.push_loss))
+        gpp.prune(data=data)
+    net, opt = gpp.begin("finetune")
+    gpp.log(loss=_train(net, opt, data))
+    assert dsd_fx.cost(net, (x[:4],)).params <= 0.5 * start  # the budget is of the model given, not the grown one
+    assert [r.name for r in gpp.history][:2] == ["grow", "push"] and "conv1_inception" in net.code
 
 
 @pytest.mark.parametrize("options, words", [
