@@ -39,11 +39,15 @@ def _fraction(value: float, name: str) -> float:
     return float(value)
 
 
+LANDING_BISECTIONS = 6  # the last step's fraction within step / 64 of the smallest that meets the budget
+
+
 class GPP:
     """Grow-Push-Prune around the user's own loop: optional grow phases first (the model grown by
     transform(phase="grow"), then trained), push phases (cross-entropy plus the push loss on
     a tapped layer), each followed by a prune step that removes `step` of every channel group (the
-    last step less, to land near the budget: 1 - sqrt(target / now), inferred), until
+    last step less: the smallest fraction, bisected on the pruned model's cost, that meets the
+    budget; inferred), until
     the parameters (or MACs) are at most `target_params` (or `target_macs`) times those of the
     model given (before any growth); then a fine-tune. ::
 
@@ -154,26 +158,34 @@ class GPP:
         if self.done:
             raise ValueError(f"GPP: the budget is met already ({self.budget[0]} <= {self.target:,}); begin('finetune')")
         before = self._size(self.now)
-        # the last step lands near the budget: removing a fraction f of every group scales a layer's
-        # weights by about (1 - f)^2 (its inputs and its outputs), so f = 1 - sqrt(target / now)
-        fraction = min(self.step_fraction, max(0.01, 1 - (self.target / before) ** 0.5))
+        if data is not None and iter(data) is data:  # a one-pass iterator: the landing step reads it again
+            data = list(data)
         options = {"data": data} if self.importance == "discriminant" else {}
         plain = self._plain()
-        while True:  # a fraction too small to take a channel from any group is doubled, up to `step`
-            pruned = transform(plain, phase="prune", channels=fraction, importance=self.importance,
-                               example_args=self.example_args, **options)
-            now = cost(pruned, self.example_args)
-            if self._size(now) < before or fraction >= self.step_fraction:
-                break
-            fraction = min(self.step_fraction, 2 * fraction)
+        fraction = self.step_fraction
+        pruned, now = self._pruned(plain, fraction, options)
         if self._size(now) >= before:
             raise ValueError(f"GPP: the budget cannot be met: a prune step removed nothing ({self.budget[0]} {before:,}, "
                              f"target {self.target:,}); every channel group is at its smallest or unprunable. "
                              "Raise the target or make more groups prunable")
+        if self._size(now) < self.target:  # the full step overshoots: the last step lands at the budget
+            low = 0.0  # the smallest fraction that reaches it, bisected on the pruned model's cost
+            for _ in range(LANDING_BISECTIONS):
+                mid = (low + fraction) / 2
+                tried, cost_mid = self._pruned(plain, mid, options)
+                if self._size(cost_mid) <= self.target:
+                    fraction, pruned, now = mid, tried, cost_mid
+                else:
+                    low = mid
         self.model, self.now = pruned, now
         self.history[-1].steps.append(PruneStep(fraction, now.params, now.macs))
         self.phase = "prune"
         return self.model
+
+    def _pruned(self, plain: torch.nn.Module, fraction: float, options: dict) -> tuple[torch.nn.Module, Any]:
+        pruned = transform(plain, phase="prune", channels=fraction, importance=self.importance,
+                           example_args=self.example_args, **options)
+        return pruned, cost(pruned, self.example_args)
 
     def log(self, **metrics: float) -> None:
         """Record metrics (loss, accuracy, ...) for the current phase."""

@@ -52,7 +52,7 @@ def test_the_flow_reaches_the_budget_and_records_each_phase():
     net, opt = gpp.begin("finetune")
     gpp.log(loss=_train(net, opt, data))
     final = dsd_fx.cost(net, (data[0][0],)).params
-    assert final <= 0.4 * start
+    assert 0.35 * start < final <= 0.4 * start  # the last step lands at the budget, not far below it
     assert "tap" not in net.code  # the fine-tuned model has no taps
     phases = [r.name for r in gpp.history]
     assert phases[-1] == "finetune" and set(phases[:-1]) == {"push"} and len(phases) >= 3
