@@ -118,7 +118,7 @@ def train_gpp(task, target: float, step: float, grow: dict | None = None):
         pruned = gpp.prune()
         now = dsd_fx.cost(pruned, example)
         p_acc, _ = evaluate(pruned, task.test)
-        rows.append(Row(f"push+prune {len(rows)}", push_epochs, now.params, now.macs, loss, p_acc, b_acc))
+        rows.append(Row(f"push+prune {sum(r.phase.startswith('push') for r in rows) + 1}", push_epochs, now.params, now.macs, loss, p_acc, b_acc))
     final, opt = gpp.begin("finetune")
     base["opt"] = sgd(base["net"].parameters(), task.lr * 0.1)  # the same lr drop for the baseline
     loss, acc, b_acc = _phase("finetune", task.epochs, lambda: train_epoch(final, opt, task.train, task.batch, gens["gpp"]),
