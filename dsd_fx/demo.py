@@ -223,6 +223,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                   "MNIST-1D CNN) and train the grown model before pushing and pruning it")
     p.add_argument("--grow-width", type=float, default=0.5, help="with --grow: channels added per layer, a count (>= 1) "
                                                                  "or a fraction of its channels (default 0.5)")
+    p.add_argument("--no-compare", dest="compare", action="store_false",
+                   help="with --method gpp: skip the comparison runs (no push, L1) after the GPP run")
     p.add_argument("--grow-how", default="inception", choices=["inception", "zeros", "net2net"],
                    help="with --grow: an Inception module beside each layer (default), or wider layers")
     p.add_argument("--lr", type=float, help="dense learning rate; re-dense and the baseline's last phase use a "

@@ -18,6 +18,8 @@ from dsd_fx.demo_models import evaluate, sgd, train_epoch
 from dsd_fx.demo_plot import new_figure
 from dsd_fx.demo_runs import Progress
 
+IMPORTANCE = "discriminant"  # the prune steps' ranking: GPP's own (dsd_fx.importance)
+PUSH_WEIGHT = 1.0  # the push loss's weight against cross-entropy (none in the sources)
 OUTPUTS = ("model.onnx", "reference.onnx", "pruned_proof.txt", "gpp.png", "metrics.json")
 
 
@@ -48,6 +50,44 @@ def push_epoch(gpp, net, opt, data, batch: int, generator: torch.Generator) -> f
     return total / len(x)
 
 
+def batches(task, n: int = 10) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first `n` training batches: the data of a discriminant prune step."""
+    x, y = task.train
+    return [(x[i:i + task.batch], y[i:i + task.batch]) for i in range(0, min(len(x), n * task.batch), task.batch)]
+
+
+def schedule(task, net, gen: torch.Generator, *, target: float, step: float, push_weight: float, importance: str,
+             grow: dict | None = None) -> tuple[float, int, int]:
+    """GPP's schedule on a copy of the dense `net`, without output: with `grow`, a grow phase of E/2
+    epochs; push phases of E/2 epochs (cross-entropy alone where push_weight is 0), each followed by
+    a prune step ranked by `importance`, until `target`; a fine-tune of E epochs at lr/10. Returns
+    (test accuracy, parameters, epochs trained after the dense phase)."""
+    import dsd_fx
+
+    example = (task.test[0][:1],)
+    gpp = dsd_fx.GPP(copy.deepcopy(net), sgd, lr=task.lr, example_args=example, target_params=target, step=step,
+                     importance=importance, push_weight=push_weight, finetune_lr_scale=0.1)
+    epochs, trained = max(1, task.epochs // 2), 0
+    if grow:
+        model, opt = gpp.begin("grow", **grow)
+        for _ in range(epochs):
+            train_epoch(model, opt, task.train, task.batch, gen)
+        trained += epochs
+    while not gpp.done:
+        model, opt = gpp.begin("push")
+        for _ in range(epochs):
+            if push_weight:
+                push_epoch(gpp, model, opt, task.train, task.batch, gen)
+            else:
+                train_epoch(model, opt, task.train, task.batch, gen)
+        trained += epochs
+        gpp.prune(data=batches(task))
+    model, opt = gpp.begin("finetune")
+    for _ in range(task.epochs):
+        train_epoch(model, opt, task.train, task.batch, gen)
+    return evaluate(model, task.test)[0], dsd_fx.cost(model, example).params, trained + task.epochs
+
+
 def _phase(label: str, epochs: int, epoch, model, base: dict, task, gen_base: torch.Generator):
     """`epoch()` (one epoch of the GPP model) and one of the baseline, `epochs` times; the last figures."""
     bar = Progress(label, epochs)
@@ -71,7 +111,19 @@ def grow_options(args: argparse.Namespace) -> dict | None:
             "how": args.grow_how}
 
 
-def train_gpp(task, target: float, step: float, grow: dict | None = None):
+@dataclass
+class GPPRun:
+    """What the demo's GPP run leaves: its rows, the final model, the baseline, the model the prune
+    steps started from (the grown one, or the baseline) and a copy of the dense phase's model."""
+
+    rows: list[Row]
+    final: torch.nn.Module
+    baseline: torch.nn.Module
+    unpruned: torch.nn.Module
+    dense: torch.nn.Module
+
+
+def train_gpp(task, target: float, step: float, grow: dict | None = None, importance: str = IMPORTANCE) -> GPPRun:
     """Dense E epochs; with `grow`, the grown model E/2 epochs; push E/2 epochs and a prune step until
     the params are at most `target` of the dense model; fine-tune E. Returns the rows, the final
     model, the baseline and the model the prune steps started from (the grown one, or the dense)."""
@@ -89,11 +141,12 @@ def train_gpp(task, target: float, step: float, grow: dict | None = None):
     start = dsd_fx.cost(net, example)
     rows.append(Row("dense", task.epochs, start.params, start.macs, loss, acc, acc))
     base = {"net": copy.deepcopy(net)}
+    dense = copy.deepcopy(net)
     gens["base"] = torch.Generator().manual_seed(task.seed)
     gens["base"].set_state(gens["gpp"].get_state())
     try:
         gpp = dsd_fx.GPP(net, sgd, lr=task.lr, example_args=example, target_params=target, step=step,
-                         finetune_lr_scale=0.1)
+                         importance=importance, push_weight=PUSH_WEIGHT, finetune_lr_scale=0.1)
     except (ValueError, TypeError) as err:
         raise DemoError(str(err)) from err
     push_epochs = max(1, task.epochs // 2)
@@ -115,7 +168,7 @@ def train_gpp(task, target: float, step: float, grow: dict | None = None):
         loss, acc, b_acc = _phase("push", push_epochs, lambda: push_epoch(gpp, pushed, opt, task.train, task.batch, gens["gpp"]),
                                   pushed, base, task, gens["base"])
         gpp.log(loss=loss, accuracy=acc)
-        pruned = gpp.prune()
+        pruned = gpp.prune(data=batches(task))
         now = dsd_fx.cost(pruned, example)
         p_acc, _ = evaluate(pruned, task.test)
         rows.append(Row(f"push+prune {sum(r.phase.startswith('push') for r in rows) + 1}", push_epochs, now.params, now.macs, loss, p_acc, b_acc))
@@ -126,7 +179,32 @@ def train_gpp(task, target: float, step: float, grow: dict | None = None):
     gpp.log(loss=loss, accuracy=acc)
     now = dsd_fx.cost(final, example)
     rows.append(Row("finetune", task.epochs, now.params, now.macs, loss, acc, b_acc))
-    return rows, final, base["net"], unpruned
+    return GPPRun(rows, final, base["net"], unpruned, dense)
+
+
+def compare(task, run: GPPRun, target: float, step: float, grow: dict | None) -> list[tuple[str, float, int]]:
+    """Point 6's comparison for this one seed: the run above, its schedule without the push term,
+    with L1 importance and no push (iterative L1 channel pruning), and the dense baseline:
+    (method, test accuracy, parameters)."""
+    import dsd_fx
+
+    example = (task.test[0][:1],)
+    out = [("gpp" + (" (grown first)" if grow else ""), evaluate(run.final, task.test)[0], dsd_fx.cost(run.final, example).params)]
+    for name, weight, importance in (("no push", 0.0, IMPORTANCE), ("l1", 0.0, "l1")):
+        bar = Progress(name, 1)
+        acc, params, _ = schedule(task, run.dense, torch.Generator().manual_seed(task.seed), target=target, step=step,
+                                  push_weight=weight, importance=importance, grow=grow)
+        bar.update(f"acc {acc:.3f}")
+        out.append((name + (" (grown first)" if grow else ""), acc, params))
+    out.append(("dense baseline", evaluate(run.baseline, task.test)[0], dsd_fx.cost(run.baseline, example).params))
+    return out
+
+
+def comparison_table(found: list[tuple[str, float, int]], start_params: int) -> str:
+    lines = ["comparison at the same budget (this seed only; benchmarks/gpp.py has 5 seeds and Torch-Pruning):",
+             f"{'method':<26} {'test acc':>8} {'params':>9} {'of dense':>8}"]
+    lines += [f"{name:<26} {acc:>8.3f} {params:>9,} {params / start_params:>8.1%}" for name, acc, params in found]
+    return "\n".join(lines)
 
 
 def table(rows: list[Row], start_params: int) -> str:
@@ -176,7 +254,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"dsd-fx demo --method gpp: {type(task.net).__name__} on {DATA_NAMES[task.data]}, target {args.target:.0%} "
               f"of the parameters, {args.step:.0%} of every channel group per prune step, seed {task.seed}{grown}; "
               "the dense baseline beside it", file=sys.stderr)
-        rows, final, baseline, unpruned = train_gpp(task, args.target, args.step, grow)
+        result = train_gpp(task, args.target, args.step, grow)
+        rows, final, unpruned = result.rows, result.final, result.unpruned
+        found = compare(task, result, args.target, args.step, grow) if args.compare else []
         example = (task.test[0][:1],)
         dsd_fx.export_onnx(final, example, os.path.join(out, "model.onnx"))
         # the proof's reference: the model the prune steps started from (the grown one with --grow)
@@ -185,9 +265,13 @@ def run(args: argparse.Namespace) -> int:
         with open(os.path.join(out, "pruned_proof.txt"), "w") as f:
             f.write(report.table + "\n")
         print(table(rows, rows[0].params))
+        if found:
+            print()
+            print(comparison_table(found, rows[0].params))
         plot(rows, os.path.join(out, "gpp.png"), f"Grow-Push-Prune on {DATA_NAMES[task.data]}, {task.model.upper()}, seed {task.seed}")
         with open(os.path.join(out, "metrics.json"), "w") as f:
             json.dump({"target": args.target, "step": args.step, "grow": grow, "phases": [asdict(r) for r in rows],
+                       "comparison": [{"method": n, "test_accuracy": a, "params": p} for n, a, p in found],
                        "pruned_proof": report.ok}, f, indent=1)
         print()
         print(report.table)

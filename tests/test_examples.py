@@ -197,6 +197,10 @@ def test_cli_demo_gpp_prunes_to_the_budget_and_proves_the_pruned_file(tmp_path):
     assert phases[-1]["params"] <= 0.6 * phases[0]["params"]  # the budget
     assert [p["params"] for p in phases] == sorted((p["params"] for p in phases), reverse=True)
     assert metrics["pruned_proof"] is True
+    methods = {c["method"]: c for c in metrics["comparison"]}  # point 6's comparison, this seed
+    assert list(methods) == ["gpp", "no push", "l1", "dense baseline"] and "comparison at the same budget" in out.stdout
+    assert methods["gpp"]["params"] == phases[-1]["params"] and methods["dense baseline"]["params"] == phases[0]["params"]
+    assert all(0 < c["params"] <= 0.6 * phases[0]["params"] for n, c in methods.items() if n != "dense baseline")
     assert (d / "gpp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ref, final = onnx.load(d / "reference.onnx"), onnx.load(d / "model.onnx")
     assert sorted(n.op_type for n in ref.graph.node) == sorted(n.op_type for n in final.graph.node)
@@ -207,11 +211,13 @@ def test_cli_demo_gpp_grows_inception_modules_first_and_proves_against_the_grown
 
     import onnx
 
-    out = demo("--method", "gpp", "--quick", "--target", "0.6", "--grow", "conv2,conv3", "--out", str(tmp_path / "out"))
+    out = demo("--method", "gpp", "--quick", "--target", "0.6", "--grow", "conv2,conv3", "--no-compare", "--out", str(tmp_path / "out"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "pruned: same graph, smaller shapes: PROVEN" in out.stdout
     d = tmp_path / "out"
-    phases = json.loads((d / "metrics.json").read_text())["phases"]
+    metrics = json.loads((d / "metrics.json").read_text())
+    phases = metrics["phases"]
+    assert metrics["comparison"] == [] and "comparison at the same budget" not in out.stdout  # --no-compare
     assert [p["phase"] for p in phases[:2]] == ["dense", "grow (inception)"] and phases[1]["params"] > phases[0]["params"]
     assert phases[-1]["params"] <= 0.6 * phases[0]["params"]  # the budget is of the dense model
     ref, final = onnx.load(d / "reference.onnx"), onnx.load(d / "model.onnx")
