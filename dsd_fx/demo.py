@@ -174,6 +174,10 @@ def run(args: argparse.Namespace) -> int:
     threads = torch.get_num_threads()
     if args.threads < 1:
         raise DemoError(f"--threads must be at least 1, got {args.threads}")
+    gpp_only = [flag for flag, given in (("--grow", args.grow is not None), ("--grow-width", args.grow_width is not None),
+                                         ("--grow-how", args.grow_how is not None), ("--no-compare", not args.compare)) if given]
+    if gpp_only:
+        raise DemoError(f"{', '.join(gpp_only)} belong to --method gpp (Grow-Push-Prune); the DSD run takes none of them")
     torch.set_num_threads(args.threads)
     try:
         return _run(args)
@@ -221,11 +225,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step", type=float, default=0.3, help="with --method gpp: the fraction of every channel group each prune step removes (default 0.3)")
     p.add_argument("--grow", help="with --method gpp: grow these layers first (comma-separated, e.g. conv2,conv3 on the "
                                   "MNIST-1D CNN) and train the grown model before pushing and pruning it")
-    p.add_argument("--grow-width", type=float, default=0.5, help="with --grow: channels added per layer, a count (>= 1) "
-                                                                 "or a fraction of its channels (default 0.5)")
+    p.add_argument("--grow-width", type=float, help="with --grow: channels added per layer, a count (>= 1) "
+                                                    "or a fraction of its channels (default 0.5)")
     p.add_argument("--no-compare", dest="compare", action="store_false",
                    help="with --method gpp: skip the comparison runs (no push, L1) after the GPP run")
-    p.add_argument("--grow-how", default="inception", choices=["inception", "zeros", "net2net"],
+    p.add_argument("--grow-how", choices=["inception", "zeros", "net2net"],
                    help="with --grow: an Inception module beside each layer (default), or wider layers")
     p.add_argument("--lr", type=float, help="dense learning rate; re-dense and the baseline's last phase use a "
                                             "tenth (default: the recipe's, 0.1 for the MNIST-1D CNN)")

@@ -103,12 +103,14 @@ def _phase(label: str, epochs: int, epoch, model, base: dict, task, gen_base: to
 def grow_options(args: argparse.Namespace) -> dict | None:
     """transform(phase="grow") options from --grow, --grow-width, --grow-how (None without --grow)."""
     if not args.grow:
+        if args.grow_width is not None or args.grow_how is not None:
+            raise DemoError("--grow-width and --grow-how go with --grow LAYERS (e.g. --grow conv2,conv3)")
         return None
-    width = args.grow_width
+    width = 0.5 if args.grow_width is None else args.grow_width
     if not width > 0 or (width >= 1 and width != int(width)):
         raise DemoError(f"--grow-width must be a fraction in (0, 1) or a whole number of channels, got {width}")
     return {"at": [a.strip() for a in args.grow.split(",") if a.strip()], "width": int(width) if width >= 1 else width,
-            "how": args.grow_how}
+            "how": args.grow_how or "inception"}
 
 
 @dataclass
@@ -250,6 +252,11 @@ def run(args: argparse.Namespace) -> int:
         out = check_out(args.out)
         grow = grow_options(args)
         task = load_task(args)
+        if grow:  # a layer that cannot grow is said before any training: a trial on the untrained model
+            try:
+                dsd_fx.transform(task.net, phase="grow", example_args=(task.test[0][:1],), **grow)
+            except (ValueError, TypeError) as err:
+                raise DemoError(str(err)) from err
         grown = f"; grow {', '.join(grow['at'])} first ({grow['how']}, width {grow['width']})" if grow else ""
         print(f"dsd-fx demo --method gpp: {type(task.net).__name__} on {DATA_NAMES[task.data]}, target {args.target:.0%} "
               f"of the parameters, {args.step:.0%} of every channel group per prune step, seed {task.seed}{grown}; "

@@ -8,6 +8,7 @@ import torch
 from torch import fx
 
 from dsd_fx.flow import OptimizerFn, PhaseRecord
+from dsd_fx.importance import importance
 from dsd_fx.macs import cost
 from dsd_fx.phases import transform
 from dsd_fx.push import push_loss
@@ -158,21 +159,26 @@ class GPP:
         if self.done:
             raise ValueError(f"GPP: the budget is met already ({self.budget[0]} <= {self.target:,}); begin('finetune')")
         before = self._size(self.now)
-        if data is not None and iter(data) is data:  # a one-pass iterator: the landing step reads it again
+        discriminant = self.importance == "discriminant"
+        if discriminant and data is not None and iter(data) is data:  # a one-pass iterator: read it once
             data = list(data)
-        options = {"data": data} if self.importance == "discriminant" else {}
+        options = {"data": data} if discriminant else {}
         plain = self._plain()
         fraction = self.step_fraction
-        pruned, now = self._pruned(plain, fraction, options)
+        pruned, now = self._pruned(plain, fraction, self.importance, options)
         if self._size(now) >= before:
             raise ValueError(f"GPP: the budget cannot be met: a prune step removed nothing ({self.budget[0]} {before:,}, "
                              f"target {self.target:,}); every channel group is at its smallest or unprunable. "
                              "Raise the target or make more groups prunable")
         if self._size(now) < self.target:  # the full step overshoots: the last step lands at the budget
             low = 0.0  # the smallest fraction that reaches it, bisected on the pruned model's cost
+            ranking = self.importance
+            if discriminant:  # scored once for every fraction tried (as the full step above scored them)
+                scores = importance(plain, data, example_args=self.example_args)
+                ranking = lambda group, _: scores[group.name]  # noqa: E731
             for _ in range(LANDING_BISECTIONS):
                 mid = (low + fraction) / 2
-                tried, cost_mid = self._pruned(plain, mid, options)
+                tried, cost_mid = self._pruned(plain, mid, ranking, {})
                 if self._size(cost_mid) <= self.target:
                     fraction, pruned, now = mid, tried, cost_mid
                 else:
@@ -182,8 +188,8 @@ class GPP:
         self.phase = "prune"
         return self.model
 
-    def _pruned(self, plain: torch.nn.Module, fraction: float, options: dict) -> tuple[torch.nn.Module, Any]:
-        pruned = transform(plain, phase="prune", channels=fraction, importance=self.importance,
+    def _pruned(self, plain: torch.nn.Module, fraction: float, ranking, options: dict) -> tuple[torch.nn.Module, Any]:
+        pruned = transform(plain, phase="prune", channels=fraction, importance=ranking,
                            example_args=self.example_args, **options)
         return pruned, cost(pruned, self.example_args)
 

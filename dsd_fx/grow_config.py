@@ -37,7 +37,7 @@ class GrowConfig:
         grown graph computes what the original does.
     inplace: write the wider layers into the user's own modules too (not with how="inception":
         its new layers are calls the model's own forward does not make).
-    seed: the seed of the new channels' random init (how="zeros").
+    seed: the seed of the new channels' random init (how="zeros"; the branches of how="inception").
     """
 
     at: Any = None

@@ -65,10 +65,25 @@ def growths_of(gm: fx.GraphModule, groups: Sequence[ChannelGroup], config: GrowC
     return list(out.values())
 
 
+def _keeps_grid(module: nn.modules.conv._ConvNd) -> bool:
+    """Whether `module` maps every input size h to (h - 1) // stride + 1 per spatial dim, the grid of
+    the branches' first 1x1 convolution with its stride: padding 'same', or 2 * padding =
+    dilation * (kernel - 1) in every dim."""
+    if module.padding == "same":
+        return True
+    pads = (0,) * len(module.kernel_size) if module.padding == "valid" else module.padding
+    return all(2 * p == d * (k - 1) for p, d, k in zip(pads, module.dilation, module.kernel_size))
+
+
 def _conv_node(gm: fx.GraphModule, layer: str) -> fx.Node:
     """The one call of `layer`, a convolution whose output keeps the grid a 1x1 convolution with its
-    stride makes (the branches' grid): refused otherwise, with what to do."""
-    module = gm.get_submodule(layer)
+    stride makes (the branches' grid), for every input size: refused otherwise, with what to do."""
+    try:
+        module = gm.get_submodule(layer)
+    except AttributeError:
+        raise ValueError(f"grow: how='inception' grows a convolution module (nn.Conv1d/2d/3d), but {layer!r} is not a "
+                         "submodule (a functional convolution's weight?): make it an nn.ConvNd, or grow it with "
+                         "how='zeros' or how='net2net'") from None
     if not isinstance(module, nn.modules.conv._ConvNd) or module.transposed or module.groups != 1:
         kind = type(module).__name__ + (f" with groups={module.groups}" if getattr(module, "groups", 1) != 1 else "")
         raise ValueError(f"grow: how='inception' grows a convolution (Conv1d/2d/3d, groups=1) into an Inception module; "
@@ -78,15 +93,16 @@ def _conv_node(gm: fx.GraphModule, layer: str) -> fx.Node:
         raise ValueError(f"grow: how='inception' needs {layer!r} called once, it is called {len(calls)} times: "
                          "grow a layer that is called once")
     node = calls[0]
-    x = node.args[0] if node.args else node.kwargs.get("input")
-    spatial = module.weight.dim() - 2
-    have, out = tuple(x.meta["tensor_meta"].shape[-spatial:]), tuple(node.meta["tensor_meta"].shape[-spatial:])
-    want = tuple((h - 1) // s + 1 for h, s in zip(have, module.stride))
-    if out != want:
+    if not _keeps_grid(module):
+        x = node.args[0] if node.args else node.kwargs.get("input")
+        spatial = module.weight.dim() - 2
+        have, out = tuple(x.meta["tensor_meta"].shape[-spatial:]), tuple(node.meta["tensor_meta"].shape[-spatial:])
+        want = tuple((h - 1) // s + 1 for h, s in zip(have, module.stride))
         raise ValueError(f"grow: how='inception' adds 1x1/3x3 branches with {layer!r}'s stride {module.stride} and 'same' "
-                         f"padding, which map its input grid {have} to {want}, but {layer!r} maps it to {out} (kernel "
-                         f"{module.kernel_size}, padding {module.padding}): grow a layer that pads to keep the grid "
-                         f"(padding = kernel // 2), or use how='zeros'")
+                         f"padding, which map an input grid h to (h - 1) // stride + 1 (example_args: {have} to {want}), "
+                         f"but {layer!r} (kernel {module.kernel_size}, padding {module.padding}, dilation "
+                         f"{module.dilation}) does not for every h (example_args: {have} to {out}): grow a layer with "
+                         "2 * padding = dilation * (kernel - 1), or use how='zeros'")
     return node
 
 
@@ -102,7 +118,7 @@ def inception_growths(gm: fx.GraphModule, growths: Sequence[Growth], config: Gro
         if growth.n < 4:
             raise ValueError(f"grow: how='inception' adds 4 branches (1x1 | 1x1->3x3 | 1x1->3x3->3x3 | pool->1x1), "
                              f"at least one channel each, but width={config.width!r} gives {growth.n} channel(s) for "
-                             f"{layer!r}: ask width >= 4")
+                             f"{layer!r}: ask a width of at least 4 channels (width=4, or a larger fraction)")
         name, k = f"{layer}_inception", 1
         while _exists(gm, name):
             k += 1
@@ -112,11 +128,9 @@ def inception_growths(gm: fx.GraphModule, growths: Sequence[Growth], config: Gro
 
 
 def _exists(gm: fx.GraphModule, name: str) -> bool:
-    try:
-        gm.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
+    """Whether `name` is taken: a submodule, parameter, buffer or any attribute of its parent."""
+    path, _, leaf = name.rpartition(".")
+    return hasattr(gm.get_submodule(path) if path else gm, leaf)
 
 
 def _refuse_tied(gm: fx.GraphModule, growths: Sequence[Growth]) -> None:

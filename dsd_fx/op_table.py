@@ -63,8 +63,9 @@ class OpRow:
     packed: where a packed N:M kernel can replace the op; None keeps dense compute.
     fresh_grad: (opt-in) the op's weight gradient is a fresh tensor nothing else holds, so a mask may
         be applied to it in place (bmm/einsum gradients can be expanded views: not fresh).
-    channel_dim: the dimension of the op's output that holds its output channels (1 for conv
-        activations (N, C, ...), -1 for linear features).
+    channel_dim: the dimension of the op's output that holds its output channels, counted from the
+        end so that batched and unbatched inputs agree: -(spatial dims + 1) for conv activations
+        ((N, C, H, W) or (C, H, W): -3 for a 2-d conv), -1 for linear features.
     opt_in: pruned only when the user asks (nn.Embedding: a lookup reads rows, it is no matmul).
     channels: how channels flow through the op (structural pruning; see `ChannelRule` at the end
         of this file); None for a weight op means: derived from its slots' out_dim / in_dim.
@@ -130,12 +131,12 @@ _WEIGHT_T = (Slot("weight", 0, 1, 0),)  # ConvTranspose: (in_channels, out_chann
 # module class -> row; a subclass that overrides forward computes something else and is not matched
 MODULES: dict[type, OpRow] = {
     nn.Linear: OpRow("linear", _WEIGHT, _linear, Packed(x=0, weight=1, bias=2), fresh_grad=True, channel_dim=-1),
-    nn.Conv1d: OpRow("conv1d", _WEIGHT, _conv(F.conv1d), fresh_grad=True, channel_dim=1),
-    nn.Conv2d: OpRow("conv2d", _WEIGHT, _conv(F.conv2d), fresh_grad=True, channel_dim=1),
-    nn.Conv3d: OpRow("conv3d", _WEIGHT, _conv(F.conv3d), fresh_grad=True, channel_dim=1),
-    nn.ConvTranspose1d: OpRow("conv_transpose1d", _WEIGHT_T, _conv_transpose(F.conv_transpose1d), fresh_grad=True, channel_dim=1),
-    nn.ConvTranspose2d: OpRow("conv_transpose2d", _WEIGHT_T, _conv_transpose(F.conv_transpose2d), fresh_grad=True, channel_dim=1),
-    nn.ConvTranspose3d: OpRow("conv_transpose3d", _WEIGHT_T, _conv_transpose(F.conv_transpose3d), fresh_grad=True, channel_dim=1),
+    nn.Conv1d: OpRow("conv1d", _WEIGHT, _conv(F.conv1d), fresh_grad=True, channel_dim=-2),
+    nn.Conv2d: OpRow("conv2d", _WEIGHT, _conv(F.conv2d), fresh_grad=True, channel_dim=-3),
+    nn.Conv3d: OpRow("conv3d", _WEIGHT, _conv(F.conv3d), fresh_grad=True, channel_dim=-4),
+    nn.ConvTranspose1d: OpRow("conv_transpose1d", _WEIGHT_T, _conv_transpose(F.conv_transpose1d), fresh_grad=True, channel_dim=-2),
+    nn.ConvTranspose2d: OpRow("conv_transpose2d", _WEIGHT_T, _conv_transpose(F.conv_transpose2d), fresh_grad=True, channel_dim=-3),
+    nn.ConvTranspose3d: OpRow("conv_transpose3d", _WEIGHT_T, _conv_transpose(F.conv_transpose3d), fresh_grad=True, channel_dim=-4),
     nn.LSTM: OpRow("lstm", _rnn_slots, fresh_grad=False),
     nn.GRU: OpRow("gru", _rnn_slots, fresh_grad=False),
     nn.RNN: OpRow("rnn", _rnn_slots, fresh_grad=False),
@@ -165,12 +166,12 @@ def _w(reduction: int, out_dim: int, in_dim: int) -> tuple[Slot, ...]:
 # (fx op, target) -> row
 FUNCTIONS: dict[tuple[str, object], OpRow] = {
     ("call_function", F.linear): OpRow("linear", (Slot("weight", -1, 0, 1, index=1),), packed=Packed(0, 1, 2, "bias"), fresh_grad=True, channel_dim=-1),
-    ("call_function", F.conv1d): OpRow("conv1d", _w(1, 0, 1), fresh_grad=True, channel_dim=1),
-    ("call_function", F.conv2d): OpRow("conv2d", _w(1, 0, 1), fresh_grad=True, channel_dim=1),
-    ("call_function", F.conv3d): OpRow("conv3d", _w(1, 0, 1), fresh_grad=True, channel_dim=1),
-    ("call_function", F.conv_transpose1d): OpRow("conv_transpose1d", _w(0, 1, 0), fresh_grad=True, channel_dim=1),
-    ("call_function", F.conv_transpose2d): OpRow("conv_transpose2d", _w(0, 1, 0), fresh_grad=True, channel_dim=1),
-    ("call_function", F.conv_transpose3d): OpRow("conv_transpose3d", _w(0, 1, 0), fresh_grad=True, channel_dim=1),
+    ("call_function", F.conv1d): OpRow("conv1d", _w(1, 0, 1), fresh_grad=True, channel_dim=-2),
+    ("call_function", F.conv2d): OpRow("conv2d", _w(1, 0, 1), fresh_grad=True, channel_dim=-3),
+    ("call_function", F.conv3d): OpRow("conv3d", _w(1, 0, 1), fresh_grad=True, channel_dim=-4),
+    ("call_function", F.conv_transpose1d): OpRow("conv_transpose1d", _w(0, 1, 0), fresh_grad=True, channel_dim=-2),
+    ("call_function", F.conv_transpose2d): OpRow("conv_transpose2d", _w(0, 1, 0), fresh_grad=True, channel_dim=-3),
+    ("call_function", F.conv_transpose3d): OpRow("conv_transpose3d", _w(0, 1, 0), fresh_grad=True, channel_dim=-4),
     ("call_function", torch.matmul): OpRow("matmul", _mm_slots("input", "other"), packed=_MM, fresh_grad=True, channel_dim=-1),
     ("call_function", operator.matmul): OpRow("matmul", _mm_slots("", ""), packed=_MM, fresh_grad=True, channel_dim=-1),
     ("call_function", torch.mm): OpRow("mm", _mm_slots("input", "mat2"), packed=_MM, fresh_grad=True, channel_dim=-1),

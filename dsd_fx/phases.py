@@ -66,7 +66,8 @@ def transform(
         (required), `round_to`, `scope`, `include`, `exclude`, `inplace`) are the fields of
         `PruneConfig`, or pass `config=PruneConfig(...)`.
     phase="grow": widen the channel groups of the layers `at` names by `width` channels, function-preserving
-        (`how`="zeros" | "net2net"; fields of `GrowConfig`, `example_args` required; see dsd_fx.grow_plan).
+        (`how`="zeros" | "net2net"), or grow each into an Inception module (`how`="inception"); fields
+        of `GrowConfig`, `example_args` required; see dsd_fx.grow_plan.
 
     The returned GraphModule shares its parameter objects with `model` (unless `copy=True`): the
     commit step (zeroing pruned weights, writing W * M) changes them in place. Every check and every

@@ -48,8 +48,10 @@ def tag(node: fx.Node, pass_name: str, role: Role, **info: Any) -> fx.Node:
 
 def untagged_meta(node: fx.Node) -> dict[str, Any]:
     """`node.meta` without a dsd_fx tag that an inverse pass removes: what a restored node gets
-    back (a permanent tag, as on a grown layer that DSD masks, stays)."""
-    return {k: v for k, v in node.meta.items() if k != META_KEY or is_permanent(node)}
+    back (a permanent tag, as on a grown layer that DSD masks, stays). Shape propagation's
+    `tensor_meta` (left by the prune and grow phases) is dropped too: it goes stale as shapes change,
+    and the tags that keep this meta for torch.load cannot pickle it."""
+    return {k: v for k, v in node.meta.items() if k != "tensor_meta" and (k != META_KEY or is_permanent(node))}
 
 
 def tag_of(node: fx.Node) -> dict[str, Any] | None:

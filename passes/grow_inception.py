@@ -41,7 +41,7 @@ def split_width(n: int) -> tuple[int, ...]:
 
 
 def _conv(conv: nn.Module, cin: int, cout: int, kernel: int, stride, bias: bool, gen: torch.Generator) -> nn.Module:
-    """A convolution of `conv`'s class, dtype and device: weights uniform in +-1/sqrt(fan_in)
+    """A plain nn.Conv1d/2d/3d (as `conv`'s dims) on `conv`'s dtype and device: weights uniform in +-1/sqrt(fan_in)
     (PyTorch's default scale), biases 0, padding that keeps the grid (kernel // 2)."""
     w = conv.weight
     cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[w.dim() - 2]
@@ -117,7 +117,7 @@ def grow_inception(gm: fx.GraphModule, grown: Sequence[InceptionGrowth], seed: i
     for g in grown:
         node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == g.layer)
         conv = gm.get_submodule(g.layer)
-        gm.add_submodule(g.name, branches(conv, g.widths, gen))
+        gm.add_submodule(g.name, branches(conv, g.widths, gen).train(conv.training))
         out_dim = len(node.meta["tensor_meta"].shape) - (conv.weight.dim() - 1)
         _insert(gm, g, node, out_dim)
         lines.append(f"  '{g.layer}' grown into an Inception module '{g.name}': branches "

@@ -158,3 +158,31 @@ def test_a_budget_that_cannot_be_met_says_so():
     gpp.begin("push")
     with pytest.raises(ValueError, match="no channel group"):
         gpp.prune()
+
+
+def test_the_landing_step_ranks_as_the_discriminant_prune_phase_and_reads_a_generator_once():
+    torch.manual_seed(0)
+    data = _data()
+    gpp = dsd_fx.GPP(MLP(), sgd, lr=0.05, example_args=(data[0][0],), target_params=0.6, step=0.9,
+                     importance="discriminant")
+    net, opt = gpp.begin("push")
+    _train(net, opt, data, gpp.push_loss)
+    plain = dsd_fx.transform(net, phase="dense")  # what the prune step starts from
+    pruned = gpp.prune(data=(batch for batch in data))  # a one-pass generator
+    (step,) = gpp.history[-1].steps
+    assert step.fraction < 0.9 and gpp.done  # the full step overshot: the landing fraction is smaller
+    want = dsd_fx.transform(plain, phase="prune", channels=step.fraction, importance="discriminant", data=data,
+                            example_args=(data[0][0],))
+    got, ref = pruned.state_dict(), want.state_dict()
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_a_macs_budget_lands_at_the_budget():
+    data = _data()
+    gpp = dsd_fx.GPP(MLP(), sgd, lr=0.05, example_args=(data[0][0],), target_macs=0.3, step=0.5)
+    start = gpp.start.macs
+    while not gpp.done:
+        net, opt = gpp.begin("push")
+        _train(net, opt, data, gpp.push_loss)
+        gpp.prune()
+    assert 0.25 * start < gpp.now.macs <= 0.3 * start

@@ -13,7 +13,7 @@ from torch import nn
 import dsd_fx
 from dsd_fx.grow_config import GrowConfig
 from dsd_fx.phases import transform
-from tests.channel_models import FlatCNN, Inception, ResBlock, randomize_norms
+from tests.channel_models import FlatCNN, Functional, Inception, ResBlock, randomize_norms
 
 IMG, SMALL = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 5, 5)
 
@@ -142,7 +142,7 @@ BAD = [
     ({"at": ["head"], "width": 2}, ValueError, r"group of 'head' cannot grow: node 'output'.*model's output"),
     ({"at": ["conv1"], "width": 2, "example_args": None}, TypeError, r"needs example_args"),
     ({"at": ["conv1"], "width": 9, "how": "net2net"}, ValueError, r"asks 9 of the 8 channels of 'conv1'"),
-    ({"at": ["conv1"], "width": 3, "how": "inception"}, ValueError, r"4 branches.*width=3 gives 3 channel\(s\) for 'conv1'.*width >= 4"),
+    ({"at": ["conv1"], "width": 3, "how": "inception"}, ValueError, r"4 branches.*width=3 gives 3 channel\(s\) for 'conv1'.*at least 4 channels"),
     ({"at": ["conv1"], "width": 4, "how": "inception", "inplace": True}, ValueError, r"inception.*cannot be written into the model"),
     ({"at": [], "width": 2}, TypeError, r"at must be a layer name"),
 ]
@@ -314,9 +314,10 @@ def test_print_changed_shows_the_inception_module_and_the_shapes(capsys):
 
 INCEPTION_BAD = [
     (MLP, torch.randn(4, 6), {"at": ["fc1"]}, r"grows a convolution.*'fc1' is a Linear.*how='zeros'"),
-    (Conv1dNet, torch.randn(2, 1, 40), {"at": ["conv1"]}, r"'conv1'.*input grid \(40,\) to \(20,\).*maps it to \(19,\).*padding = kernel // 2"),
+    (Conv1dNet, torch.randn(2, 1, 40), {"at": ["conv1"]}, r"'conv1'.*\(40,\) to \(20,\).*\(40,\) to \(19,\).*2 \* padding = dilation \* \(kernel - 1\)"),
     (ResBlock, IMG, {"at": ["c2", "down"]}, r"'c2' and 'down' make one channel group"),
     (ResBlock, IMG, {"at": ["c1", "dw"]}, r"'dw'"),
+    (Functional, (torch.randn(2, 8), IMG), {"at": ["k"]}, r"'k' is not a submodule \(a functional convolution's weight\?\)"),
 ]
 
 
@@ -326,6 +327,77 @@ def test_inception_bad_input_raises_before_anything_changes(make, x, options, wo
     model = make()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=words):
-        transform(model, phase="grow", how="inception", width=8, example_args=(x,), **options)
+        transform(model, phase="grow", how="inception", width=8, example_args=x if isinstance(x, tuple) else (x,), **options)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], v) for k, v in after.items())
+
+
+class Unbatched(nn.Module):
+    """Convolutions on an unbatched (C, H, W) input whose C (3 -> 8 -> 4) is neither H nor W."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):  # (3, 10, 6)
+        return self.head(self.c2(F.relu(self.c1(x))).mean((1, 2)))
+
+
+@pytest.mark.parametrize("how", ["zeros", "inception"])
+def test_unbatched_convolutions_grow_and_prune_their_channels(how):
+    torch.manual_seed(0)
+    model, x = Unbatched().eval(), torch.randn(3, 10, 6)
+    groups = {g.name: g.size for g in dsd_fx.channel_groups(model, (x,))}
+    assert groups["c1"] == 8 and groups["c2"] == 4  # channels, not H = 10
+    gm = transform(model, phase="grow", at="c1", width=4, how=how, example_args=(x,))
+    torch.testing.assert_close(_out(gm, x), _out(model, x))
+    assert gm.c2.in_channels == 12
+    pruned = transform(model, phase="prune", channels=0.5, example_args=(x,))
+    assert pruned.c1.out_channels == 4 and pruned(x).shape == (2,)
+
+
+def test_inception_growth_holds_for_every_input_size_it_admits():
+    """The grid check is the layer's geometry, not example_args' size: a stride-2 kernel-2 conv
+    without padding maps 8 to 4 like the 1x1 branches, but 9 to 4 where they make 5: refused."""
+    class Net(nn.Module):
+        def __init__(self, k: int, p: int) -> None:
+            super().__init__()
+            self.stem, self.conv = nn.Conv2d(3, 8, k, stride=2, padding=p), nn.Conv2d(8, 4, 3, padding=1)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.conv(F.relu(self.stem(x))).mean((2, 3)))
+
+    with pytest.raises(ValueError, match=r"'stem' \(kernel \(2, 2\), padding \(0, 0\).*2 \* padding = dilation \* \(kernel - 1\)"):
+        transform(Net(2, 0), phase="grow", at="stem", width=4, how="inception", example_args=(torch.randn(1, 3, 8, 8),))
+    model = Net(3, 1).eval()  # 2p = k - 1: every size
+    gm = transform(model, phase="grow", at="stem", width=4, how="inception", example_args=(torch.randn(1, 3, 8, 8),))
+    for size in (7, 8, 9, 12):
+        x = torch.randn(2, 3, size, size)
+        torch.testing.assert_close(_out(gm, x), _out(model, x))
+
+
+class Clash(BNCNN):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1_inception = nn.Parameter(torch.zeros(1))  # a parameter with the container's name, used
+
+    def forward(self, x):
+        return super().forward(x) + self.conv1_inception
+
+
+def test_inception_container_names_avoid_any_attribute_of_the_parent():
+    model, x = Clash().eval(), IMG
+    gm = transform(model, phase="grow", at="conv1", width=4, how="inception", example_args=(x,))
+    torch.testing.assert_close(_out(gm, x), _out(model, x))
+    assert isinstance(gm.conv1_inception_2, nn.ModuleDict) and "conv1_inception" in dict(gm.named_parameters())
+
+
+def test_a_sparse_phase_model_made_from_a_grown_one_saves_and_loads(tmp_path):
+    model, x, gm = _inception("cnn_bn")
+    sparse = transform(gm, phase="sparse", sparsity=0.5)
+    torch.save(sparse, tmp_path / "sparse.pt")
+    back = torch.load(tmp_path / "sparse.pt", weights_only=False)
+    dense = transform(back, phase="dense")
+    assert dense.code == gm.code and sum(1 for n in dense.graph.nodes if dsd_fx.tags.is_permanent(n)) == 12
