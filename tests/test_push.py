@@ -23,7 +23,8 @@ from dsd_fx import transform
 
 from conftest import TinyMLP
 
-RIDGE = 1e-3
+RIDGE = 1e-3  # tap_utility's and fisher_eigenvalues' ridge
+PUSH_RIDGE = 0.1  # PushConfig's default ridge (the push sees one mini-batch: see dsd_fx.push.PUSH_RIDGE)
 
 
 class SmallCNN(nn.Module):
@@ -309,10 +310,10 @@ def _np_offdiag(s: np.ndarray, r: float) -> float:
     return float((rho2.sum() - np.trace(rho2)) / (d * (d - 1)))
 
 
-def _np_objective(x, y, criterion="log_det", margin=1.0, decorrelation=1.0):
+def _np_objective(x, y, criterion="log_det", margin=1.0, decorrelation=1.0, ridge=PUSH_RIDGE):
     s_w, s_b, s_t = _np_scatter(x, y)
     d = x.shape[1]
-    r = RIDGE * np.trace(s_t) / d + 1e-12
+    r = ridge * np.trace(s_t) / d + 1e-12
     ev = scipy.linalg.eigh(s_b, s_w + r * np.eye(d), eigvals_only=True)
     k = min(len(np.unique(y)) - 1, d)
     top = ev[-k:]
@@ -330,15 +331,40 @@ def _batch(n=24, d=5, c=4, seed=0):
     return x, y
 
 
+@pytest.mark.parametrize("ridge", [None, RIDGE, 1.0])  # None: the default, PUSH_RIDGE
 @pytest.mark.parametrize("criterion, margin, decorrelation", [
     ("log_det", 1.0, 0.0), ("log_det", 1.0, 1.0), ("deeplda", 1.0, 0.0), ("deeplda", 1e9, 0.0), ("deeplda", 1.0, 0.5),
 ])
-def test_push_objective_matches_scipy_lda(criterion, margin, decorrelation):
+def test_push_objective_matches_scipy_lda(criterion, margin, decorrelation, ridge):
     x, y = _batch()
+    options = {} if ridge is None else {"ridge": ridge}
     got = push_objective(torch.from_numpy(x), torch.from_numpy(y), criterion=criterion, margin=margin,
-                         decorrelation=decorrelation)
-    want = _np_objective(x, y, criterion, margin, decorrelation)
+                         decorrelation=decorrelation, **options)
+    want = _np_objective(x, y, criterion, margin, decorrelation, PUSH_RIDGE if ridge is None else ridge)
     assert got.item() == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_default_ridge_keeps_a_small_batch_objective_near_the_large_sample_one():
+    """d = 40 features, batches of 30 (S_w has rank <= 27): with ridge 1e-3 the batch log-det is far above
+    its value on 6000 samples of the same distribution (separation in S_w's null space); with the
+    default ridge the gap is smaller, for every one of 5 batches."""
+    g = np.random.default_rng(3)
+    means = 0.4 * g.normal(size=(3, 40))
+
+    def sample(n):
+        y = np.arange(n) % 3
+        return g.normal(size=(n, 40)) + means[y], y
+
+    big_x, big_y = sample(6000)
+    for _ in range(5):
+        x, y = sample(30)
+        gaps = {}
+        for ridge in (RIDGE, None):
+            options = {} if ridge is None else {"ridge": ridge}
+            batch = -push_objective(torch.from_numpy(x), torch.from_numpy(y), decorrelation=0, **options).item()
+            whole = -push_objective(torch.from_numpy(big_x), torch.from_numpy(big_y), decorrelation=0, **options).item()
+            gaps[ridge] = batch - whole
+        assert gaps[RIDGE] > 2 * gaps[None] > 0, gaps
 
 
 def test_deeplda_margin_selects_fewer_eigenvalues_than_all():
@@ -347,7 +373,8 @@ def test_deeplda_margin_selects_fewer_eigenvalues_than_all():
     r = RIDGE * np.trace(s_t) / x.shape[1] + 1e-12
     top = scipy.linalg.eigh(s_b, s_w + r * np.eye(x.shape[1]), eigvals_only=True)[-3:]
     assert top.max() - top.min() > 1.0  # so margin 1 must leave out the largest
-    small = -push_objective(torch.from_numpy(x), torch.from_numpy(y), criterion="deeplda", decorrelation=0).item()
+    small = -push_objective(torch.from_numpy(x), torch.from_numpy(y), criterion="deeplda", decorrelation=0,
+                            ridge=RIDGE).item()
     assert small < top.mean() - 1e-6
 
 
@@ -357,12 +384,22 @@ def test_push_objective_pools_conv_features():
     assert push_objective(conv, torch.from_numpy(y)).item() == pytest.approx(_np_objective(x, y), rel=1e-9)
 
 
+@pytest.mark.parametrize("ridge", [None, RIDGE])  # None: the default, PUSH_RIDGE
 @pytest.mark.parametrize("criterion", ["log_det", "deeplda"])
-def test_push_objective_gradcheck(criterion):
+def test_push_objective_gradcheck(criterion, ridge):
     x, y = _batch(n=18, d=4, c=3, seed=1)
     xt = torch.from_numpy(x).requires_grad_(True)
     yt = torch.from_numpy(y)
-    assert torch.autograd.gradcheck(lambda t: push_objective(t, yt, criterion=criterion, margin=1e9), (xt,))
+    options = {} if ridge is None else {"ridge": ridge}
+    assert torch.autograd.gradcheck(lambda t: push_objective(t, yt, criterion=criterion, margin=1e9, **options), (xt,))
+
+
+def test_push_objective_gradcheck_with_more_neurons_than_samples():
+    """The regime the default ridge is for: d = 12 > B = 8, S_w singular."""
+    x, y = _batch(n=8, d=12, c=3, seed=2)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    yt = torch.from_numpy(y)
+    assert torch.autograd.gradcheck(lambda t: push_objective(t, yt), (xt,))
 
 
 _G = torch.Generator().manual_seed(0)
