@@ -13,6 +13,9 @@ budget (a fraction of the dense model's parameters):
   gpp            push phases (cross-entropy + dsd_fx.push_loss on the classifier's input, E/2 epochs)
                  each followed by a prune step of --step of every channel group ranked by --importance,
                  until the budget; a fine-tune of E epochs at lr/10
+  grow+gpp       GROW's growth first (Inception modules beside the CNNs' convolutions, a wider MLP
+                 layer), E/2 epochs of training, then gpp's schedule to the same budget (a fraction
+                 of the dense model before growth)
   no push        the same schedule with the push term off (importance alone)
   l1             the same schedule, no push, L1 magnitude importance (iterative L1 channel pruning)
   torch-pruning  Torch-Pruning's MagnitudePruner (L1), one shot, at the channel ratio (bisected) that
@@ -42,12 +45,18 @@ import torch.nn.functional as F
 
 import dsd_fx
 from dsd_fx.demo import load_task
+from dsd_fx.demo_gpp import schedule
 from dsd_fx.demo_models import evaluate, sgd, train_epoch
 from dsd_fx.push import PushConfig, push_objective
 from dsd_fx.taps import recorder_of
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METHODS = ("gpp", "no push", "l1", "torch-pruning", "dense")
+METHODS = ("gpp", "grow+gpp", "no push", "l1", "torch-pruning", "dense")
+# what "grow+gpp" grows first, per data:model (transform(phase="grow") options): Inception modules
+# beside the CNNs' convolutions that keep their grid, a wider hidden layer for the MLP
+GROW = {"mnist1d:cnn": {"at": ["conv2", "conv3"], "width": 0.5, "how": "inception"},
+        "digits:cnn": {"at": ["conv1", "conv2"], "width": 0.5, "how": "inception"},
+        "mnist1d:mlp": {"at": ["fc1"], "width": 0.5, "how": "zeros"}}
 
 
 def _task(data: str, model: str, seed: int, epochs: int | None):
@@ -55,43 +64,11 @@ def _task(data: str, model: str, seed: int, epochs: int | None):
     return load_task(args)
 
 
-def _batches(task, n: int = 10):
-    x, y = task.train
-    return [(x[i:i + task.batch], y[i:i + task.batch]) for i in range(0, min(len(x), n * task.batch), task.batch)]
-
-
-def _push_epoch(model, opt, data, batch: int, generator: torch.Generator, weight: float, config: PushConfig) -> float:
-    """demo_gpp.push_epoch with the push objective's options: CE + weight * push_loss(config)."""
-    x, y = data
-    model.train()
-    total = 0.0
-    for idx in torch.randperm(len(x), generator=generator).split(batch):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x[idx]), y[idx]) + weight * dsd_fx.push_loss(model, y[idx], config=config)
-        loss.backward()
-        opt.step()
-        total += float(loss.detach()) * len(idx)
-    return total / len(x)
-
-
-def _schedule(task, net, gen, target, step, push_weight, importance, config=None):
-    """GPP's schedule on a copy of the dense net; (accuracy, params, epochs trained after the dense phase)."""
-    gpp = dsd_fx.GPP(copy.deepcopy(net), sgd, lr=task.lr, example_args=(task.test[0][:1],), target_params=target,
-                     step=step, importance=importance, push_weight=push_weight, finetune_lr_scale=0.1)
-    push_epochs, trained = max(1, task.epochs // 2), 0
-    while not gpp.done:
-        model, opt = gpp.begin("push")
-        for _ in range(push_epochs):
-            if push_weight:
-                _push_epoch(model, opt, task.train, task.batch, gen, push_weight, config or PushConfig())
-            else:
-                train_epoch(model, opt, task.train, task.batch, gen)
-        trained += push_epochs
-        gpp.prune(data=_batches(task))
-    model, opt = gpp.begin("finetune")
-    for _ in range(task.epochs):
-        train_epoch(model, opt, task.train, task.batch, gen)
-    return evaluate(model, task.test)[0], dsd_fx.cost(model, (task.test[0][:1],)).params, trained + task.epochs
+def _schedule(task, net, gen, target, step, push_weight, importance, config=None, grow=None):
+    """GPP's schedule on a copy of the dense net (demo_gpp.schedule, the demo's comparison runs):
+    (accuracy, params, epochs trained after the dense phase)."""
+    return schedule(task, net, gen, target=target, step=step, push_weight=push_weight, importance=importance,
+                    grow=grow, push_config=config)
 
 
 def _tp_prune(net, x, ratio):
@@ -149,6 +126,10 @@ def one_seed(data, model_name, seed, targets, args) -> dict:
             if name in args.methods:
                 acc, params, epochs = _schedule(task, net, fork(), target, args.step, w, args.importance, config)
                 out[(target, name)] = (acc, params / start)
+        if "grow+gpp" in args.methods:
+            acc, params, _ = _schedule(task, net, fork(), target, args.step, args.push_weights[0], args.importance, config,
+                                       grow=GROW[f"{data}:{model_name}"])
+            out[(target, "grow+gpp")] = (acc, params / start)
         if "no push" in args.methods:
             acc, params, epochs = _schedule(task, net, fork(), target, args.step, 0.0, args.importance)
             out[(target, "no push")] = (acc, params / start)

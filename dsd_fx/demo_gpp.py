@@ -57,16 +57,17 @@ def batches(task, n: int = 10) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def schedule(task, net, gen: torch.Generator, *, target: float, step: float, push_weight: float, importance: str,
-             grow: dict | None = None) -> tuple[float, int, int]:
+             grow: dict | None = None, push_config=None) -> tuple[float, int, int]:
     """GPP's schedule on a copy of the dense `net`, without output: with `grow`, a grow phase of E/2
     epochs; push phases of E/2 epochs (cross-entropy alone where push_weight is 0), each followed by
-    a prune step ranked by `importance`, until `target`; a fine-tune of E epochs at lr/10. Returns
+    a prune step ranked by `importance`, until `target`; a fine-tune of E epochs at lr/10.
+    `push_config`: the push objective's options (dsd_fx.PushConfig; None: its defaults). Returns
     (test accuracy, parameters, epochs trained after the dense phase)."""
     import dsd_fx
 
     example = (task.test[0][:1],)
     gpp = dsd_fx.GPP(copy.deepcopy(net), sgd, lr=task.lr, example_args=example, target_params=target, step=step,
-                     importance=importance, push_weight=push_weight, finetune_lr_scale=0.1)
+                     importance=importance, push_weight=push_weight, finetune_lr_scale=0.1, push_config=push_config)
     epochs, trained = max(1, task.epochs // 2), 0
     if grow:
         model, opt = gpp.begin("grow", **grow)

@@ -11,7 +11,7 @@ from dsd_fx.flow import OptimizerFn, PhaseRecord
 from dsd_fx.importance import importance
 from dsd_fx.macs import cost
 from dsd_fx.phases import transform
-from dsd_fx.push import push_loss
+from dsd_fx.push import PushConfig, push_loss
 from dsd_fx.tags import has_dsd_nodes
 from dsd_fx.taps import recorder_of
 
@@ -67,13 +67,15 @@ class GPP:
 
     Every phase gets a fresh optimizer from `optimizer_fn(parameters, lr)`. `history` records per
     phase the params, MACs, prune steps and the user's metrics. `push_weight` scales the push loss
-    (its weight against cross-entropy is not in the paper: 1.0 by default, inferred).
+    (its weight against cross-entropy is not in the paper: 1.0 by default, inferred, with
+    PushConfig's ridge 0.1; weights of 2 or more hurt the MNIST-1D CNN: benchmarks/results_gpp_push.txt);
+    `push_config` sets the push objective's options (dsd_fx.PushConfig).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer_fn: OptimizerFn, lr: float, *, example_args: Any,
                  target_params: float | None = None, target_macs: float | None = None, step: float = 0.25,
                  importance: str = "l1", push_weight: float = 1.0, taps: list[str] | None = None,
-                 finetune_lr_scale: float = 1.0) -> None:
+                 finetune_lr_scale: float = 1.0, push_config: PushConfig | None = None) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"GPP needs an nn.Module, got {type(model).__name__}")
         if isinstance(model, fx.GraphModule) and has_dsd_nodes(model.graph):
@@ -83,6 +85,8 @@ class GPP:
         if not lr > 0 or not finetune_lr_scale > 0 or push_weight < 0:
             raise ValueError(f"GPP: lr and finetune_lr_scale must be > 0 and push_weight >= 0, got {lr!r}, "
                              f"{finetune_lr_scale!r}, {push_weight!r}")
+        if push_config is not None and not isinstance(push_config, PushConfig):
+            raise TypeError(f"GPP: push_config must be a dsd_fx.PushConfig, got {type(push_config).__name__}")
         if (target_params is None) == (target_macs is None):
             raise ValueError("GPP: give exactly one budget, target_params=0.25 (a fraction of today's parameters) or target_macs=...")
         self.budget = ("params", _fraction(target_params, "target_params")) if target_params is not None \
@@ -90,7 +94,7 @@ class GPP:
         self.step_fraction = _fraction(step, "step")
         self.model, self.optimizer_fn, self.lr = model, optimizer_fn, lr
         self.example_args, self.importance, self.taps = example_args, importance, taps
-        self.push_weight, self.finetune_lr_scale = push_weight, finetune_lr_scale
+        self.push_weight, self.finetune_lr_scale, self.push_config = push_weight, finetune_lr_scale, push_config
         self.start = cost(model, example_args)  # bad example_args fail here, before any training
         self.now = self.start  # the cost of the current model: only a prune step changes it
         self.phase: str | None = None
@@ -148,7 +152,7 @@ class GPP:
         """`push_weight` times the push objective of the batch the tapped model just ran."""
         if self.phase != "push":
             raise ValueError("GPP: push_loss belongs to a push phase; call begin('push') first")
-        return self.push_weight * push_loss(self.model, labels)
+        return self.push_weight * push_loss(self.model, labels, config=self.push_config)
 
     def prune(self, data: Iterable | None = None) -> torch.nn.Module:
         """One prune step after a push phase: `step` of the channels of every prunable group go
