@@ -148,11 +148,12 @@ class GPP:
         self.phase = "grow"
         return self.model, self.optimizer_fn(self.model.parameters(), self.lr)
 
-    def push_loss(self, labels: torch.Tensor) -> torch.Tensor:
-        """`push_weight` times the push objective of the batch the tapped model just ran."""
+    def push_loss(self, labels: torch.Tensor, *, sync: bool = False) -> torch.Tensor:
+        """`push_weight` times the push objective of the batch the tapped model just ran (sync=True:
+        of the global batch under DDP, see dsd_fx.push_loss)."""
         if self.phase != "push":
             raise ValueError("GPP: push_loss belongs to a push phase; call begin('push') first")
-        return self.push_weight * push_loss(self.model, labels, config=self.push_config)
+        return self.push_weight * push_loss(self.model, labels, config=self.push_config, sync=sync)
 
     def prune(self, data: Iterable | None = None) -> torch.nn.Module:
         """One prune step after a push phase: `step` of the channels of every prunable group go

@@ -227,9 +227,33 @@ def _recorded(gm: fx.GraphModule, taps: Sequence[str] | None) -> dict[str, torch
     return {n: rec.activations[n] for n in names}
 
 
+def gathered(x: torch.Tensor, labels: torch.Tensor, group: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's rows of `x` (B_rank, d) and `labels` (B_rank,), concatenated in rank order, for
+    batch statistics over the global batch under torch.distributed (DDP). Local batches may differ
+    in size. The gradient reaches each rank's own rows: torch.distributed.nn's all_gather sums the
+    ranks' gradients of their (equal) losses back, and DDP's averaging of the parameter gradients
+    then gives the gradient of the one global-batch loss."""
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_gather
+
+    world = dist.get_world_size(group)
+    size = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    most = max(int(s) for s in sizes)
+    pad = most - x.shape[0]
+    rows = torch.cat([x, x.new_zeros(pad, *x.shape[1:])]) if pad else x
+    marks = torch.cat([labels.reshape(-1), labels.new_zeros(pad)]) if pad else labels.reshape(-1)
+    every = all_gather(rows, group=group)
+    every_labels = [torch.empty_like(marks) for _ in range(world)]
+    dist.all_gather(every_labels, marks, group=group)
+    n = [int(s) for s in sizes]
+    return torch.cat([r[:k] for r, k in zip(every, n)]), torch.cat([m[:k] for m, k in zip(every_labels, n)])
+
+
 def push_loss(
     gm: fx.GraphModule, labels: torch.Tensor, *, taps: Sequence[str] | None = None,
-    config: PushConfig | None = None, **options: Any,
+    config: PushConfig | None = None, sync: bool = False, group: Any = None, **options: Any,
 ) -> torch.Tensor:
     """The push objective (push_objective) of the batch last run through `gm`, averaged over its taps.
 
@@ -238,6 +262,12 @@ def push_loss(
     the taps by name; options are PushConfig's (criterion, ridge, margin, decorrelation). It runs
     eagerly: its class count is data-dependent, so torch.compile would break the graph before it
     (compile the model, whose taps compile without a break, and call this outside).
+
+    sync=True (under torch.distributed, e.g. DDP): the scatter matrices are those of the global
+    batch, every rank's pooled features and labels gathered (`gathered`; `group`: the process
+    group, default the world), so that every rank computes the same loss and the training step is
+    the one-process step over the global batch; without it each rank uses its local batch (like
+    BatchNorm without SyncBatchNorm). Ignored where torch.distributed is not initialised.
     """
     cfg = PushConfig(**options) if config is None else config
     acts = _recorded(gm, taps)
@@ -248,7 +278,10 @@ def push_loss(
                 f"push_loss: tap {name!r} recorded a batch of {x.shape[0]} but labels has {labels.numel()} entries; "
                 "pass the labels of the batch last run through the graph"
             )
-        losses.append(push_objective(pooled(x, name), labels, cfg))
+        feats, marks = pooled(x, name), labels
+        if sync and torch.distributed.is_available() and torch.distributed.is_initialized():
+            feats, marks = gathered(feats, labels, group)
+        losses.append(push_objective(feats, marks, cfg))
     return torch.stack(losses).mean()
 
 

@@ -1,6 +1,6 @@
 """One rank of the DDP test (tests/test_production.py), and the single-process run it is compared with.
 
-    python tests/ddp_worker.py RANK WORLD PORT MODE OUT_DIR [ddp|fsdp2]
+    python tests/ddp_worker.py RANK WORLD PORT MODE OUT_DIR [ddp|fsdp2|push]
 """
 import os
 import sys
@@ -41,6 +41,38 @@ def train(mode: str, rank: int = 0, world: int = 1, wrap=lambda m: m):
     return sparse
 
 
+def train_push(rank: int = 0, world: int = 1, wrap=lambda m: m, sync: bool = False, local: int = 1):
+    """STEPS steps of cross-entropy + push_loss on the tapped classifier input, the same global
+    batches; each rank takes its slice (sync: the push loss of the global batch). `local` > 1 (one
+    process): the mean of the losses of that many slices, which is what DDP without sync computes."""
+    torch.manual_seed(0)
+    tapped = dsd_fx.transform(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), phase="push")
+    net = wrap(tapped)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        x, y = torch.randn(GLOBAL_BATCH, 16, generator=g), torch.randint(0, 4, (GLOBAL_BATCH,), generator=g)
+        xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+        opt.zero_grad()
+        losses = [F.cross_entropy(net(xl), yl) + dsd_fx.push_loss(tapped, yl, sync=sync)
+                  for xl, yl in zip(xs.chunk(local), ys.chunk(local))]
+        torch.stack(losses).mean().backward()
+        opt.step()
+    return tapped
+
+
+def push_values(rank: int, world: int) -> tuple[float, float]:
+    """(the synced push loss of an uneven split, 5 and 3 rows, of one batch; the one-process loss of it)."""
+    torch.manual_seed(0)
+    tapped = dsd_fx.transform(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), phase="push")
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(GLOBAL_BATCH, 16, generator=g), torch.randint(0, 4, (GLOBAL_BATCH,), generator=g)
+    whole = (tapped(x), dsd_fx.push_loss(tapped, y))[1]
+    part = slice(0, 5) if rank == 0 else slice(5, None)
+    synced = (tapped(x[part]), dsd_fx.push_loss(tapped, y[part], sync=True))[1]
+    return float(synced), float(whole)
+
+
 def main() -> None:
     rank, world, port, mode, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
     how = sys.argv[6] if len(sys.argv) > 6 else "ddp"
@@ -61,6 +93,13 @@ def main() -> None:
             dist.barrier()
             return
         from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if how == "push":
+            tapped = train_push(rank, world, wrap=DDP, sync=True)
+            torch.save({"params": {n: p.detach().clone() for n, p in tapped.named_parameters()},
+                        "values": push_values(rank, world)}, os.path.join(out, f"rank{rank}.pt"))
+            dist.barrier()
+            return
 
         sparse = train(mode, rank, world, wrap=DDP)
         state = {"masks": dsd_fx.current_masks(sparse),

@@ -67,6 +67,23 @@ def test_ddp_two_processes_gloo(mode, tmp_path):
     assert r0["proof"] is True  # re-dense on rank 0, ONNX verified
 
 
+def test_push_loss_synced_under_ddp_is_the_one_process_global_batch_loss(tmp_path):
+    """sync=True: every rank's push loss is the global batch's (an uneven 5 + 3 split included),
+    and two DDP ranks train to the parameters of one process over the same global batches; with
+    each rank's local batch (sync=False, simulated in one process) they would not."""
+    from ddp_worker import train_push
+
+    r0, r1 = _two_ranks("push", tmp_path, "push")
+    for synced, whole in (r0["values"], r1["values"]):
+        assert synced == pytest.approx(whole, rel=1e-5, abs=1e-6)
+    single = train_push()
+    for name, p in single.named_parameters():
+        torch.testing.assert_close(r0["params"][name], p.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r1["params"][name], p.detach(), rtol=1e-5, atol=1e-6)
+    local = train_push(local=2)  # what DDP without sync trains: each half's push loss, averaged
+    assert not torch.allclose(local.get_parameter("0.weight"), single.get_parameter("0.weight"), atol=1e-4)
+
+
 def _has_fsdp2() -> bool:
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
