@@ -16,6 +16,7 @@ from dsd_fx.passes.grow_inception import PASS as INCEPTION, InceptionGrowth, gro
 from dsd_fx.passes.prune_channels import fix_attributes
 from dsd_fx.pipeline import Invariant, Plan
 from dsd_fx.prune_plan import score
+from dsd_fx.rewrite import owner_of
 from dsd_fx.tags import has_dsd_nodes
 
 
@@ -129,8 +130,8 @@ def inception_growths(gm: fx.GraphModule, growths: Sequence[Growth], config: Gro
 
 def _exists(gm: fx.GraphModule, name: str) -> bool:
     """Whether `name` is taken: a submodule, parameter, buffer or any attribute of its parent."""
-    path, _, leaf = name.rpartition(".")
-    return hasattr(gm.get_submodule(path) if path else gm, leaf)
+    owner, leaf = owner_of(gm, name)
+    return hasattr(owner, leaf)
 
 
 def _refuse_tied(gm: fx.GraphModule, growths: Sequence[Growth]) -> None:

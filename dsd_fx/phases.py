@@ -23,6 +23,7 @@ from dsd_fx.passes.pack_nm import pack_nm
 from dsd_fx.pipeline import NOTES, Invariant, PassRecord, Plan, run_passes
 from dsd_fx.print_changed import PrintChanged
 from dsd_fx.prunable import PrunableWeight
+from dsd_fx.rewrite import owner_of
 from dsd_fx.prune_config import PruneConfig
 from dsd_fx.prune_plan import prune_plan
 from dsd_fx.selection import select_nm, select_weights
@@ -264,8 +265,7 @@ def _packed_plan(gm: fx.GraphModule, chosen, config: SparseConfig) -> Plan:
     weights = select_nm(chosen, n, m, config.strict)
     records = []
     for w, dim in weights:
-        path, _, attr = w.name.rpartition(".")
-        owner = gm.get_submodule(path) if path else gm
+        owner, _ = owner_of(gm, w.name)
         records.append(MaskRecord(w.name, MaskKind.PACKED, n=n, m=m, dim=dim, param=w.param,
                                   shape=tuple(w.param.shape), order=tuple(owner._parameters)))
 

@@ -3,11 +3,17 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from torch import fx
+from torch import fx, nn
 
 from dsd_fx.op_table import module_row
 from dsd_fx.ops import module_call
 from dsd_fx.tags import Role, tag, untagged_meta
+
+
+def owner_of(root: nn.Module, qualname: str) -> tuple[nn.Module, str]:
+    """(the module that holds `qualname`, the attribute's own name): "fc1.weight" -> (root.fc1, "weight")."""
+    path, _, attr = qualname.rpartition(".")
+    return (root.get_submodule(path) if path else root), attr
 
 
 def get_attr(g: fx.Graph, target: str) -> fx.Node:

@@ -9,7 +9,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from dsd_fx.ops import mask_mul
 from dsd_fx.prunable import PrunableWeight
-from dsd_fx.rewrite import get_attr, wrap_weight_uses
+from dsd_fx.rewrite import get_attr, owner_of, wrap_weight_uses
 from dsd_fx.tags import Role, tag
 
 PASS = "insert_masks"
@@ -46,8 +46,8 @@ def insert_masks(gm: fx.GraphModule, masks: Sequence[tuple[PrunableWeight, torch
     """
     items = []
     for pw, mask in masks:
-        path, _, attr = pw.mask_name.rpartition(".")
-        (gm.get_submodule(path) if path else gm).register_buffer(attr, mask)
+        owner, attr = owner_of(gm, pw.mask_name)
+        owner.register_buffer(attr, mask)
 
         def masked(g: fx.Graph, weight: fx.Node, sole: bool, pw=pw) -> fx.Node:
             return _masked(g, weight, pw.mask_name, pw, sole)

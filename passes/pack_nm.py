@@ -12,7 +12,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 from dsd_fx.op_table import module_row, packed_call
 from dsd_fx.packing import pack_tensor
 from dsd_fx.prunable import PrunableWeight
-from dsd_fx.rewrite import functionalize, get_attr, input_of
+from dsd_fx.rewrite import functionalize, get_attr, input_of, owner_of
 from dsd_fx.tags import Role, tag, untagged_meta
 
 PASS = "pack_nm"
@@ -40,8 +40,7 @@ def pack_nm(gm: fx.GraphModule, weights: Sequence[tuple[PrunableWeight, int]], n
     packer = _Packer(n, m, () if kernel == "auto" else (kernel,))
     calls: dict[fx.Node, list[tuple[str, _Weight]]] = {}  # module call -> [(parameter name in the module, weight)]
     for pw, dim in weights:
-        path, _, attr = pw.name.rpartition(".")
-        owner = gm.get_submodule(path) if path else gm
+        owner, attr = owner_of(gm, pw.name)
         values, meta = pack_tensor(pw.param, n, m, dim)
         owner.register_parameter(f"{attr}_values", nn.Parameter(values, requires_grad=pw.param.requires_grad))
         owner.register_buffer(f"{attr}_meta", meta)

@@ -7,6 +7,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from dsd_fx.ops import module_call
+from dsd_fx.rewrite import owner_of
 from dsd_fx.tags import META_KEY, Role, tag_of, tagged, untagged_meta
 
 # the passes whose nodes strip_masks removes (unpack_nm's restored nodes keep their place)
@@ -60,8 +61,7 @@ def strip_masks(gm: fx.GraphModule) -> PassResult:
             new.erase_node(n)
     gm.graph = new
     for qualname in mask_buffers:
-        path, _, attr = qualname.rpartition(".")
-        owner = gm.get_submodule(path) if path else gm
+        owner, attr = owner_of(gm, qualname)
         if attr in owner._buffers:
             del owner._buffers[attr]
     return PassResult(gm, modified=True)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from dsd_fx.rewrite import get_attr
+from dsd_fx.rewrite import get_attr, owner_of
 from dsd_fx.state import MaskKind, MaskRecord
 from dsd_fx.tags import Role, tag, tag_of, tagged
 
@@ -78,8 +78,7 @@ def unpack_nm(gm: fx.GraphModule, records: Sequence[MaskRecord]) -> PassResult:
 def _restore_parameter(gm: fx.GraphModule, r: MaskRecord) -> None:
     """The original Parameter back under its name, in its place among the module's parameters
     (hence of state_dict keys); the packed storage goes."""
-    path, _, attr = r.weight.rpartition(".")
-    module = gm.get_submodule(path) if path else gm
+    module, attr = owner_of(gm, r.weight)
     del module._parameters[f"{attr}_values"]
     del module._buffers[f"{attr}_meta"]
     module._parameters[attr] = r.param
