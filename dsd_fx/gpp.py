@@ -65,6 +65,8 @@ class GPP:
             gpp.prune(data=data)            # importance="discriminant" uses data; "l1" ignores it
         model, opt = gpp.begin("finetune")  # untapped, smaller: train it, then export it
 
+    `importance` ranks the channels of a prune step: "discriminant" (default, CVIU21's utility traced
+    back: dsd_fx.importance; prune(data=...) then needs batches), "l1" or "l2".
     Every phase gets a fresh optimizer from `optimizer_fn(parameters, lr)`. `history` records per
     phase the params, MACs, prune steps and the user's metrics. `push_weight` scales the push loss
     (its weight against cross-entropy is not in the paper: 1.0 by default, inferred, with
@@ -74,7 +76,7 @@ class GPP:
 
     def __init__(self, model: torch.nn.Module, optimizer_fn: OptimizerFn, lr: float, *, example_args: Any,
                  target_params: float | None = None, target_macs: float | None = None, step: float = 0.25,
-                 importance: str = "l1", push_weight: float = 1.0, taps: list[str] | None = None,
+                 importance: str = "discriminant", push_weight: float = 1.0, taps: list[str] | None = None,
                  finetune_lr_scale: float = 1.0, push_config: PushConfig | None = None) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"GPP needs an nn.Module, got {type(model).__name__}")
@@ -165,6 +167,10 @@ class GPP:
             raise ValueError(f"GPP: the budget is met already ({self.budget[0]} <= {self.target:,}); begin('finetune')")
         before = self._size(self.now)
         discriminant = self.importance == "discriminant"
+        if discriminant and data is None:
+            raise TypeError("GPP.prune: the prune step ranks channels by importance='discriminant' (GPP's default: the "
+                            "tapped layer's class separation traced back), which needs data=: (inputs, labels) batches, "
+                            "a DataLoader; or build GPP(..., importance='l1') to rank by weight magnitude")
         if discriminant and data is not None and iter(data) is data:  # a one-pass iterator: read it once
             data = list(data)
         options = {"data": data} if discriminant else {}

@@ -48,7 +48,7 @@ def test_the_flow_reaches_the_budget_and_records_each_phase():
     while not gpp.done:
         net, opt = gpp.begin("push")
         gpp.log(loss=_train(net, opt, data, gpp.push_loss))
-        gpp.prune()
+        gpp.prune(data=data)  # the default importance, "discriminant", reads (inputs, labels) batches
     net, opt = gpp.begin("finetune")
     gpp.log(loss=_train(net, opt, data))
     final = dsd_fx.cost(net, (data[0][0],)).params
@@ -157,7 +157,7 @@ def test_a_budget_that_cannot_be_met_says_so():
     gpp = dsd_fx.GPP(model, sgd, lr=0.05, example_args=(torch.randn(4, 10),), target_params=0.5)
     gpp.begin("push")
     with pytest.raises(ValueError, match="no channel group"):
-        gpp.prune()
+        gpp.prune(data=[(torch.randn(4, 10), torch.tensor([0, 1, 2, 0]))])
 
 
 def test_the_landing_step_ranks_as_the_discriminant_prune_phase_and_reads_a_generator_once():
@@ -179,10 +179,19 @@ def test_the_landing_step_ranks_as_the_discriminant_prune_phase_and_reads_a_gene
 
 def test_a_macs_budget_lands_at_the_budget():
     data = _data()
-    gpp = dsd_fx.GPP(MLP(), sgd, lr=0.05, example_args=(data[0][0],), target_macs=0.3, step=0.5)
+    gpp = dsd_fx.GPP(MLP(), sgd, lr=0.05, example_args=(data[0][0],), target_macs=0.3, step=0.5, importance="l1")
     start = gpp.start.macs
     while not gpp.done:
         net, opt = gpp.begin("push")
         _train(net, opt, data, gpp.push_loss)
         gpp.prune()
     assert 0.25 * start < gpp.now.macs <= 0.3 * start
+
+
+def test_the_default_discriminant_prune_step_asks_for_data_before_any_change():
+    data = _data()
+    gpp = dsd_fx.GPP(MLP(), sgd, lr=0.05, example_args=(data[0][0],), target_params=0.5)
+    net, _ = gpp.begin("push")
+    with pytest.raises(TypeError, match=r"importance='discriminant' \(GPP's default.*needs data=.*importance='l1'"):
+        gpp.prune()
+    assert gpp.phase == "push" and gpp.model is net and not gpp.history[-1].steps
