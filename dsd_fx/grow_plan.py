@@ -13,7 +13,7 @@ from dsd_fx.channels import ChannelGroup, eval_mode, groups_of, propagate_shapes
 from dsd_fx.grow_config import GrowConfig
 from dsd_fx.passes.grow_channels import PASS, Growth, edits_of, grow_channels
 from dsd_fx.passes.grow_inception import PASS as INCEPTION, InceptionGrowth, grow_inception, split_width, without_outputs
-from dsd_fx.passes.prune_channels import fix_attributes
+from dsd_fx.passes.prune_channels import adopt
 from dsd_fx.pipeline import Invariant, Plan
 from dsd_fx.prune_plan import score
 from dsd_fx.rewrite import owner_of
@@ -184,14 +184,7 @@ def grow_plan(gm: fx.GraphModule, config: GrowConfig, model: torch.nn.Module) ->
         if not config.inplace:
             return
         for layer, tensors in edits_of(growths).items():
-            mine, theirs = gm.get_submodule(layer), model.get_submodule(layer)
-            for name in tensors:
-                if name in mine._parameters:
-                    theirs._parameters[name] = mine._parameters[name]
-                elif name:
-                    theirs._buffers[name] = mine._buffers[name]
-            added = max(sum(g.n * m.repeat for m, g in e) for dims in tensors.values() for e in dims.values())
-            fix_attributes(theirs, -added)
+            adopt(model.get_submodule(layer), gm.get_submodule(layer), tensors)
 
     if config.how == "inception":
         recipe = [(INCEPTION, functools.partial(grow_inception, grown=grown, seed=config.seed))]

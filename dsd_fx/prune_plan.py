@@ -10,7 +10,7 @@ import torch
 from torch import fx
 
 from dsd_fx.channels import ChannelGroup, eval_mode, groups_of, propagate_shapes
-from dsd_fx.passes.prune_channels import cut_positions, layer_cuts, prune_channels, shrink_layer
+from dsd_fx.passes.prune_channels import adopt, cut_positions, layer_cuts, prune_channels
 from dsd_fx.pipeline import Invariant, Plan
 from dsd_fx.prune_config import PruneConfig
 from dsd_fx.tags import has_dsd_nodes
@@ -201,13 +201,7 @@ def prune_plan(gm: fx.GraphModule, config: PruneConfig, model: torch.nn.Module):
         if not config.inplace:
             return
         for layer, tensors in layer_cuts(cuts).items():
-            mine, theirs = gm.get_submodule(layer), model.get_submodule(layer)
-            shrink_layer(theirs, tensors)  # the sizes; then share the pruned graph's tensors
-            for name in tensors:
-                if name in mine._parameters:
-                    theirs._parameters[name] = mine._parameters[name]
-                elif name:
-                    theirs._buffers[name] = mine._buffers[name]
+            adopt(model.get_submodule(layer), gm.get_submodule(layer), tensors)
 
     recipe = [("prune_channels", functools.partial(prune_channels, groups=groups, removed=removed))]
     return Plan(recipe, [_consistent(config.example_args, out_shapes)], commit, [])

@@ -54,6 +54,22 @@ def fix_attributes(module: nn.Module, removed_count: int) -> None:
         module.num_features -= removed_count
 
 
+SIZES = ("in_features", "out_features", "in_channels", "out_channels", "groups", "embedding_dim", "num_features")
+
+
+def adopt(theirs: nn.Module, mine: nn.Module, names) -> None:
+    """The user's layer `theirs` takes the rewritten shell's tensors (`names`, the same objects:
+    parameters stay parameters) and its size attributes: the write-back of inplace=True."""
+    for name in names:
+        if name in mine._parameters:
+            theirs._parameters[name] = mine._parameters[name]
+        elif name:
+            theirs._buffers[name] = mine._buffers[name]
+    for attr in SIZES:
+        if attr in mine.__dict__:
+            theirs.__dict__[attr] = mine.__dict__[attr]
+
+
 def shrink_layer(module: nn.Module, cuts: Mapping[str, Mapping[int, list[int]]]) -> dict[str, torch.Tensor]:
     """Replace `module`'s tensors named in `cuts` by smaller new ones (parameters stay parameters,
     under the same names, with the same requires_grad) and fix its size attributes. Returns them."""
