@@ -7,6 +7,7 @@ import torch.nn as nn
 from torch import fx
 from torch.utils._pytree import tree_flatten
 
+from dsd_fx import channel_attention as attention
 from dsd_fx import channel_rules as rules
 from dsd_fx import channel_weights
 from dsd_fx.channel_layout import FlowState, Layout
@@ -14,7 +15,8 @@ from dsd_fx.op_table import ChannelRule, Flow, channel_rule, function_row, modul
 
 _HANDLERS = {Flow.ELEMENTWISE: rules.elementwise, Flow.PASS: rules.passthrough, Flow.NORM: rules.norm,
              Flow.RESHAPE: rules.reshape, Flow.MOVE: rules.move, Flow.CAT: rules.cat, Flow.SPLIT: rules.split,
-             Flow.REDUCE: rules.reduce}
+             Flow.REDUCE: rules.reduce, Flow.ATTENTION: attention.attention, Flow.SOFTMAX: attention.softmax,
+             Flow.EXPAND: attention.expand, Flow.REPEAT_INTERLEAVE: attention.repeat_interleave}
 
 
 class Propagation:
@@ -83,5 +85,5 @@ class Propagation:
         if isinstance(lay, tuple) and isinstance(index, int):
             return lay[index]
         if isinstance(lay, Layout):
-            self.state.block([lay], f"node '{node.name}': indexing a tensor whose channels are tracked")
+            return attention.index(self, node, lay, index)
         return None

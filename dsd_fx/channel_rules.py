@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -38,14 +39,19 @@ def fail(prop, node: fx.Node, reason: str) -> None:
 
 
 def tie(state: FlowState, a: Layout, b: Layout) -> bool:
-    """Tie a's channels to b's (same dim); False where the two cannot be matched channel by channel."""
-    if a.segments == b.segments and a.repeat == b.repeat:
+    """Tie a's channels to b's, index by index of their dim; False where the two cannot be matched.
+
+    Two whole channel spaces read in different blocks (query heads and the KV heads repeated for
+    them) tie in parts: index i holds a's block i // a.repeat and b's block i // b.repeat, so the
+    finest parts that hold whole blocks of both are gcd(a's blocks, b's blocks) in number."""
+    if a.segments == b.segments and a.repeat == b.repeat and a.unit == b.unit:
         return True
-    if len(a.segments) == len(b.segments) == 1 and a.repeat == b.repeat:
+    if len(a.segments) == len(b.segments) == 1:
         sa, sb = a.segments[0], b.segments[0]
-        full = sa.start == sb.start == 0 and sa.length == state.sizes[sa.atom] == sb.length == state.sizes[sb.atom]
-        if full:
-            state.ties.append((sa.atom, sb.atom))
+        full = sa.start == sb.start == 0 and sa.length == state.sizes[sa.atom] and sb.length == state.sizes[sb.atom]
+        na, nb = sa.length // a.unit, sb.length // b.unit
+        if full and na * a.repeat == nb * b.repeat:
+            state.ties.append((sa.atom, sb.atom, math.gcd(na, nb)))
             return True
     return False
 
@@ -57,7 +63,7 @@ def elementwise(prop, node: fx.Node, rule: ChannelRule, module):
     for a in operands:
         lay = layout_of(prop, a)
         if lay is not None and out is not None:
-            lay = Layout(lay.dim + len(out) - len(shape(a)), lay.segments, lay.repeat)
+            lay = replace(lay, dim=lay.dim + len(out) - len(shape(a)))
         placed.append((a, lay))
     ref = next((lay for _, lay in placed if lay is not None), None)
     if ref is None:
@@ -94,8 +100,9 @@ def norm(prop, node: fx.Node, rule: ChannelRule, module: nn.Module):
     lay = layout_of(prop, first_input(node))
     if lay is None:
         return None
-    if lay.dim != 1 or lay.repeat != 1:
-        fail(prop, node, f"normalises dim 1, but the channels are at dim {lay.dim}")
+    if lay.dim != 1 or lay.repeat != 1 or lay.unit != 1:
+        fail(prop, node, f"normalises dim 1, but the channels are at dim {lay.dim}" if lay.dim != 1
+             else "normalises single channels of a tensor whose channels are flattened or split into heads")
         return None
     names = [n for n in rule.params if isinstance(getattr(module, n, None), torch.Tensor)]
     for name in names or [""]:
@@ -103,13 +110,66 @@ def norm(prop, node: fx.Node, rule: ChannelRule, module: nn.Module):
     return lay
 
 
+_SHAPE_FREE = ("unsqueeze", "squeeze", torch.unsqueeze, torch.squeeze, "unflatten", torch.unflatten)
+
+
 def _shape_spec(node: fx.Node) -> list | None:
-    if node.op == "call_module" or node.target in (torch.flatten, "flatten"):
+    """The target shape a view / reshape names, one entry per output dim (None: the op names none)."""
+    if node.op == "call_module" or node.target in (torch.flatten, "flatten") or node.target in _SHAPE_FREE:
         return None
     spec = list(node.args[1:]) if node.op == "call_method" else [node.args[1]]
     if len(spec) == 1 and isinstance(spec[0], (list, tuple)):
         spec = list(spec[0])
     return spec
+
+
+def _spec_path(node: fx.Node, k: int, n_out: int) -> tuple | None:
+    """Where output dim k's size sits in the node's arguments: (arg index,) or (arg index, item)."""
+    if node.target in ("unflatten", torch.unflatten):
+        first = int(arg_of(node, 1, "dim")) % n_out
+        sizes = arg_of(node, 2, "sizes")
+        return (2, k - first) if first <= k < first + len(sizes) else None
+    if _shape_spec(node) is None:
+        return None
+    if node.op == "call_method" and not (len(node.args) == 2 and isinstance(node.args[1], (list, tuple))):
+        return (1 + k,)
+    return (1, k)
+
+
+def literal_at(node: fx.Node, path: tuple | None):
+    """The value at `path` of the node's arguments (None where there is none)."""
+    if path is None or len(node.args) <= path[0]:
+        return None
+    value = node.args[path[0]]
+    for p in path[1:]:
+        if not isinstance(value, (list, tuple)) or len(value) <= p:
+            return None
+        value = value[p]
+    return value
+
+
+def attach_literal(prop, node: fx.Node, lay: Layout, path: tuple | None) -> None:
+    """A literal int at the channel dim of a shape argument follows the channels: the prune pass rewrites it."""
+    value = literal_at(node, path)
+    if isinstance(value, int) and not isinstance(value, bool) and value != -1:
+        prop.state.attach(lay, node.name, "#" + ".".join(map(str, path)), 0, "size")
+
+
+def split_blocks(lay: Layout, m: int) -> Layout | None:
+    """The layout where each new index holds m consecutive old ones (a view splitting the channel dim)."""
+    r, u = lay.repeat, lay.unit
+    if m % r == 0:
+        new = replace(lay, repeat=1, unit=(m // r) * u)
+    elif r % m == 0:
+        new = replace(lay, repeat=r // m)
+    else:
+        return None
+    pos = 0
+    for s in lay.segments:  # a block may not straddle two producers' channels
+        if pos % new.unit or s.length % new.unit:
+            return None
+        pos += s.length
+    return new
 
 
 def reshape(prop, node: fx.Node, rule: ChannelRule, module):
@@ -119,25 +179,30 @@ def reshape(prop, node: fx.Node, rule: ChannelRule, module):
         return None
     c = lay.dim
     before = math.prod(si[:c])
-    for k in range(len(so)):
-        if math.prod(so[:k]) == before and so[k] % si[c] == 0:
-            break
-    else:
-        fail(prop, node, f"splits the channel dim ({si} -> {so})")
+    found = [k for k in range(len(so)) if math.prod(so[:k]) == before]
+    if not found or so[found[-1]] == 1 and si[c] != 1:
+        fail(prop, node, f"mixes the channel dim with the dims before it ({si} -> {so})")
         return None
-    merged = so[k] // si[c]
-    if merged not in {math.prod(si[c + 1:j]) for j in range(c + 1, len(si) + 1)}:
-        fail(prop, node, f"splits the channel dim or mixes it with the dims before it ({si} -> {so})")
-        return None
+    k = found[-1]  # past any size-1 dim inserted before the channels
     spec = _shape_spec(node)
     if spec is not None and len(spec) != len(so):
         fail(prop, node, f"reshapes to a computed shape {so}: dsd_fx cannot tell whether its channel entry would shrink")
         return None
-    if spec is not None and isinstance(spec[k], int) and spec[k] != -1:
-        fail(prop, node, f"reshapes with the literal size {spec[k]} at the channel dim; write -1 there "
-                          "(x.view(x.size(0), -1)) so that pruning can shrink it")
-        return None
-    return Layout(k, lay.segments, lay.repeat * merged)
+    if so[k] >= si[c]:
+        merged = so[k] // si[c]
+        if so[k] % si[c] or merged not in {math.prod(si[c + 1:j]) for j in range(c + 1, len(si) + 1)}:
+            fail(prop, node, f"splits the channel dim or mixes it with the dims before it ({si} -> {so})")
+            return None
+        new = Layout(k, lay.segments, lay.repeat * merged, lay.unit)
+    else:
+        new = split_blocks(lay, si[c] // so[k]) if si[c] % so[k] == 0 else None
+        if new is None:
+            fail(prop, node, f"splits the channel dim ({si} -> {so}) into blocks that cut across its channels' "
+                             "producers or flattened blocks")
+            return None
+        new = replace(new, dim=k)
+    attach_literal(prop, node, new, _spec_path(node, k, len(so)))
+    return new
 
 
 def move(prop, node: fx.Node, rule: ChannelRule, module):
@@ -151,7 +216,7 @@ def move(prop, node: fx.Node, rule: ChannelRule, module):
     else:
         d0, d1 = (int(arg_of(node, 1, "dim0")) % n, int(arg_of(node, 2, "dim1")) % n)
         new = d1 if lay.dim == d0 else d0 if lay.dim == d1 else lay.dim
-    return Layout(new, lay.segments, lay.repeat)
+    return replace(lay, dim=new)
 
 
 def cat(prop, node: fx.Node, rule: ChannelRule, module):
@@ -163,9 +228,9 @@ def cat(prop, node: fx.Node, rule: ChannelRule, module):
         return None
     if any(lay is not None and lay.dim != dim for lay in lays):
         return elementwise(prop, node, rule, module)  # a cat along another dim ties its operands
-    repeats = {lay.repeat for lay in lays if lay is not None}
-    if len(repeats) > 1 or (None in lays and repeats != {1}):
-        fail(prop, node, "concatenates flattened channels of different block sizes")
+    repeats = {(lay.repeat, lay.unit) for lay in lays if lay is not None}
+    if len(repeats) > 1 or (None in lays and repeats != {(1, 1)}):
+        fail(prop, node, "concatenates flattened or head-split channels of different block sizes")
         return None
     segments = []
     for t, lay in zip(tensors, lays):
@@ -175,17 +240,20 @@ def cat(prop, node: fx.Node, rule: ChannelRule, module):
             prop.state.blocked.setdefault(atom, []).append(f"node '{t.name}': not made by a prunable layer")
             lay = Layout(dim, (Segment(atom, 0, size),))
         segments.extend(lay.segments)
-    return Layout(dim, tuple(segments), repeats.pop())
+    repeat, unit = repeats.pop()
+    return Layout(dim, tuple(segments), repeat, unit)
 
 
 def _slice(lay: Layout, lo: int, hi: int) -> Layout:
+    """Indices [lo, hi) of the channel dim (whole blocks of `unit` channels)."""
+    lo, hi = lo * lay.unit, hi * lay.unit
     out, pos = [], 0
     for s in lay.segments:
         a, b = max(lo, pos), min(hi, pos + s.length)
         if a < b:
             out.append(Segment(s.atom, s.start + a - pos, b - a))
         pos += s.length
-    return Layout(lay.dim, tuple(out), lay.repeat)
+    return Layout(lay.dim, tuple(out), lay.repeat, lay.unit)
 
 
 def split(prop, node: fx.Node, rule: ChannelRule, module):
@@ -201,9 +269,20 @@ def split(prop, node: fx.Node, rule: ChannelRule, module):
         fail(prop, node, "splits flattened channels")
         return None
     out, lo = [], 0
-    for m in metas:
+    sizes = arg_of(node, 1, "split_size_or_sections")
+    for k, m in enumerate(metas):
         out.append(_slice(lay, lo, lo + m.shape[dim]))
         lo += m.shape[dim]
+    if isinstance(sizes, (list, tuple)):  # the sections are literals: each follows its part's channels
+        for k, part in enumerate(out):
+            attach_literal(prop, node, part, (1, k))
+        return tuple(out)
+    if len({(p.segments, p.repeat, p.unit) for p in out}) > 1:  # split(n) / chunk(n): equal parts by count
+        fail(prop, node, "cuts the channel dim into equal parts by count, which pruning would unbalance; "
+                         "split by a list of sizes (torch.split(x, [a, b], dim))")
+        return None
+    if node.target in (torch.split, "split"):
+        attach_literal(prop, node, out[0], (1,))
     return tuple(out)
 
 
@@ -219,4 +298,4 @@ def reduce(prop, node: fx.Node, rule: ChannelRule, module):
     if lay.dim in dims:
         fail(prop, node, "reduces over the channel dim")
         return None
-    return Layout(lay.dim if keep else lay.dim - sum(d < lay.dim for d in dims), lay.segments, lay.repeat)
+    return replace(lay, dim=lay.dim if keep else lay.dim - sum(d < lay.dim for d in dims))

@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 from torch import fx
 
+from dsd_fx.channel_attention import matmul
 from dsd_fx.channel_layout import Layout, Member, Segment
 from dsd_fx.channel_rules import arg_of, fail, first_input, layout_of, shape
 from dsd_fx.op_table import slot_arg
@@ -84,6 +85,8 @@ def function_weight_op(prop, node: fx.Node, row):
     weight, bias = slot_arg(node, slot), _bias(node, row)
     x = node.args[row.packed.x if row.packed is not None else 0]
     param, out_shape, in_shape = _param_of(prop, weight), shape(node), shape(x)
+    if param is None and _param_of(prop, x) is None and row.kind in ("matmul", "mm", "bmm"):
+        return matmul(prop, node, x, weight)  # attention's q @ k^T and attn @ v: two activations
     groups = arg_of(node, 6, "groups", 1) if row.kind.startswith("conv") else 1
     why = ("its weight is not a parameter read by get_attr" if param is None else f"groups={groups}" if groups != 1
            else "its bias is not a parameter" if bias is not None and _param_of(prop, bias) is None

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 import networkx as nx
@@ -20,6 +21,11 @@ class ChannelGroup:
     """Channels that live or die together: removing group channel c removes, at every member, the
     slice `member.positions([c])` of `member.layer`'s `member.tensor` along `member.dim`.
 
+    A group's channels are units: one channel each, or, where a view splits a width into
+    attention heads, one head each (its Q, K and V rows, its output projection's columns), or
+    one KV head with the query heads that read it; `width` is how many channels of the first
+    producer one unit holds (1 for plain channels, head_dim for heads).
+
     producers: the layers whose output channels the group is (an Embedding, Linear or Conv).
     blocked_by: why the group may not be pruned (the node that stopped it); empty if prunable.
     """
@@ -29,6 +35,7 @@ class ChannelGroup:
     members: tuple[Member, ...]
     producers: tuple[str, ...]
     blocked_by: tuple[str, ...] = ()
+    width: int = 1
 
     @property
     def prunable(self) -> bool:
@@ -42,7 +49,8 @@ class ChannelGroup:
         where = ", ".join(f"{m.path}[{m.dim}]" + (f"+{m.offset}" if m.offset else "")
                           + (f"x{m.repeat}" if m.repeat > 1 else "") for m in self.members)
         state = "prunable" if self.prunable else "blocked: " + "; ".join(dict.fromkeys(self.blocked_by)) if self.blocked_by else "size 1"
-        return f"group {self.index} '{self.name}' ({self.size} channels, {state}): {where}"
+        units = f"{self.size} channels" if self.width == 1 else f"{self.size} units of {self.width} channels"
+        return f"group {self.index} '{self.name}' ({units}, {state}): {where}"
 
 
 @contextlib.contextmanager
@@ -78,7 +86,7 @@ def _graph(state: FlowState) -> nx.Graph:
         g.add_node(("atom", a))
     for a, m in state.members:
         g.add_edge(("atom", a), ("member", m))
-    for a, b in state.ties:
+    for a, b, _ in state.ties:
         g.add_edge(("atom", a), ("atom", b))
     return g
 
@@ -101,26 +109,59 @@ def _overlaps(groups: list[ChannelGroup]) -> dict[int, str]:
     return clash
 
 
+def _coarse(m: Member, per: int) -> Member | None:
+    """`m` in group units of `per` of its atom's channels (None where a unit would be cut)."""
+    if per % m.unit or m.offset % per or m.start % per or m.length % per:
+        return None
+    return replace(m, offset=m.offset // per, start=m.start // per, length=m.length // per,
+                   repeat=m.repeat * per // m.unit, unit=1)
+
+
+def _units(atoms: list[int], state: FlowState, ties: list[tuple[int, int, int]], attached) -> int:
+    """The most units the group's atoms can be cut into alike: a divisor of every atom's size, of
+    every tie's part count and of every member's block count, whole blocks at every member."""
+    n = 0
+    for a in atoms:
+        n = math.gcd(n, state.sizes[a])
+    for _, _, parts in ties:
+        n = math.gcd(n, parts)
+    for a, m in attached:
+        n = math.gcd(n, state.sizes[a] // m.unit if state.sizes[a] % m.unit == 0 else 1)
+    for u in sorted((d for d in range(1, n + 1) if n % d == 0), reverse=True):
+        if all(_coarse(m, state.sizes[a] // u) is not None for a, m in attached):
+            return u
+    return 1
+
+
+def _group(k: int, comp, state: FlowState, made: set[int]) -> ChannelGroup:
+    atoms = sorted(a for kind, a in comp if kind == "atom")
+    inside = set(atoms)
+    attached = [(a, m) for a, m in state.members if a in inside]
+    ties = [t for t in state.ties if t[0] in inside]
+    blocked = [r for a in atoms for r in state.blocked.get(a, [])]
+    n = _units(atoms, state, ties, attached)
+    members: dict[Member, set[int]] = {}
+    for a, m in attached:  # a member several atoms reach must be the same slices in group units
+        members.setdefault(m, set()).add(state.sizes[a] // n)
+    coarse = {_coarse(m, per) or m for m, pers in members.items() for per in pers}
+    if any(len(pers) > 1 for pers in members.values()):
+        blocked.append("a layer reads channel spaces of different sizes at the same indices")
+    if any(m.unit != 1 for m in coarse):
+        blocked.append("its channels cannot be cut into equal units (heads) at every layer they reach")
+    ordered = sorted(coarse, key=lambda m: (m.role != "out", m.layer, m.tensor, m.offset))
+    producers = tuple(dict.fromkeys(state.producers[a] for a in atoms if a in made))
+    first = next((a for a in atoms if a in made), atoms[0])
+    return ChannelGroup(k, n, tuple(ordered), producers, tuple(dict.fromkeys(blocked)), state.sizes[first] // n)
+
+
 def groups_of(gm: fx.GraphModule) -> list[ChannelGroup]:
     """The channel groups of a shape-propagated capture, in graph order of their first producer."""
     state = Propagation(gm).run()
     made = {a for a, m in state.members if m.role == "out"}  # atoms a layer makes (not a cat's untracked part)
-    g = _graph(state)
-    out: list[ChannelGroup] = []
-    for comp in nx.connected_components(g):
-        atoms = sorted(a for kind, a in comp if kind == "atom")
-        members = sorted((m for kind, m in comp if kind == "member"), key=lambda m: (m.role != "out", m.layer, m.tensor, m.offset))
-        blocked = [r for a in atoms for r in state.blocked.get(a, [])]
-        sizes = {state.sizes[a] for a in atoms}
-        if len(sizes) > 1:
-            blocked.append(f"channel spaces of sizes {sorted(sizes)} are tied")
-        producers = tuple(dict.fromkeys(state.producers[a] for a in atoms if a in made))
-        out.append(ChannelGroup(atoms[0], min(sizes), tuple(members), producers, tuple(dict.fromkeys(blocked))))
-    out.sort(key=lambda grp: grp.index)
-    out = [ChannelGroup(k, grp.size, grp.members, grp.producers, grp.blocked_by) for k, grp in enumerate(out)]
+    comps = sorted(nx.connected_components(_graph(state)), key=lambda c: min(a for kind, a in c if kind == "atom"))
+    out = [_group(k, comp, state, made) for k, comp in enumerate(comps)]
     clash = _overlaps(out)
-    return [ChannelGroup(grp.index, grp.size, grp.members, grp.producers, grp.blocked_by + ((clash[grp.index],) if grp.index in clash else ()))
-            for grp in out]
+    return [replace(grp, blocked_by=grp.blocked_by + (clash[grp.index],)) if grp.index in clash else grp for grp in out]
 
 
 def as_args(example_args: Any) -> tuple:

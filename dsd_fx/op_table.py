@@ -311,6 +311,10 @@ class Flow(str, Enum):
     CAT = "cat"  # torch.cat along the channel dim: offsets
     SPLIT = "split"  # split / chunk along the channel dim: ranges
     REDUCE = "reduce"  # mean / sum over other dims (global pooling): the channel dim stays
+    ATTENTION = "attention"  # scaled_dot_product_attention: q's, k's, v's heads tie (grouped KV heads too)
+    SOFTMAX = "softmax"  # normalises along its dim: the channels pass when they are another dim
+    EXPAND = "expand"  # new leading dims, the channel dim kept (repeat_kv)
+    REPEAT_INTERLEAVE = "repeat_interleave"  # each channel block read n times along its dim
     REFUSE = "refuse"  # channels reaching this op cannot be removed (see reason)
 
 
@@ -377,9 +381,22 @@ for _key in (("call_function", torch.split), ("call_method", "split")):
     FUNCTIONS[_key] = OpRow("split", (), channels=ChannelRule(Flow.SPLIT, dim_arg=2))
 for _key in (("call_function", torch.chunk), ("call_method", "chunk")):
     FUNCTIONS[_key] = OpRow("chunk", (), channels=ChannelRule(Flow.SPLIT, dim_arg=2))
-for _fn in (F.layer_norm, F.group_norm, F.softmax, torch.softmax, F.scaled_dot_product_attention):
+for _fn in (F.layer_norm, F.group_norm):
     FUNCTIONS[("call_function", _fn)] = OpRow(_fn.__name__, (), channels=ChannelRule(
-        Flow.REFUSE, reason=f"{_fn.__name__} mixes channels (statistics or attention across the channel dim)"))
+        Flow.REFUSE, reason=f"{_fn.__name__} mixes channels (statistics across the channel dim)"))
+for _key in (("call_function", F.softmax), ("call_function", torch.softmax), ("call_method", "softmax"),
+             ("call_function", F.log_softmax), ("call_method", "log_softmax")):
+    FUNCTIONS[_key] = OpRow("softmax", (), channels=ChannelRule(Flow.SOFTMAX, dim_arg=1))
+FUNCTIONS[("call_function", F.scaled_dot_product_attention)] = OpRow(
+    "scaled_dot_product_attention", (), channels=ChannelRule(Flow.ATTENTION))
+FUNCTIONS[("call_method", "expand")] = OpRow("expand", (), channels=ChannelRule(Flow.EXPAND))
+for _key in (("call_function", torch.repeat_interleave), ("call_method", "repeat_interleave")):
+    FUNCTIONS[_key] = OpRow("repeat_interleave", (), channels=ChannelRule(Flow.REPEAT_INTERLEAVE, dim_arg=2))
+for _key in (("call_method", "unsqueeze"), ("call_function", torch.unsqueeze), ("call_method", "squeeze"),
+             ("call_function", torch.squeeze), ("call_method", "unflatten"), ("call_function", torch.unflatten)):
+    FUNCTIONS[_key] = OpRow("reshape", (), channels=ChannelRule(Flow.RESHAPE))
+for _name in ("masked_fill", "masked_fill_"):
+    FUNCTIONS[("call_method", _name)] = OpRow(_name, (), channels=_EW)
 
 
 def channel_rule(row: OpRow | None) -> ChannelRule | None:

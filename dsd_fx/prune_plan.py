@@ -28,7 +28,7 @@ def _slice_scores(t: torch.Tensor, member, size: int, power: int) -> torch.Tenso
 
 def _weighed(g: ChannelGroup):
     """The members whose values are weights (not running statistics, not a bare count)."""
-    return [m for m in g.members if m.tensor and not m.tensor.startswith("running_")]
+    return [m for m in g.members if m.tensor and m.role != "size" and not m.tensor.startswith("running_")]
 
 
 def _counts(gm: fx.GraphModule, g: ChannelGroup) -> torch.Tensor:

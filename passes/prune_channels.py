@@ -14,16 +14,42 @@ from dsd_fx.pipeline import note, shapes_of
 PASS = "prune_channels"
 
 
-def cut_positions(groups: Sequence[ChannelGroup], removed: Mapping[int, Sequence[int]]) -> dict[tuple[str, str, int], list[int]]:
-    """(layer, tensor, dim) -> the indices to delete there, from the channels removed per group."""
+def cut_positions(groups: Sequence[ChannelGroup], removed: Mapping[int, Sequence[int]],
+                  role: str | None = None) -> dict[tuple[str, str, int], list[int]]:
+    """(layer, tensor, dim) -> the indices to delete there, from the channels removed per group:
+    of the layers' tensors, or with role="size" of the literal sizes in nodes' arguments."""
     cuts: dict[tuple[str, str, int], set[int]] = {}
     for g in groups:
         channels = removed.get(g.index, ())
         if not channels:
             continue
         for m in g.members:
-            cuts.setdefault((m.layer, m.tensor, m.dim), set()).update(m.positions(channels))
+            if (m.role == "size") == (role == "size"):
+                cuts.setdefault((m.layer, m.tensor, m.dim), set()).update(m.positions(channels))
     return {k: sorted(v) for k, v in cuts.items() if v}
+
+
+def rewrite_literals(gm: fx.GraphModule, cuts: Mapping[tuple[str, str, int], list[int]]) -> list[str]:
+    """Shrink the literal sizes (a view's head count, a split's sections) by the indices cut there."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    changed = []
+    for (name, path, _), gone in cuts.items():
+        node = nodes[name]
+        steps = [int(p) for p in path[1:].split(".")]
+        args = list(node.args)
+        if len(steps) == 1:
+            old = args[steps[0]]
+            args[steps[0]] = old - len(gone)
+        else:
+            inner = list(args[steps[0]])
+            old = inner[steps[1]]
+            inner[steps[1]] = old - len(gone)
+            args[steps[0]] = type(node.args[steps[0]])(inner)
+        node.args = tuple(args)
+        changed.append(f"{name}.args[{']['.join(map(str, steps))}] {old} -> {old - len(gone)}")
+    if changed:
+        gm.recompile()
+    return changed
 
 
 def _smaller(t: torch.Tensor, cuts: dict[int, list[int]]) -> torch.Tensor:
@@ -122,12 +148,13 @@ def prune_channels(gm: fx.GraphModule, groups: Sequence[ChannelGroup], removed: 
     for layer, tensors in by_layer.items():
         shrink_layer(gm.get_submodule(layer), tensors)
     after = shapes_of(gm, by_layer)
-    note(gm, PASS, describe_pruning(before, after, groups, removed))
+    literals = rewrite_literals(gm, cut_positions(groups, removed, role="size"))
+    note(gm, PASS, describe_pruning(before, after, groups, removed, literals))
     return PassResult(gm, modified=bool(cuts))
 
 
 def describe_pruning(before: Mapping[str, tuple], after: Mapping[str, tuple], groups: Sequence[ChannelGroup],
-                     removed: Mapping[int, Sequence[int]]) -> str:
+                     removed: Mapping[int, Sequence[int]], literals: Sequence[str] = ()) -> str:
     """The change as text, since the code does not change: groups that lost channels, then each
     tensor's shape before -> after."""
     lost = [g for g in groups if removed.get(g.index)]
@@ -136,8 +163,11 @@ def describe_pruning(before: Mapping[str, tuple], after: Mapping[str, tuple], gr
     for g in lost:
         gone = sorted(removed[g.index])
         shown = ", ".join(map(str, gone[:12])) + (", ..." if len(gone) > 12 else "")
-        lines.append(f"  group '{g.name}' ({', '.join(g.producers)}): {g.size} -> {g.size - len(gone)} channels (removed {shown})")
+        units = "channels" if g.width == 1 else f"units of {g.width} channels"
+        lines.append(f"  group '{g.name}' ({', '.join(g.producers)}): {g.size} -> {g.size - len(gone)} {units} (removed {shown})")
     lines.append("shapes:")
     width = max((len(k) for k in before), default=0)
     lines += [f"  {k:<{width}}  {before[k]} -> {after[k]}" for k in sorted(before)]
+    if literals:
+        lines += ["sizes in the code:"] + [f"  {text}" for text in literals]
     return "\n".join(lines)
