@@ -194,6 +194,12 @@ def prune_plan(gm: fx.GraphModule, config: PruneConfig, model: torch.nn.Module):
     removed = choose(gm, groups, config)
     cuts = cut_positions(groups, removed)
     _refuse_tied(gm, cuts)
+    literals = cut_positions(groups, removed, role="size")
+    if config.inplace and literals:
+        where = ", ".join(sorted({f"'{node}'" for node, _, _ in literals}))
+        raise ValueError(f"prune: inplace=True cannot rewrite the sizes that {type(model).__name__}'s forward writes as "
+                         f"numbers (head counts or widths in {where}); use the returned GraphModule, or exclude these "
+                         "groups (exclude=[...])")
 
     model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: its module, as capture took
 

@@ -1,6 +1,8 @@
 """Small models with each coupled-channel structure, for the channel and prune tests."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -132,3 +134,88 @@ def randomize_norms(model: nn.Module) -> nn.Module:
             m.running_mean.data = torch.randn(n, generator=g)
             m.running_var.data = torch.rand(n, generator=g) + 0.5
     return model
+
+
+def _rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def repeat_kv(x, n_rep: int):
+    """transformers' Llama: (B, KV, T, D) -> (B, KV * n_rep, T, D), each KV head n_rep times in a row."""
+    b, kv, t, d = x.shape
+    if n_rep == 1:
+        return x
+    return x[:, :, None, :, :].expand(b, kv, n_rep, t, d).reshape(b, kv * n_rep, t, d)
+
+
+class Attention(nn.Module):
+    """Hand-written attention as in transformers' Llama: separate q/k/v/o projections, a view into
+    heads with the head count as a literal, rotary embeddings, grouped KV heads (`kv` of them,
+    read through repeat_kv, sdpa's enable_gqa or repeat_interleave), sdpa or explicit softmax."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, kv: int | None = None, how: str = "sdpa", bias: bool = True) -> None:
+        super().__init__()
+        self.heads, self.kv, self.d, self.how = heads, kv or heads, dim // heads, how
+        self.q_proj = nn.Linear(dim, heads * self.d, bias=bias)
+        self.k_proj = nn.Linear(dim, self.kv * self.d, bias=bias)
+        self.v_proj = nn.Linear(dim, self.kv * self.d, bias=bias)
+        self.o_proj = nn.Linear(heads * self.d, dim, bias=bias)
+
+    def forward(self, x):  # (B, T, dim)
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.d).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv, self.d).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, -1, self.d).transpose(1, 2)
+        pos = torch.arange(t, dtype=x.dtype, device=x.device)[:, None] / (10.0 ** torch.arange(self.d // 2) / self.d)
+        cos, sin = torch.cat((pos, pos), -1).cos()[None, None], torch.cat((pos, pos), -1).sin()[None, None]
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        n_rep = self.heads // self.kv
+        if self.how == "gqa":
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            if self.how == "interleave":
+                k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+            else:
+                k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+            if self.how == "softmax":
+                s = q @ k.transpose(2, 3) / math.sqrt(self.d)
+                s = s.masked_fill(x.new_ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+                a = torch.matmul(F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
+            else:
+                a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(a.transpose(1, 2).reshape(b, t, self.heads * self.d))
+
+
+class SwiGLU(nn.Module):
+    """LLaMA's MLP: down(silu(gate(x)) * up(x)); gate and up tied through the product."""
+
+    def __init__(self, dim: int = 32, hidden: int = 64) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(dim, hidden, bias=False), nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
+class Block(nn.Module):
+    """A LLaMA decoder block: RMSNorm, grouped-KV attention, RMSNorm, SwiGLU, residuals."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, kv: int = 2, hidden: int = 64, how: str = "sdpa") -> None:
+        super().__init__()
+        self.norm1, self.attn = RMSNorm(dim), Attention(dim, heads, kv, how, bias=False)
+        self.norm2, self.mlp = RMSNorm(dim), SwiGLU(dim, hidden)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))

@@ -1,0 +1,135 @@
+"""Attention heads, grouped KV heads and SwiGLU channels as channel groups, and pruning them."""
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+
+from dsd_fx.channels import channel_groups
+from dsd_fx.phases import transform
+from dsd_fx.pipeline import NOTES
+from tests.channel_models import Attention, Block, SwiGLU
+
+X = torch.randn(2, 5, 32)
+HOWS = ["sdpa", "softmax", "gqa", "interleave"]
+
+
+def by_producer(groups):
+    return {g.name: g for g in groups}
+
+
+def slots(group) -> set[tuple]:
+    return {(m.layer, m.tensor, m.dim, m.offset, m.repeat) for m in group.members}
+
+
+def rows(idx: list[int], width: int) -> list[int]:
+    return [h * width + k for h in idx for k in range(width)]
+
+
+def kill_heads(model: Attention, q_heads: list[int], kv_heads: list[int]) -> Attention:
+    """Zero the query heads' rows of q_proj and columns of o_proj, the KV heads' rows of k_proj and v_proj."""
+    d = model.d
+    with torch.no_grad():
+        for t in (model.q_proj.weight, model.q_proj.bias):
+            t.index_fill_(0, torch.tensor(rows(q_heads, d)), 0.0)
+        model.o_proj.weight.index_fill_(1, torch.tensor(rows(q_heads, d)), 0.0)
+        for t in (model.k_proj.weight, model.k_proj.bias, model.v_proj.weight, model.v_proj.bias):
+            t.index_fill_(0, torch.tensor(rows(kv_heads, d)), 0.0)
+    return model
+
+
+@pytest.mark.parametrize("how", ["sdpa", "softmax"])
+def test_multi_head_attention_one_unit_per_head(how):
+    g = by_producer(channel_groups(Attention(32, 4, how=how), X))
+    heads = g["q_proj"]
+    assert heads.prunable and heads.size == 4 and heads.width == 8
+    assert heads.producers == ("q_proj", "k_proj", "v_proj")
+    want = {(f"{p}_proj", t, 0, 0, 8) for p in "qkv" for t in ("weight", "bias")} | {("o_proj", "weight", 1, 0, 8)}
+    assert {s for s in slots(heads) if not s[1].startswith("#")} == want
+    sizes = {(m.layer, m.tensor, m.repeat) for m in heads.members if m.role == "size"}
+    assert {(t, r) for _, t, r in sizes} == {("#3", 1), ("#3", 8)}  # view(b, t, 4, 8) x2 and reshape(b, t, 32)
+    assert not g["o_proj"].prunable
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_grouped_kv_heads_one_unit_per_kv_head_and_its_query_heads(how):
+    g = by_producer(channel_groups(Attention(32, 4, kv=2, how=how), X))
+    unit = g["q_proj"]
+    assert unit.prunable and unit.size == 2 and unit.width == 16  # a KV head (8 channels) with its 2 query heads (16)
+    assert unit.producers == ("q_proj", "k_proj", "v_proj")
+    want = ({("q_proj", t, 0, 0, 16) for t in ("weight", "bias")} | {(f"{p}_proj", t, 0, 0, 8) for p in "kv" for t in ("weight", "bias")}
+            | {("o_proj", "weight", 1, 0, 16)})
+    assert {s for s in slots(unit) if not s[1].startswith("#")} == want
+    assert ("view", "#3", 0, 0, 2) in slots(unit)  # view(b, t, 4, 8): 2 of the 4 query heads per KV head
+
+
+@pytest.mark.parametrize("how", HOWS)
+def test_dead_heads_removed_with_the_same_output_at_other_sizes(how):
+    kv = 4 if how in ("sdpa", "softmax") else 2
+    dead_kv = [1] if kv == 2 else [0, 2]
+    dead_q = [h for k in dead_kv for h in range(k * 4 // kv, (k + 1) * 4 // kv)]
+    model = kill_heads(Attention(32, 4, kv=kv, how=how), dead_q, dead_kv).eval()
+    gm = transform(model, phase="prune", channels=0.5, example_args=(X,)).eval()
+    assert gm.q_proj.weight.shape == (16, 32) and gm.o_proj.weight.shape == (32, 16)
+    assert gm.k_proj.weight.shape == gm.v_proj.weight.shape == (kv * 4, 32)
+    for shape in ((2, 5, 32), (3, 9, 32), (1, 1, 32)):
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+    assert "view(getitem, getitem_1, 2, 8)" in gm.code  # the literal head count rewritten
+    text = gm.meta[NOTES]["prune_channels"]
+    assert re.search(r"group 'q_proj' \(q_proj, k_proj, v_proj\): (4 -> 2|2 -> 1) units of (8|16) channels", text)
+    assert "sizes in the code:" in text and "-> 16" in text
+
+
+def test_head_scores_sum_every_slice_of_the_head():
+    model = Attention(32, 4).eval()
+    with torch.no_grad():
+        model.v_proj.weight[16:24] *= 1e-3  # head 2's v rows and o columns small: head 2 goes first
+        model.o_proj.weight[:, 16:24] *= 1e-3
+    gm = transform(model, phase="prune", channels=0.25, example_args=(X,))
+    torch.testing.assert_close(gm.q_proj.weight, torch.cat([model.q_proj.weight[:16], model.q_proj.weight[24:]]), rtol=0, atol=0)
+    torch.testing.assert_close(gm.o_proj.weight, torch.cat([model.o_proj.weight[:, :16], model.o_proj.weight[:, 24:]], 1),
+                               rtol=0, atol=0)
+
+
+def test_a_fraction_never_removes_every_head():
+    gm = transform(Attention(32, 4, kv=2, how="gqa"), phase="prune", channels=0.99, example_args=(X,))
+    assert gm.k_proj.out_features == 8 and gm.q_proj.out_features == 16 and gm(X).shape == X.shape
+
+
+def test_swiglu_gate_and_up_tied_through_the_product():
+    g = by_producer(channel_groups(SwiGLU(), X))
+    assert slots(g["gate_proj"]) == {("gate_proj", "weight", 0, 0, 1), ("up_proj", "weight", 0, 0, 1), ("down_proj", "weight", 1, 0, 1)}
+    dead = list(range(0, 64, 4))
+    model = SwiGLU().eval()
+    with torch.no_grad():
+        model.up_proj.weight[dead] = 0.0
+        model.gate_proj.weight[dead] = 0.0
+        model.down_proj.weight[:, dead] = 0.0
+    gm = transform(model, phase="prune", channels=0.25, example_args=(X,)).eval()
+    assert gm.gate_proj.out_features == gm.up_proj.out_features == gm.down_proj.in_features == 48
+    with torch.no_grad():
+        torch.testing.assert_close(gm(X), model(X))
+    gm = transform(SwiGLU(), phase="prune", channels=0.3, round_to=16, example_args=(X,))
+    assert gm.up_proj.out_features == 48  # floor(0.3 * 64) = 19 removed would keep 45: rounded up to 48
+
+
+def test_llama_block_heads_and_mlp_pruned_residual_kept():
+    model = Block().eval()
+    g = by_producer(channel_groups(model, X))
+    assert {k for k, v in g.items() if v.prunable} == {"attn.q_proj", "mlp.gate_proj"}
+    gm = transform(model, phase="prune", channels=0.5, example_args=(X,)).eval()
+    assert gm.attn.q_proj.weight.shape == (16, 32) and gm.attn.k_proj.weight.shape == (8, 32)
+    assert gm.mlp.up_proj.weight.shape == (32, 32) and gm.norm1.weight.shape == (32,)
+    assert gm(torch.randn(3, 7, 32)).shape == (3, 7, 32)
+
+
+def test_inplace_refuses_literal_head_counts_before_anything_changes():
+    model = Attention(32, 4)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"inplace=True cannot rewrite .* numbers \(head counts or widths in 'reshape', 'view', 'view_1'\)"):
+        transform(model, phase="prune", channels=0.5, example_args=(X,), inplace=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
