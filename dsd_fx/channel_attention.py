@@ -1,12 +1,12 @@
 """How attention moves channel layouts: heads through sdpa, q @ k^T, softmax, attn @ v, repeat_kv."""
 from __future__ import annotations
 
+import operator
 from dataclasses import replace
 
-import torch
 from torch import fx
 
-from dsd_fx.channel_layout import Layout
+from dsd_fx.channel_layout import Layout, Member, Segment
 from dsd_fx.channel_rules import arg_of, attach_literal, fail, first_input, layout_of, shape, tie
 from dsd_fx.op_table import ChannelRule
 
@@ -152,3 +152,43 @@ def index(prop, node: fx.Node, lay: Layout, index) -> Layout | None:
         d_in += 1
         d_out += 0 if isinstance(i, int) else 1
     return None
+
+
+def multihead_attention(prop, node: fx.Node, rule: ChannelRule, module):
+    """nn.MultiheadAttention: its heads are one channel space, num_heads units of head_dim: the
+    rows of in_proj_weight (and in_proj_bias) at offsets 0, E and 2E (Q, K, V) and the columns
+    of out_proj; its input (self-attention: query is key is value) is in_proj_weight's columns;
+    its output a new channel space, out_proj's rows. The output (attn_output, attn_weights)."""
+    q, k, v = (arg_of(node, i, kw) for i, kw in enumerate(("query", "key", "value")))
+    mask = arg_of(node, 5, "attn_mask")
+    why = ("its Q, K and V weights are separate (kdim / vdim)" if not module._qkv_same_embed_dim
+           else "bias_k / bias_v or add_zero_attn" if module.bias_k is not None or module.add_zero_attn
+           else "a 3-d attn_mask (one per head)" if isinstance(mask, fx.Node) and len(shape(mask) or ()) == 3 else "")
+    if why:
+        fail(prop, node, f"nn.MultiheadAttention with {why}: dsd_fx does not prune its heads")
+        return None
+    lay, si = layout_of(prop, q), shape(q)
+    if lay is not None and (q is not k or k is not v):
+        fail(prop, node, "cross-attention reads its input channels through in_proj_weight's columns for Q and K/V alike")
+        lay = None
+    if lay is not None and lay.dim != len(si) - 1:
+        fail(prop, node, f"nn.MultiheadAttention consumes dim {len(si) - 1}, but the channels are at dim {lay.dim}")
+        lay = None
+    if lay is not None:
+        prop.state.attach(lay, node.target, "in_proj_weight", 1, "in")
+    inner, h = module.in_proj_weight.shape[0] // 3, module.num_heads  # embed_dim, or less once pruned
+    heads = prop.state.atom(inner, node.target)
+    prop.state.ties.append((heads, heads, h))  # whole heads only
+    if any(u.target is operator.getitem and u.args[1] == 1 and u.users for u in node.users):
+        prop.state.blocked.setdefault(heads, []).append(
+            f"node '{node.name}': its attention weights (averaged over the heads) are used")
+    tensors = ["in_proj_weight"] + (["in_proj_bias"] if module.in_proj_bias is not None else [])
+    for tensor in tensors:
+        for part in range(3):
+            prop.state.members.append((heads, Member(node.target, tensor, 0, "out", part * inner, 0, inner)))
+    prop.state.members.append((heads, Member(f"{node.target}.out_proj", "weight", 1, "in", 0, 0, inner)))
+    e = module.out_proj.out_features
+    out = prop.state.atom(e, f"{node.target}.out_proj")
+    for tensor in ("weight", "bias") if module.out_proj.bias is not None else ("weight",):
+        prop.state.members.append((out, Member(f"{node.target}.out_proj", tensor, 0, "out", 0, 0, e)))
+    return Layout(len(si) - 1, (Segment(out, 0, e),)), None

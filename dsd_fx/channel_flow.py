@@ -16,7 +16,8 @@ from dsd_fx.op_table import ChannelRule, Flow, channel_rule, function_row, modul
 _HANDLERS = {Flow.ELEMENTWISE: rules.elementwise, Flow.PASS: rules.passthrough, Flow.NORM: rules.norm,
              Flow.RESHAPE: rules.reshape, Flow.MOVE: rules.move, Flow.CAT: rules.cat, Flow.SPLIT: rules.split,
              Flow.REDUCE: rules.reduce, Flow.ATTENTION: attention.attention, Flow.SOFTMAX: attention.softmax,
-             Flow.EXPAND: attention.expand, Flow.REPEAT_INTERLEAVE: attention.repeat_interleave}
+             Flow.EXPAND: attention.expand, Flow.REPEAT_INTERLEAVE: attention.repeat_interleave,
+             Flow.MULTIHEAD_ATTENTION: attention.multihead_attention}
 
 
 class Propagation:

@@ -18,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
+from dsd_fx.pruned_attention import PrunedMultiheadAttention
+
 
 @dataclass(frozen=True)
 class Slot:
@@ -315,6 +317,7 @@ class Flow(str, Enum):
     SOFTMAX = "softmax"  # normalises along its dim: the channels pass when they are another dim
     EXPAND = "expand"  # new leading dims, the channel dim kept (repeat_kv)
     REPEAT_INTERLEAVE = "repeat_interleave"  # each channel block read n times along its dim
+    MULTIHEAD_ATTENTION = "multihead_attention"  # nn.MultiheadAttention: heads in packed in_proj_weight
     REFUSE = "refuse"  # channels reaching this op cannot be removed (see reason)
 
 
@@ -346,9 +349,8 @@ for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, 
 MODULES[nn.Flatten] = OpRow("flatten", (), channels=ChannelRule(Flow.RESHAPE))
 MODULES[nn.GroupNorm] = OpRow("groupnorm", (), channel_dim=1, channels=ChannelRule(Flow.REFUSE, reason="GroupNorm " + _STATS_ACROSS))
 MODULES[nn.LayerNorm] = OpRow("layernorm", (), channel_dim=-1, channels=ChannelRule(Flow.REFUSE, reason="LayerNorm " + _STATS_ACROSS))
-MODULES[nn.MultiheadAttention] = replace(MODULES[nn.MultiheadAttention], channels=ChannelRule(
-    Flow.REFUSE, reason="nn.MultiheadAttention: its embed dim is tied to every head's projections and the "
-    "residual stream; dsd_fx does not prune attention (prune the MLP hidden dim instead)"))
+MODULES[nn.MultiheadAttention] = replace(MODULES[nn.MultiheadAttention], channels=ChannelRule(Flow.MULTIHEAD_ATTENTION))
+MODULES[PrunedMultiheadAttention] = MODULES[nn.MultiheadAttention]
 for _cls in (nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell):
     MODULES[_cls] = replace(MODULES[_cls], channels=ChannelRule(
         Flow.REFUSE, reason=f"{_cls.__name__}: gate-stacked weights and the recurrent state; dsd_fx does not prune recurrent layers"))

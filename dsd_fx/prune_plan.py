@@ -194,6 +194,11 @@ def prune_plan(gm: fx.GraphModule, config: PruneConfig, model: torch.nn.Module):
     removed = choose(gm, groups, config)
     cuts = cut_positions(groups, removed)
     _refuse_tied(gm, cuts)
+    mha = sorted({layer for layer, tensor, _ in cuts if tensor == "in_proj_weight"})
+    if config.inplace and mha:
+        raise ValueError(f"prune: inplace=True cannot write pruned heads into nn.MultiheadAttention {', '.join(map(repr, mha))}: "
+                         "it needs num_heads * head_dim == embed_dim; use the returned GraphModule (its layers run the "
+                         "smaller heads), or exclude these groups (exclude=[...])")
     literals = cut_positions(groups, removed, role="size")
     if config.inplace and literals:
         where = ", ".join(sorted({f"'{node}'" for node, _, _ in literals}))

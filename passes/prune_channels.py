@@ -10,6 +10,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from dsd_fx.channels import ChannelGroup
 from dsd_fx.pipeline import note, shapes_of
+from dsd_fx.pruned_attention import PrunedMultiheadAttention
 
 PASS = "prune_channels"
 
@@ -78,9 +79,12 @@ def fix_attributes(module: nn.Module, removed_count: int) -> None:
         module.embedding_dim = module.weight.shape[1]
     elif isinstance(module, nn.modules.batchnorm._NormBase):
         module.num_features -= removed_count
+    elif isinstance(module, nn.MultiheadAttention):  # fewer heads than embed_dim // head_dim: only the shell's class runs them
+        module.num_heads = module.in_proj_weight.shape[0] // 3 // module.head_dim
+        module.__class__ = PrunedMultiheadAttention
 
 
-SIZES = ("in_features", "out_features", "in_channels", "out_channels", "groups", "embedding_dim", "num_features")
+SIZES = ("in_features", "out_features", "in_channels", "out_channels", "groups", "embedding_dim", "num_features", "num_heads")
 
 
 def adopt(theirs: nn.Module, mine: nn.Module, names) -> None:

@@ -146,7 +146,7 @@ def test_refusals_name_the_node_and_the_reason():
         def __init__(self):
             super().__init__()
             self.emb = nn.Embedding(10, 8)
-            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True)
             self.g = nn.Conv2d(3, 4, 1)
             self.grouped = nn.Conv2d(4, 4, 1, groups=2)
             self.lit, self.fc = nn.Conv2d(3, 2, 1), nn.Linear(2 * 8 * 8, 3)
@@ -161,7 +161,7 @@ def test_refusals_name_the_node_and_the_reason():
 
     ids = torch.randint(0, 10, (2, 5))
     g = by_producer(channel_groups(M(), (ids, IMG)))
-    assert not g["emb"].prunable and any("MultiheadAttention" in r for r in g["emb"].blocked_by)
+    assert not g["emb"].prunable and any("nn.MultiheadAttention with bias_k / bias_v" in r for r in g["emb"].blocked_by)
     assert {("emb", "weight", 1, 0, 1)} <= slots(g["emb"])
     assert any("cumsum" in r and "no row" in r for r in g["g"].blocked_by)
     assert any("grouped Conv2d (groups=2)" in r for r in g["grouped"].blocked_by)

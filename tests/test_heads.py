@@ -6,10 +6,12 @@ import re
 
 import pytest
 import torch
+import torch.nn as nn
 
 from dsd_fx.channels import channel_groups
 from dsd_fx.phases import transform
 from dsd_fx.pipeline import NOTES
+from dsd_fx.pruned_attention import PrunedMultiheadAttention
 from tests.channel_models import Attention, Block, SwiGLU
 
 X = torch.randn(2, 5, 32)
@@ -133,3 +135,70 @@ def test_inplace_refuses_literal_head_counts_before_anything_changes():
     with pytest.raises(ValueError, match=r"inplace=True cannot rewrite .* numbers \(head counts or widths in 'reshape', 'view', 'view_1'\)"):
         transform(model, phase="prune", channels=0.5, example_args=(X,), inplace=True)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _Encoder(nn.Module):
+    def __init__(self, batch_first: bool = True, weights: bool = False) -> None:
+        super().__init__()
+        self.ln, self.fc = nn.LayerNorm(32), nn.Linear(32, 32)
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=batch_first)
+        self.weights = weights
+
+    def forward(self, x):
+        h = self.ln(x)
+        a, w = self.attn(h, h, h)
+        return x + self.fc(torch.relu(a)) + (w.sum() if self.weights else 0)
+
+
+def test_multihead_attention_heads_in_the_packed_in_proj():
+    g = by_producer(channel_groups(_Encoder(), X))
+    heads = g["attn"]
+    assert heads.prunable and heads.size == 4 and heads.width == 8
+    assert slots(heads) == {("attn", t, 0, k * 4, 8) for t in ("in_proj_weight", "in_proj_bias") for k in range(3)} | {
+        ("attn.out_proj", "weight", 1, 0, 8)}
+    assert slots(g["attn.out_proj"]) == {("attn.out_proj", "weight", 0, 0, 1), ("attn.out_proj", "bias", 0, 0, 1), ("fc", "weight", 1, 0, 1)}
+    used = by_producer(channel_groups(_Encoder(weights=True), X))["attn"]
+    assert not used.prunable and any("attention weights (averaged over the heads) are used" in r for r in used.blocked_by)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_dead_heads_removed_with_the_same_output(batch_first):
+    model = _Encoder(batch_first).eval()
+    dead = rows([1], 8)
+    with torch.no_grad():
+        for k in range(3):
+            model.attn.in_proj_weight[[k * 32 + i for i in dead]] = 0.0
+            model.attn.in_proj_bias[[k * 32 + i for i in dead]] = 0.0
+        model.attn.out_proj.weight[:, dead] = 0.0
+    gm = transform(model, phase="prune", channels={"attn": 0.25}, example_args=(X,)).eval()
+    assert isinstance(gm.attn, PrunedMultiheadAttention) and gm.attn.num_heads == 3
+    assert gm.attn.in_proj_weight.shape == (72, 32) and gm.attn.out_proj.weight.shape == (32, 24)
+    assert type(model.attn) is nn.MultiheadAttention and model.attn.num_heads == 4
+    for shape in ((2, 5, 32), (3, 7, 32)):
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="inplace=True cannot write pruned heads into nn.MultiheadAttention 'attn'"):
+        transform(model, phase="prune", channels={"attn": 0.25}, example_args=(X,), inplace=True)
+
+
+MASKS = [dict(), dict(need_weights=False), dict(attn_mask=torch.randn(5, 5)), dict(attn_mask=torch.ones(5, 5, dtype=torch.bool).triu(1)),
+         dict(key_padding_mask=torch.tensor([[False] * 4 + [True]] * 2)), dict(average_attn_weights=False),
+         dict(attn_mask=torch.ones(5, 5, dtype=torch.bool).triu(1), need_weights=False)]
+
+
+@pytest.mark.parametrize("options", MASKS, ids=[",".join(o) or "default" for o in MASKS])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_pruned_multihead_attention_computes_what_nn_multihead_attention_does(options, batch_first):
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=batch_first).eval()
+    mine = copy.deepcopy(mha)
+    mine.__class__ = PrunedMultiheadAttention
+    x = X if batch_first else X.transpose(0, 1)
+    with torch.no_grad():
+        want, got = mha(x, x, x, **options), mine(x, x, x, **options)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        assert (got[1] is None) == (want[1] is None)
+        if want[1] is not None:
+            torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mine(X[0], X[0], X[0])[0], mha(X[0], X[0], X[0])[0], rtol=1e-5, atol=1e-5)  # unbatched
