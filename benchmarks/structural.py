@@ -2,6 +2,11 @@
 
     python benchmarks/structural.py               # every model, 25% of channels, ~2 minutes on 2 cores
     python benchmarks/structural.py --quick       # fewer timing runs
+    python benchmarks/structural.py --models encoder_mha
+
+The encoder is pruned by dsd_fx twice: by default (attention heads and the MLP's hidden
+channels; the residual stream stays, LayerNorm normalises it) and with hidden=True (the residual
+stream too, as Torch-Pruning does: the LayerNorms' statistics then run over fewer channels).
 
 Each model is pruned at the same fraction by both tools, each with L1 magnitude importance, per
 group ("layer" scope), the classifier's outputs and the model's inputs kept. Reported per model
@@ -155,10 +160,12 @@ class FlatCNN(nn.Module):
 IMG = (8, 3, 32, 32)
 MODELS = {"resnet": (ResNet, IMG, "fc"), "mobilenetv2": (MobileNet, IMG, "fc"), "densenet": (Dense, IMG, "fc"),
           "flatten_cnn": (FlatCNN, IMG, "fc2"), "cat_self": (CatSelf, IMG, "fc"), "encoder_mha": (Encoder, (8, 16, 16), "head")}
+HIDDEN = {"encoder_mha"}  # models dsd_fx also prunes with hidden=True
 
 
-def _dsd(model, x, fraction, importance="l1"):
-    return dsd_fx.phases.transform(model, phase="prune", channels=fraction, example_args=(x,), importance=importance)
+def _dsd(model, x, fraction, importance="l1", hidden=False):
+    return dsd_fx.phases.transform(model, phase="prune", channels=fraction, example_args=(x,), importance=importance,
+                                   hidden=hidden)
 
 
 def weights_only_l1(model: nn.Module):
@@ -167,9 +174,9 @@ def weights_only_l1(model: nn.Module):
     def importance(group, example_args) -> torch.Tensor:
         scores = torch.zeros(group.size)
         for m in group.members:
-            if m.tensor != "weight":
+            if not m.tensor.endswith("weight") or m.role == "norm":
                 continue
-            w = model.get_submodule(m.layer).weight.detach().abs()
+            w = getattr(model.get_submodule(m.layer), m.tensor).detach().abs()
             per_index = w.movedim(m.dim, 0).reshape(w.shape[m.dim], -1).sum(1)
             for c in range(m.start, m.start + m.length):
                 scores[c] += per_index[m.positions([c])].sum()
@@ -230,6 +237,9 @@ def run_model(name: str, fraction: float, runs: int, latency_runs: int) -> list[
     model, x = make().eval(), torch.randn(*shape)
     base = cost(model, x)
     tools = {"dsd_fx": lambda: _dsd(model, x, fraction), "torch_pruning": lambda: _tp(model, x, fraction, head)}
+    if name in HIDDEN:
+        tools = {"dsd_fx": tools["dsd_fx"], "dsd_fx hidden": lambda: _dsd(model, x, fraction, hidden=True),
+                 "torch_pruning": tools["torch_pruning"]}
     pruned, seconds, proofs, lines = {}, {}, {}, []
     for tool, fn in tools.items():
         try:
@@ -249,9 +259,10 @@ def run_model(name: str, fraction: float, runs: int, latency_runs: int) -> list[
         t, o = (lat[tool][k] / lat["original"][k] for k in (0, 1))
         lines.append(f"{name:<12} {tool:<14} params {c.params / base.params:.3f}x  MACs {c.macs / base.macs:.3f}x  "
                      f"prune {seconds[tool] * 1e3:6.1f} ms  latency torch {t:.2f}x ort {o:.2f}x  {proofs[tool]}")
-    if len(pruned) == 2:
-        same_rule = _dsd(model, x, fraction, weights_only_l1(model))
-        lines.append(f"{name:<12} {'agreement':<14} L1 with biases: {_agreement(pruned['dsd_fx'], pruned['torch_pruning'], x)}; "
+    ours = "dsd_fx hidden" if name in HIDDEN else "dsd_fx"
+    if ours in pruned and "torch_pruning" in pruned:
+        same_rule = _dsd(model, x, fraction, weights_only_l1(model), hidden=name in HIDDEN)
+        lines.append(f"{name:<12} {'agreement':<14} {ours}: L1 with biases: {_agreement(pruned[ours], pruned['torch_pruning'], x)}; "
                      f"weights-only L1: {_agreement(same_rule, pruned['torch_pruning'], x)}")
     return lines
 
@@ -271,6 +282,8 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.25)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=os.path.join(HERE, "results_structural.txt"))
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--no-scaling", action="store_true", help="skip the ResNet depth timings")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore")
@@ -278,11 +291,12 @@ def main() -> None:
     runs, latency_runs = (1, 10) if args.quick else (5, 50)
     lines = [f"structural pruning at {args.fraction:.0%} of channels, L1 magnitude, torch {torch.__version__}, 1 thread",
              "ratios are pruned / unpruned; latency: interleaved medians, batch as in MODELS", ""]
-    for name in MODELS:
+    for name in args.models:
         model_lines = run_model(name, args.fraction, runs, latency_runs)
         log.info("\n".join(model_lines))
         lines += model_lines
-    lines += scaling(runs)
+    if not args.no_scaling:
+        lines += scaling(runs)
     log.info("\n".join(lines[-5:]))
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")

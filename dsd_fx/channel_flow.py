@@ -17,14 +17,14 @@ _HANDLERS = {Flow.ELEMENTWISE: rules.elementwise, Flow.PASS: rules.passthrough, 
              Flow.RESHAPE: rules.reshape, Flow.MOVE: rules.move, Flow.CAT: rules.cat, Flow.SPLIT: rules.split,
              Flow.REDUCE: rules.reduce, Flow.ATTENTION: attention.attention, Flow.SOFTMAX: attention.softmax,
              Flow.EXPAND: attention.expand, Flow.REPEAT_INTERLEAVE: attention.repeat_interleave,
-             Flow.MULTIHEAD_ATTENTION: attention.multihead_attention}
+             Flow.MULTIHEAD_ATTENTION: attention.multihead_attention, Flow.LAYER_NORM: rules.layer_norm}
 
 
 class Propagation:
     """One forward walk over a shape-propagated graph, assigning each tensor its Layout."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
-        self.gm, self.state = gm, FlowState()
+    def __init__(self, gm: fx.GraphModule, hidden: bool = False) -> None:
+        self.gm, self.state, self.hidden = gm, FlowState(), hidden  # hidden: LayerNorm / RMSNorm channels may go
         self.layouts: dict[fx.Node, object] = {}
 
     def run(self) -> FlowState:

@@ -34,6 +34,14 @@ def layout_of(prop, node) -> Layout | None:
     return lay if isinstance(lay, Layout) else None
 
 
+def tensor_attr(prop, node) -> tuple[str, str] | None:
+    """(owner module path, attribute) of a get_attr of a parameter or buffer, else None."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    layer, _, attr = node.target.rpartition(".")
+    return (layer, attr) if isinstance(getattr(prop.gm.get_submodule(layer), attr, None), torch.Tensor) else None
+
+
 def fail(prop, node: fx.Node, reason: str) -> None:
     prop.block_inputs(node, reason)  # the output gets no layout: what follows cannot reach these channels
 
@@ -75,6 +83,10 @@ def elementwise(prop, node: fx.Node, rule: ChannelRule, module):
             sa = shape(a)
             k = ref.dim - (len(out) - len(sa))
             if k < 0 or sa[k] == 1:
+                continue
+            owner = tensor_attr(prop, a)
+            if owner is not None:  # a per-channel parameter (a scale, an RMSNorm weight): its slices follow
+                prop.state.attach(ref, owner[0], owner[1], k, "norm")
                 continue
             fail(prop, node, f"operand '{a.name}' carries {sa[k]} channels that dsd_fx does not track (a model input, "
                             "a constant, or the output of an op that blocks its channels)")
@@ -296,6 +308,40 @@ def reduce(prop, node: fx.Node, rule: ChannelRule, module):
     dims = [dims] if isinstance(dims, int) else list(dims) if dims is not None else list(range(n))
     dims = [d % n for d in dims]
     if lay.dim in dims:
-        fail(prop, node, "reduces over the channel dim")
+        if prop.hidden and keep:  # a norm's statistic (RMSNorm's mean of squares): over fewer channels
+            return None
+        fail(prop, node, "reduces over the channel dim" + ("" if prop.hidden else " (a norm's statistics? "
+                                                            "hidden=True prunes through them)"))
         return None
     return replace(lay, dim=lay.dim if keep else lay.dim - sum(d < lay.dim for d in dims))
+
+
+def layer_norm(prop, node: fx.Node, rule: ChannelRule, module):
+    """LayerNorm / RMSNorm over the channel dim: with hidden=True its weight and bias follow the
+    channels (and a functional call's literal normalized_shape); refused otherwise."""
+    x = first_input(node)
+    lay, si = layout_of(prop, x), shape(x)
+    if lay is None:
+        return None
+    if not prop.hidden:
+        fail(prop, node, f"{rule.reason}; hidden=True prunes these channels too (the statistics then run over fewer)")
+        return None
+    normalized = module.normalized_shape if module is not None else arg_of(node, 1, "normalized_shape")
+    if len(normalized) != 1 or lay.dim != len(si) - 1 or lay.repeat != 1 or lay.unit != 1:
+        fail(prop, node, f"normalises over {tuple(normalized)}, more than the channel dim")
+        return None
+    if module is not None:
+        names = [n for n in rule.params if isinstance(getattr(module, n, None), torch.Tensor)]
+        for name in names or [""]:
+            prop.state.attach(lay, node.target, name, 0, "norm")
+        return lay
+    for kw, k in (("weight", 2), ("bias", 3)):
+        t = arg_of(node, k, kw)
+        if isinstance(t, fx.Node):
+            owner = tensor_attr(prop, t)
+            if owner is None:
+                fail(prop, node, f"its {kw} is not a parameter read by get_attr")
+                return None
+            prop.state.attach(lay, owner[0], owner[1], 0, "norm")
+    attach_literal(prop, node, lay, (1, 0))
+    return lay

@@ -154,9 +154,11 @@ def _group(k: int, comp, state: FlowState, made: set[int]) -> ChannelGroup:
     return ChannelGroup(k, n, tuple(ordered), producers, tuple(dict.fromkeys(blocked)), state.sizes[first] // n)
 
 
-def groups_of(gm: fx.GraphModule) -> list[ChannelGroup]:
-    """The channel groups of a shape-propagated capture, in graph order of their first producer."""
-    state = Propagation(gm).run()
+def groups_of(gm: fx.GraphModule, hidden: bool = False) -> list[ChannelGroup]:
+    """The channel groups of a shape-propagated capture, in graph order of their first producer.
+    hidden=True lets channels through LayerNorm and RMSNorm (the residual stream of a
+    transformer): their statistics then run over fewer channels."""
+    state = Propagation(gm, hidden).run()
     made = {a for a, m in state.members if m.role == "out"}  # atoms a layer makes (not a cat's untracked part)
     comps = sorted(nx.connected_components(_graph(state)), key=lambda c: min(a for kind, a in c if kind == "atom"))
     out = [_group(k, comp, state, made) for k, comp in enumerate(comps)]
@@ -170,11 +172,12 @@ def as_args(example_args: Any) -> tuple:
     return example_args if isinstance(example_args, tuple) else (example_args,)
 
 
-def channel_groups(model: torch.nn.Module, example_args: Any, *, concrete_args: dict | None = None) -> list[ChannelGroup]:
+def channel_groups(model: torch.nn.Module, example_args: Any, *, concrete_args: dict | None = None,
+                   hidden: bool = False) -> list[ChannelGroup]:
     """Trace `model` (any GraphModule accepted), propagate shapes through `example_args` and
     return its channel groups: which output channels of which layers, with the norms and
     consumers they reach, are removed together, and which groups cannot be pruned and why.
-    `model` is not changed (shapes are found in eval mode on a capture)."""
+    `model` is not changed (shapes are found in eval mode on a capture). hidden=True: see groups_of."""
     gm = capture(model, concrete_args=concrete_args)
     propagate_shapes(gm, as_args(example_args))
-    return groups_of(gm)
+    return groups_of(gm, hidden)

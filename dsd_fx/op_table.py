@@ -318,6 +318,7 @@ class Flow(str, Enum):
     EXPAND = "expand"  # new leading dims, the channel dim kept (repeat_kv)
     REPEAT_INTERLEAVE = "repeat_interleave"  # each channel block read n times along its dim
     MULTIHEAD_ATTENTION = "multihead_attention"  # nn.MultiheadAttention: heads in packed in_proj_weight
+    LAYER_NORM = "layer_norm"  # normalises the channel dim: refused unless the prune asks for hidden=True
     REFUSE = "refuse"  # channels reaching this op cannot be removed (see reason)
 
 
@@ -348,7 +349,11 @@ for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, 
     MODULES[_cls] = OpRow(_cls.__name__.lower(), (), channel_dim=1, channels=_BN)
 MODULES[nn.Flatten] = OpRow("flatten", (), channels=ChannelRule(Flow.RESHAPE))
 MODULES[nn.GroupNorm] = OpRow("groupnorm", (), channel_dim=1, channels=ChannelRule(Flow.REFUSE, reason="GroupNorm " + _STATS_ACROSS))
-MODULES[nn.LayerNorm] = OpRow("layernorm", (), channel_dim=-1, channels=ChannelRule(Flow.REFUSE, reason="LayerNorm " + _STATS_ACROSS))
+MODULES[nn.LayerNorm] = OpRow("layernorm", (), channel_dim=-1, channels=ChannelRule(
+    Flow.LAYER_NORM, ("weight", "bias"), reason="LayerNorm " + _STATS_ACROSS))
+if hasattr(nn, "RMSNorm"):
+    MODULES[nn.RMSNorm] = OpRow("rmsnorm", (), channel_dim=-1, channels=ChannelRule(
+        Flow.LAYER_NORM, ("weight",), reason="RMSNorm " + _STATS_ACROSS))
 MODULES[nn.MultiheadAttention] = replace(MODULES[nn.MultiheadAttention], channels=ChannelRule(Flow.MULTIHEAD_ATTENTION))
 MODULES[PrunedMultiheadAttention] = MODULES[nn.MultiheadAttention]
 for _cls in (nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell):
@@ -368,7 +373,9 @@ for _fn in _UNARY_FUNCTIONS:
     FUNCTIONS[("call_function", _fn)] = OpRow(getattr(_fn, "__name__", str(_fn)), (), channels=_PASS)
 for _name in ("add", "mul", "sub", "div", "add_", "mul_", "pow"):
     FUNCTIONS[("call_method", _name)] = OpRow(_name, (), channels=_EW)
-for _name in ("relu", "sigmoid", "tanh", "contiguous", "clone", "abs", "neg", "exp", "relu_", "clamp", "float", "to",
+for _fn in (torch.rsqrt, torch.sqrt, torch.square, F.tanh, F.sigmoid):
+    FUNCTIONS[("call_function", _fn)] = OpRow(getattr(_fn, "__name__", str(_fn)), (), channels=_PASS)
+for _name in ("relu", "sigmoid", "tanh", "contiguous", "rsqrt", "sqrt", "square", "clone", "abs", "neg", "exp", "relu_", "clamp", "float", "to",
               "type_as", "detach"):
     FUNCTIONS[("call_method", _name)] = OpRow(_name, (), channels=_PASS)
 for _key in (("call_function", torch.flatten), ("call_method", "flatten"), ("call_method", "view"),
@@ -383,9 +390,13 @@ for _key in (("call_function", torch.split), ("call_method", "split")):
     FUNCTIONS[_key] = OpRow("split", (), channels=ChannelRule(Flow.SPLIT, dim_arg=2))
 for _key in (("call_function", torch.chunk), ("call_method", "chunk")):
     FUNCTIONS[_key] = OpRow("chunk", (), channels=ChannelRule(Flow.SPLIT, dim_arg=2))
-for _fn in (F.layer_norm, F.group_norm):
-    FUNCTIONS[("call_function", _fn)] = OpRow(_fn.__name__, (), channels=ChannelRule(
-        Flow.REFUSE, reason=f"{_fn.__name__} mixes channels (statistics across the channel dim)"))
+FUNCTIONS[("call_function", F.group_norm)] = OpRow("group_norm", (), channels=ChannelRule(
+    Flow.REFUSE, reason="group_norm mixes channels (statistics across the channel dim)"))
+FUNCTIONS[("call_function", F.layer_norm)] = OpRow("layer_norm", (), channels=ChannelRule(
+    Flow.LAYER_NORM, reason="layer_norm " + _STATS_ACROSS))
+if hasattr(F, "rms_norm"):
+    FUNCTIONS[("call_function", F.rms_norm)] = OpRow("rms_norm", (), channels=ChannelRule(
+        Flow.LAYER_NORM, reason="rms_norm " + _STATS_ACROSS))
 for _key in (("call_function", F.softmax), ("call_function", torch.softmax), ("call_method", "softmax"),
              ("call_function", F.log_softmax), ("call_method", "log_softmax")):
     FUNCTIONS[_key] = OpRow("softmax", (), channels=ChannelRule(Flow.SOFTMAX, dim_arg=1))
@@ -405,6 +416,7 @@ def channel_rule(row: OpRow | None) -> ChannelRule | None:
     """The channel rule of `row`: its own, or None (no row, or a weight op: see its slots)."""
     return None if row is None else row.channels
 for _key in (("call_method", "mean"), ("call_function", torch.mean), ("call_method", "sum"), ("call_function", torch.sum),
-             ("call_method", "amax"), ("call_function", torch.amax)):
+             ("call_method", "amax"), ("call_function", torch.amax), ("call_method", "var"), ("call_function", torch.var),
+             ("call_method", "std"), ("call_function", torch.std)):
     FUNCTIONS[_key] = OpRow("reduce", (), channels=ChannelRule(Flow.REDUCE, dim_arg=1))
 del _cls, _fn, _key, _name

@@ -40,6 +40,10 @@ class PruneConfig:
         over all groups, floor(fraction * all channels) removed in all).
     include / exclude: layer-name patterns of producing layers whose groups may / may not lose channels.
     inplace: write the smaller layers into the user's own modules too.
+    hidden: also prune channels that pass through LayerNorm / RMSNorm over the channel dim (a
+        transformer's residual stream: embeddings, every projection's input, the norms' weights).
+        The norms' statistics then run over fewer channels: the function changes even where the
+        removed channels were zero. Off by default.
     """
 
     channels: float | Mapping[str, float] = 0.25
@@ -50,6 +54,7 @@ class PruneConfig:
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
     inplace: bool = False
+    hidden: bool = False
     data: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -80,8 +85,9 @@ class PruneConfig:
                             "shapes through the graph and find which channels are tied")
         if not isinstance(self.example_args, tuple):
             object.__setattr__(self, "example_args", (self.example_args,))
-        if not isinstance(self.inplace, bool):
-            raise TypeError(f"prune: inplace must be True or False, got {self.inplace!r}")
+        for name in ("inplace", "hidden"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"prune: {name} must be True or False, got {getattr(self, name)!r}")
 
     def _check_data(self) -> None:
         if self.importance == "discriminant" and self.data is None:

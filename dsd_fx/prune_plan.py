@@ -190,7 +190,7 @@ def prune_plan(gm: fx.GraphModule, config: PruneConfig, model: torch.nn.Module):
     outputs = [n for n in gm.graph.nodes if n.op == "output"]
     out_shapes = [tuple(a.meta["tensor_meta"].shape) for a in torch.utils._pytree.tree_flatten(outputs[0].args)[0]
                   if isinstance(a, fx.Node) and hasattr(a.meta.get("tensor_meta"), "shape")]
-    groups = groups_of(gm)
+    groups = groups_of(gm, config.hidden)
     removed = choose(gm, groups, config)
     cuts = cut_positions(groups, removed)
     _refuse_tied(gm, cuts)

@@ -1,6 +1,8 @@
 """nn.MultiheadAttention with fewer heads than embed_dim // head_dim: what pruning its heads leaves."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -21,44 +23,86 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
                 attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # the op sequence of nn.MultiheadAttention's (F.multi_head_attention_forward), so that the
+        # pruned graph exports to the same ONNX ops, with num_heads * head_dim for embed_dim
         batched = query.dim() == 3
-        if not batched:
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-            key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
-        elif not self.batch_first:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        n, length, source = query.shape[0], query.shape[1], key.shape[1]
-        h, d = self.num_heads, self.head_dim
-        w = self.in_proj_weight.chunk(3)
-        b = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
-        q, k, v = (F.linear(x, wi, bi).view(n, x.shape[1], h, d).transpose(1, 2) for x, wi, bi in zip((query, key, value), w, b))
-        mask = self._mask(attn_mask, key_padding_mask, q.dtype, n, length, source)
-        dropout = self.dropout if self.training else 0.0
-        if need_weights:
-            scores = q @ k.transpose(-2, -1) * d ** -0.5
-            if mask is not None:
-                scores = scores + mask
-            weights = F.softmax(scores, dim=-1)
-            out = F.dropout(weights, dropout) @ v
-            weights = weights.mean(1) if average_attn_weights else weights
-        else:
-            out, weights = F.scaled_dot_product_attention(q, k, v, mask, dropout, is_causal and mask is None), None
-        out = F.linear(out.transpose(1, 2).reshape(n, length, h * d), self.out_proj.weight, self.out_proj.bias)
-        if not batched:
-            return out.squeeze(0), None if weights is None else weights.squeeze(0)
-        return (out if self.batch_first else out.transpose(0, 1)), weights
+        if self.batch_first and batched:
+            if key is value and query is key:
+                query = key = value = query.transpose(1, 0)
+            elif key is value:
+                query, key = query.transpose(1, 0), key.transpose(1, 0)
+                value = key
+            else:
+                query, key, value = (x.transpose(1, 0) for x in (query, key, value))
+        out, weights = self._attend(query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+                                    is_causal, batched)
+        return (out.transpose(1, 0) if self.batch_first and batched else out), weights
 
-    def _mask(self, attn_mask, key_padding_mask, dtype, n: int, length: int, source: int) -> torch.Tensor | None:
-        """One additive float mask of shape broadcastable to (n, heads, length, source)."""
-        mask = None
-        for m, shape in ((attn_mask, None), (key_padding_mask, (n, 1, 1, source))):
-            if m is None:
-                continue
-            if m.dtype == torch.bool:  # True: may not attend (nn.MultiheadAttention's convention)
-                m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(m, float("-inf"))
-            if shape is not None:
-                m = m.reshape(shape)
-            elif m.dim() == 3:  # (n * heads, length, source)
-                m = m.view(n, self.num_heads, length, source)
-            mask = m if mask is None else mask + m
+    def _attend(self, query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal,
+                batched):
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+        tgt_len, bsz, _ = query.shape
+        src_len = key.shape[0]
+        h, d = self.num_heads, self.head_dim
+        inner = h * d
+        key_padding_mask = _float_mask(key_padding_mask, query.dtype)
+        if is_causal and key_padding_mask is None and not need_weights:
+            attn_mask = None
+        else:
+            attn_mask = _float_mask(attn_mask, query.dtype)
+            is_causal = False if key_padding_mask is not None else is_causal
+        q, k, v = self._in_projection(query, key, value, inner)
+        if attn_mask is not None and attn_mask.dim() == 2:
+            attn_mask = attn_mask.unsqueeze(0)
+        q = q.view(tgt_len, bsz * h, d).transpose(0, 1)
+        k = k.view(k.shape[0], bsz * h, d).transpose(0, 1)
+        v = v.view(v.shape[0], bsz * h, d).transpose(0, 1)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.view(bsz, 1, 1, src_len).expand(-1, h, -1, -1).reshape(bsz * h, 1, src_len)
+            attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
+        dropout_p = self.dropout if self.training else 0.0
+        if need_weights:
+            q_scaled = q * math.sqrt(1.0 / float(d))
+            if attn_mask is not None:
+                weights = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
+            else:
+                weights = torch.bmm(q_scaled, k.transpose(-2, -1))
+            weights = F.softmax(weights, dim=-1)
+            if dropout_p > 0.0:
+                weights = F.dropout(weights, p=dropout_p)
+            out = torch.bmm(weights, v).transpose(0, 1).reshape(tgt_len * bsz, inner)
+            out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+            out = out.view(tgt_len, bsz, out.size(1))
+            weights = weights.view(bsz, h, tgt_len, src_len)
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+            return (out.squeeze(1), weights.squeeze(0)) if not batched else (out, weights)
+        if attn_mask is not None:
+            if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
+                attn_mask = attn_mask.unsqueeze(0)
+            else:
+                attn_mask = attn_mask.view(bsz, h, -1, src_len)
+        q, k, v = q.view(bsz, h, tgt_len, d), k.view(bsz, h, src_len, d), v.view(bsz, h, src_len, d)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
+        out = out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, inner)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        out = out.view(tgt_len, bsz, out.size(1))
+        return (out.squeeze(1) if not batched else out), None
+
+    def _in_projection(self, query, key, value, inner: int):
+        w, b = self.in_proj_weight, self.in_proj_bias
+        if key is value and query is key:  # self-attention: one packed matmul
+            proj = F.linear(query, w, b)
+            proj = proj.unflatten(-1, (3, inner)).unsqueeze(0).transpose(0, -2).squeeze(-2).contiguous()
+            return proj[0], proj[1], proj[2]
+        bs = b.chunk(3) if b is not None else (None, None, None)
+        return tuple(F.linear(x, wi, bi) for x, wi, bi in zip((query, key, value), w.chunk(3), bs))
+
+
+def _float_mask(mask: torch.Tensor | None, dtype) -> torch.Tensor | None:
+    """A boolean mask (True: may not attend) as an additive float mask, as nn.MultiheadAttention does."""
+    if mask is None or mask.is_floating_point():
         return mask
+    return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask, float("-inf"))

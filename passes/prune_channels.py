@@ -79,12 +79,16 @@ def fix_attributes(module: nn.Module, removed_count: int) -> None:
         module.embedding_dim = module.weight.shape[1]
     elif isinstance(module, nn.modules.batchnorm._NormBase):
         module.num_features -= removed_count
+    elif isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))):
+        module.normalized_shape = (module.normalized_shape[0] - removed_count,)
     elif isinstance(module, nn.MultiheadAttention):  # fewer heads than embed_dim // head_dim: only the shell's class runs them
         module.num_heads = module.in_proj_weight.shape[0] // 3 // module.head_dim
+        module.embed_dim = module.kdim = module.vdim = module.in_proj_weight.shape[1]
         module.__class__ = PrunedMultiheadAttention
 
 
-SIZES = ("in_features", "out_features", "in_channels", "out_channels", "groups", "embedding_dim", "num_features", "num_heads")
+SIZES = ("in_features", "out_features", "in_channels", "out_channels", "groups", "embedding_dim", "num_features", "num_heads",
+         "normalized_shape")
 
 
 def adopt(theirs: nn.Module, mine: nn.Module, names) -> None:

@@ -195,10 +195,12 @@ def test_pruned_multihead_attention_computes_what_nn_multihead_attention_does(op
     mine = copy.deepcopy(mha)
     mine.__class__ = PrunedMultiheadAttention
     x = X if batch_first else X.transpose(0, 1)
+    y = torch.randn_like(x)
     with torch.no_grad():
-        want, got = mha(x, x, x, **options), mine(x, x, x, **options)
-        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
-        assert (got[1] is None) == (want[1] is None)
-        if want[1] is not None:
-            torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+        for q, k, v in ((x, x, x), (y, x, x), (x, y, y.flip(0))):  # self-attention, cross-attention, separate values
+            want, got = mha(q, k, v, **options), mine(q, k, v, **options)
+            torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+            assert (got[1] is None) == (want[1] is None)
+            if want[1] is not None:
+                torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(mine(X[0], X[0], X[0])[0], mha(X[0], X[0], X[0])[0], rtol=1e-5, atol=1e-5)  # unbatched
