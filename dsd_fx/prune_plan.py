@@ -169,14 +169,21 @@ def _consistent(example_args: tuple, out_shapes) -> Invariant:
 
 
 def _refuse_tied(gm: fx.GraphModule, cuts) -> None:
-    """One tensor object under two layers (tied weights) would be cut into two: refuse."""
-    seen: dict[int, str] = {}
-    for layer, tensor, _ in cuts:
-        t = getattr(gm.get_submodule(layer), tensor, None) if tensor else None
-        other = seen.setdefault(id(t), f"{layer}.{tensor}") if t is not None else None
-        if other is not None and not other.startswith(f"{layer}."):
-            raise ValueError(f"prune: '{layer}.{tensor}' is the same tensor as '{other}' (tied weights); pruning would "
-                             "untie them: exclude the groups of these layers (exclude=[...])")
+    """One tensor under two names (tied weights: an embedding and its LM head) is cut once, and
+    stays one tensor, when every name cuts it alike; otherwise pruning would untie it: refuse."""
+    per_name: dict[str, dict[int, list[int]]] = {}
+    for (layer, tensor, dim), gone in cuts.items():
+        if tensor:
+            per_name.setdefault(f"{layer}.{tensor}" if layer else tensor, {})[dim] = gone
+    names: dict[int, list[str]] = {}
+    for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(t), []).append(name)
+    for group in names.values():
+        cut = {name: per_name.get(name, {}) for name in group}
+        if len(group) > 1 and any(cut.values()) and len({repr(sorted(c.items())) for c in cut.values()}) > 1:
+            raise ValueError(f"prune: {' and '.join(map(repr, group))} are one tensor (tied weights), but their channel "
+                             "groups cut it differently; pruning would untie them: exclude the groups of these layers "
+                             "(exclude=[...]) or prune them alike")
 
 
 def prune_plan(gm: fx.GraphModule, config: PruneConfig, model: torch.nn.Module):

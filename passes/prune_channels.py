@@ -104,9 +104,12 @@ def adopt(theirs: nn.Module, mine: nn.Module, names) -> None:
             theirs.__dict__[attr] = mine.__dict__[attr]
 
 
-def shrink_layer(module: nn.Module, cuts: Mapping[str, Mapping[int, list[int]]]) -> dict[str, torch.Tensor]:
+def shrink_layer(module: nn.Module, cuts: Mapping[str, Mapping[int, list[int]]],
+                 shared: dict[int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Replace `module`'s tensors named in `cuts` by smaller new ones (parameters stay parameters,
-    under the same names, with the same requires_grad) and fix its size attributes. Returns them."""
+    under the same names, with the same requires_grad) and fix its size attributes. Returns them.
+    `shared` (id of an old tensor -> its smaller one) keeps a tensor that two layers share one."""
+    shared = {} if shared is None else shared
     new: dict[str, torch.Tensor] = {}
     counts = [len(gone) for name, dims in cuts.items() for gone in dims.values()]
     for name, dims in cuts.items():
@@ -114,9 +117,12 @@ def shrink_layer(module: nn.Module, cuts: Mapping[str, Mapping[int, list[int]]])
             continue
         if name in module._parameters:
             old = module._parameters[name]
-            module._parameters[name] = new[name] = nn.Parameter(_smaller(old, dims), requires_grad=old.requires_grad)
+            if id(old) not in shared:
+                shared[id(old)] = nn.Parameter(_smaller(old, dims), requires_grad=old.requires_grad)
+            module._parameters[name] = new[name] = shared[id(old)]
         else:
-            module._buffers[name] = new[name] = _smaller(module._buffers[name], dims)
+            old = module._buffers[name]
+            module._buffers[name] = new[name] = shared.setdefault(id(old), _smaller(old, dims))
     fix_attributes(module, max(counts, default=0))
     return new
 
@@ -153,8 +159,9 @@ def prune_channels(gm: fx.GraphModule, groups: Sequence[ChannelGroup], removed: 
     cuts = cut_positions(groups, removed)
     by_layer = layer_cuts(cuts)
     before = shapes_of(gm, by_layer)
+    shared: dict[int, torch.Tensor] = {}
     for layer, tensors in by_layer.items():
-        shrink_layer(gm.get_submodule(layer), tensors)
+        shrink_layer(gm.get_submodule(layer), tensors, shared)
     after = shapes_of(gm, by_layer)
     literals = rewrite_literals(gm, cut_positions(groups, removed, role="size"))
     note(gm, PASS, describe_pruning(before, after, groups, removed, literals))

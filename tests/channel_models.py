@@ -219,3 +219,23 @@ class Block(nn.Module):
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+
+class TinyGPT(nn.Module):
+    """Token and position embeddings, a pre-norm block (LayerNorm, attention, LayerNorm, GELU MLP),
+    a final norm and an LM head tied to the token embedding: the residual stream runs through all."""
+
+    def __init__(self, vocab: int = 50, dim: int = 32, heads: int = 4, rms: bool = False) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, dim), nn.Embedding(16, dim)
+        norm = (lambda: RMSNorm(dim)) if rms else (lambda: nn.LayerNorm(dim))
+        self.ln1, self.attn, self.ln2, self.ln_f = norm(), Attention(dim, heads), norm(), norm()
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+        self.lm_head.weight = self.tok.weight
+
+    def forward(self, ids):  # (B, T)
+        x = self.tok(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
+        x = x + self.attn(self.ln1(x))
+        x = x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        return self.lm_head(self.ln_f(x))

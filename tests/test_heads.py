@@ -12,7 +12,7 @@ from dsd_fx.channels import channel_groups
 from dsd_fx.phases import transform
 from dsd_fx.pipeline import NOTES
 from dsd_fx.pruned_attention import PrunedMultiheadAttention
-from tests.channel_models import Attention, Block, SwiGLU
+from tests.channel_models import Attention, Block, SwiGLU, TinyGPT
 
 X = torch.randn(2, 5, 32)
 HOWS = ["sdpa", "softmax", "gqa", "interleave"]
@@ -204,3 +204,37 @@ def test_pruned_multihead_attention_computes_what_nn_multihead_attention_does(op
             if want[1] is not None:
                 torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(mine(X[0], X[0], X[0])[0], mha(X[0], X[0], X[0])[0], rtol=1e-5, atol=1e-5)  # unbatched
+
+
+IDS = torch.randint(0, 50, (2, 7))
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_residual_stream_blocked_by_its_norms_unless_hidden(rms):
+    stream = by_producer(channel_groups(TinyGPT(rms=rms), IDS))["tok"]
+    assert not stream.prunable
+    if not rms:
+        assert any("node 'ln1': LayerNorm normalises over the channel dim" in r and "hidden=True prunes these channels too" in r
+                   for r in stream.blocked_by)
+    else:  # the hand-written RMSNorm's mean of squares
+        assert any("reduces over the channel dim (a norm's statistics? hidden=True prunes through them)" in r for r in stream.blocked_by)
+    g = by_producer(channel_groups(TinyGPT(rms=rms), IDS, hidden=True))
+    norms = {(n, t, 0, 0, 1) for n in ("ln1", "ln2", "ln_f") for t in (("weight",) if rms else ("weight", "bias"))}
+    assert slots(g["tok"]) == {("tok", "weight", 1, 0, 1), ("pos", "weight", 1, 0, 1), ("lm_head", "weight", 1, 0, 1),
+                               ("attn.o_proj", "weight", 0, 0, 1), ("attn.o_proj", "bias", 0, 0, 1), ("fc2", "weight", 0, 0, 1),
+                               ("fc2", "bias", 0, 0, 1), ("fc1", "weight", 1, 0, 1)} | {
+        (f"attn.{p}_proj", "weight", 1, 0, 1) for p in "qkv"} | norms
+    assert g["tok"].prunable and g["tok"].producers == ("tok", "pos", "attn.o_proj", "fc2")
+    assert g["attn.q_proj"].size == 4 and g["fc1"].size == 128 and not g["lm_head"].prunable
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_hidden_prunes_embeddings_norms_and_the_tied_lm_head_alike(rms):
+    model = TinyGPT(rms=rms).eval()
+    gm = transform(model, phase="prune", channels=0.25, hidden=True, example_args=(IDS,)).eval()
+    assert gm.tok.weight.shape == (50, 24) and gm.lm_head.weight is gm.tok.weight and gm.pos.weight.shape == (16, 24)
+    assert gm.ln1.weight.shape == (24,) and (rms or gm.ln1.normalized_shape == (24,))
+    assert gm.attn.q_proj.weight.shape == (24, 24) and gm.attn.o_proj.weight.shape == (24, 24) and gm.fc1.weight.shape == (96, 24)
+    assert model.tok.weight.shape == (50, 32) and model.lm_head.weight is model.tok.weight
+    with torch.no_grad():
+        assert gm(torch.randint(0, 50, (3, 11))).shape == (3, 11, 50)

@@ -235,23 +235,33 @@ def test_embedding_conv_transpose_and_instance_norm_sizes():
     assert gm(ids, IMG).shape == ()
 
 
-def test_tied_weights_are_refused_before_anything_changes():
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
-            self.b2 = nn.Linear(8, 8)
-            self.b2.weight = self.b.weight
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.a2, self.b, self.c = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.b2 = nn.Linear(8, 8)
+        self.b2.weight = self.b.weight
 
-        def forward(self, x):
-            h = torch.relu(self.a(x))
-            return self.c(self.b(h)) + self.c(self.b2(h))
+    def forward(self, x):  # b and b2 share a weight; b reads a's channels, b2 reads a2's
+        return self.c(self.b(torch.relu(self.a(x)))) + self.c(self.b2(torch.relu(self.a2(x))))
 
-    model = Tied()
+
+def test_tied_weights_cut_differently_are_refused_before_anything_changes():
+    model = _Tied()
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match="tied weights"):
-        transform(model, phase="prune", channels=0.25, example_args=(torch.randn(2, 4),))
+    with pytest.raises(ValueError, match="'b.weight' and 'b2.weight' are one tensor .tied weights., but their channel groups cut it differently"):
+        transform(model, phase="prune", channels={"a": 0.25}, example_args=(torch.randn(2, 4),))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_tied_weights_cut_alike_stay_one_tensor():
+    model = _Tied()
+    with torch.no_grad():
+        model.a2.weight.copy_(model.a.weight)
+        model.a2.bias.copy_(model.a.bias)
+    gm = transform(model, phase="prune", channels={"a*": 0.25, "b": 0.25}, example_args=(torch.randn(2, 4),), inplace=True)
+    assert gm.b.weight is gm.b2.weight and gm.b.weight.shape == (6, 6)
+    assert model.b.weight is model.b2.weight and model.b.weight.shape == (6, 6)
 
 
 def test_print_changed_shows_the_groups_and_shapes(capsys):
