@@ -132,7 +132,8 @@ def capture(
             exported = export_module(model, example_args, example_kwargs, dynamic_shapes)
         class_name = type(model).__name__
     if exported is not None:  # ep.module(): a GraphModule over the model's own parameter objects
-        mode, class_name = model.training, type(model).__name__
+        user_mode = model.training
+        mode, class_name = True, type(model).__name__  # captured in train mode (capture_export.train_mode)
         model, graph = exported, exported.graph
     root = _shell(model, {})
     gm = _graph_module(root, graph, class_name)
@@ -150,4 +151,6 @@ def capture(
         gm.meta = dict(getattr(model, "meta", {}))
     if exported is not None or is_exported(gm):
         prepare_exported(gm, mode if exported is not None else None)
+    if exported is not None:
+        gm.train(user_mode)  # the mode the user's model is in
     return gm

@@ -56,6 +56,23 @@ def _quiet_specialisation(quiet: bool) -> Iterator[None]:
         logger.setLevel(old)
 
 
+@contextlib.contextmanager
+def train_mode(model: nn.Module) -> Iterator[None]:
+    """`model` in train mode while it is exported, every submodule's own flag restored after.
+
+    torch.export bakes the mode in: the ops dsd_fx.modes switches (dropout, batch norm, attention
+    dropout) are found in either mode, but a train-mode value that the model picks in Python
+    (`dropout_p=p if self.training else 0.0`) exists only in a train-mode capture. The model's
+    tensors are not touched: non-strict export runs on fake tensors."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train()
+    try:
+        yield
+    finally:
+        for m, was in modes:
+            m.training = was
+
+
 def export_module(model: nn.Module, example_args: Any, example_kwargs: dict | None, dynamic_shapes: Any) -> fx.GraphModule:
     """`torch.export.export(model, ..., strict=False).module()`: the model's own parameter objects
     under their own names. Raises TypeError naming the fix where export fails."""
@@ -67,7 +84,7 @@ def export_module(model: nn.Module, example_args: Any, example_kwargs: dict | No
     kwargs = dict(example_kwargs or {})
     shapes = default_dynamic_shapes(args, kwargs) if dynamic_shapes is None else dynamic_shapes
     try:
-        with _quiet_specialisation(dynamic_shapes is None):
+        with _quiet_specialisation(dynamic_shapes is None), train_mode(model):
             program = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
     except Exception as err:  # noqa: BLE001 - re-raised with the remedies
         text = str(err).strip().splitlines()

@@ -21,6 +21,9 @@ TRAIN_ARG: dict[object, int] = {
     aten.rnn_relu.input: 6,
 }
 _BATCH_NORM_RUNNING_MEAN = 3
+# attention whose dropout probability the model picks by its mode (`dropout_p=p if self.training
+# else 0.0`, as transformers does): op -> (position, keyword) of dropout_p
+DROPOUT_P: dict[object, tuple[int, str]] = {aten.scaled_dot_product_attention.default: (4, "dropout_p")}
 
 
 class ModeFlag(nn.Module):
@@ -42,6 +45,23 @@ def count_batches(counter: torch.Tensor, training) -> None:
     if training:
         counter.add_(1)
     return None
+
+
+def when_training(value: float, training) -> float:
+    """`value` in train mode, 0.0 in eval: an attention dropout probability that follows the mode."""
+    if isinstance(training, fx.Proxy):  # fx re-tracing (torch.load): one node
+        return training.tracer.create_proxy("call_function", when_training, (value, training), {})
+    return value if training else 0.0
+
+
+def _dropout_p(node: fx.Node) -> tuple[object, int | str] | None:
+    """(dropout_p, where) of an attention op that takes one, or None."""
+    if node.op != "call_function" or node.target not in DROPOUT_P:
+        return None
+    k, kw = DROPOUT_P[node.target]
+    if len(node.args) > k:
+        return node.args[k], k
+    return (node.kwargs[kw], kw) if kw in node.kwargs else None
 
 
 def _is_counter_add(node: fx.Node) -> bool:
@@ -101,7 +121,11 @@ def make_switchable(gm: fx.GraphModule, mode: bool) -> bool:
     g = gm.graph
     sites = _sites(g, mode)
     adds = [n for n in g.nodes if _is_counter_add(n)]
-    if not sites and not adds:
+    # captured in train mode, a positive attention dropout is the train-mode branch of the model's own
+    # `p if self.training else 0.0`; captured in eval mode, that p is 0.0 and lost (see capture)
+    attention = [n for n in g.nodes if mode and (found := _dropout_p(n)) is not None
+                 and isinstance(found[0], float) and found[0] > 0]
+    if not sites and not adds and not attention:
         return False
     if MODE not in gm._modules:
         gm.add_module(MODE, ModeFlag())
@@ -114,6 +138,14 @@ def make_switchable(gm: fx.GraphModule, mode: bool) -> bool:
         with g.inserting_before(add):
             g.call_function(count_batches, (add.args[0], flag))
         g.erase_node(add)
+    for node in attention:
+        p, where = _dropout_p(node)
+        with g.inserting_before(node):
+            follow = g.call_function(when_training, (p, flag))
+        if isinstance(where, int):
+            node.update_arg(where, follow)
+        else:
+            node.update_kwarg(where, follow)
     counted = {n.args[0].target for n in g.nodes if n.op == "call_function" and n.target is count_batches}
     for node in sites:
         k = TRAIN_ARG[node.target]
