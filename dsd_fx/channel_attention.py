@@ -4,11 +4,14 @@ from __future__ import annotations
 import operator
 from dataclasses import replace
 
+import torch
 from torch import fx
 
 from dsd_fx.channel_layout import Layout, Member, Segment
 from dsd_fx.channel_rules import arg_of, attach_literal, fail, first_input, layout_of, shape, tie
 from dsd_fx.op_table import ChannelRule
+
+aten = torch.ops.aten
 
 
 def _tie_all(prop, node: fx.Node, lays: list[Layout], why: str) -> bool:
@@ -192,3 +195,23 @@ def multihead_attention(prop, node: fx.Node, rule: ChannelRule, module):
     for tensor in ("weight", "bias") if module.out_proj.bias is not None else ("weight",):
         prop.state.members.append((out, Member(f"{node.target}.out_proj", tensor, 0, "out", 0, 0, e)))
     return Layout(len(si) - 1, (Segment(out, 0, e),)), None
+
+
+def slice_(prop, node: fx.Node, rule: ChannelRule, module):
+    """aten.slice(x, dim, start, end, step) / aten.select(x, dim, index): along another dim the
+    channels pass (select drops its dim); a whole-dim slice of the channel dim passes; a part of it
+    is refused."""
+    x = first_input(node)
+    lay, si = layout_of(prop, x), shape(x)
+    if lay is None:
+        return None
+    dim = int(arg_of(node, 1, "dim", 0)) % len(si)
+    if node.target is aten.select.int:
+        if dim == lay.dim:
+            fail(prop, node, "selects one index of the channel dim")
+            return None
+        return replace(lay, dim=lay.dim - (dim < lay.dim))
+    if dim == lay.dim and shape(node)[dim] != si[dim]:
+        fail(prop, node, "slices the channel dim")
+        return None
+    return lay

@@ -17,7 +17,8 @@ _HANDLERS = {Flow.ELEMENTWISE: rules.elementwise, Flow.PASS: rules.passthrough, 
              Flow.RESHAPE: rules.reshape, Flow.MOVE: rules.move, Flow.CAT: rules.cat, Flow.SPLIT: rules.split,
              Flow.REDUCE: rules.reduce, Flow.ATTENTION: attention.attention, Flow.SOFTMAX: attention.softmax,
              Flow.EXPAND: attention.expand, Flow.REPEAT_INTERLEAVE: attention.repeat_interleave,
-             Flow.MULTIHEAD_ATTENTION: attention.multihead_attention, Flow.LAYER_NORM: rules.layer_norm}
+             Flow.MULTIHEAD_ATTENTION: attention.multihead_attention, Flow.LAYER_NORM: rules.layer_norm,
+             Flow.SLICE: attention.slice_, Flow.SHAPE_ONLY: lambda prop, node, rule, module: None}
 
 
 class Propagation:

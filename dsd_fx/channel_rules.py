@@ -116,13 +116,24 @@ def norm(prop, node: fx.Node, rule: ChannelRule, module: nn.Module):
         fail(prop, node, f"normalises dim 1, but the channels are at dim {lay.dim}" if lay.dim != 1
              else "normalises single channels of a tensor whose channels are flattened or split into heads")
         return None
+    if module is None:  # a functional batch norm: its tensor arguments are per-channel (weight, bias, running stats)
+        for t in node.args[1:5]:
+            owner = tensor_attr(prop, t)
+            if owner is None and isinstance(t, fx.Node):
+                fail(prop, node, f"its per-channel operand '{t.name}' is not a parameter or buffer read by get_attr")
+                return None
+            if owner is not None:
+                prop.state.attach(lay, owner[0], owner[1], 0, "norm")
+        return lay
     names = [n for n in rule.params if isinstance(getattr(module, n, None), torch.Tensor)]
     for name in names or [""]:
         prop.state.attach(lay, node.target, name, 0, "norm")
     return lay
 
 
-_SHAPE_FREE = ("unsqueeze", "squeeze", torch.unsqueeze, torch.squeeze, "unflatten", torch.unflatten)
+aten = torch.ops.aten
+_SHAPE_FREE = ("unsqueeze", "squeeze", torch.unsqueeze, torch.squeeze, "unflatten", torch.unflatten, aten.unsqueeze.default,
+               aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unflatten.int, aten.flatten.using_ints)
 
 
 def _shape_spec(node: fx.Node) -> list | None:
@@ -137,7 +148,7 @@ def _shape_spec(node: fx.Node) -> list | None:
 
 def _spec_path(node: fx.Node, k: int, n_out: int) -> tuple | None:
     """Where output dim k's size sits in the node's arguments: (arg index,) or (arg index, item)."""
-    if node.target in ("unflatten", torch.unflatten):
+    if node.target in ("unflatten", torch.unflatten, aten.unflatten.int):
         first = int(arg_of(node, 1, "dim")) % n_out
         sizes = arg_of(node, 2, "sizes")
         return (2, k - first) if first <= k < first + len(sizes) else None
@@ -221,7 +232,7 @@ def move(prop, node: fx.Node, rule: ChannelRule, module):
     lay, n = layout_of(prop, first_input(node)), len(shape(node) or ())
     if lay is None:
         return None
-    if node.target in ("permute", torch.permute):
+    if node.target in ("permute", torch.permute, aten.permute.default):
         dims = list(node.args[1:]) if node.op == "call_method" else list(arg_of(node, 1, "dims"))
         dims = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else dims
         new = [d % n for d in dims].index(lay.dim)
@@ -293,7 +304,7 @@ def split(prop, node: fx.Node, rule: ChannelRule, module):
         fail(prop, node, "cuts the channel dim into equal parts by count, which pruning would unbalance; "
                          "split by a list of sizes (torch.split(x, [a, b], dim))")
         return None
-    if node.target in (torch.split, "split"):
+    if node.target in (torch.split, "split", aten.split.Tensor):
         attach_literal(prop, node, out[0], (1,))
     return tuple(out)
 

@@ -95,6 +95,12 @@ def function_weight_op(prop, node: fx.Node, row):
         fail(prop, node, f"{row.kind} called functionally: {why}")
         return None
     w = getattr(prop.gm.get_submodule(param[0]), param[1])
+    producer = param[0] if param[1] == "weight" and param[0] else weight.target  # a layer's weight: the layer's name
+    if slot.in_dim is None:  # an embedding lookup (aten.embedding(weight, indices)): a new channel space
+        n = w.shape[slot.out_dim % w.dim()]
+        atom = prop.state.atom(n, producer)
+        prop.state.members.append((atom, Member(param[0], param[1], slot.out_dim % w.dim(), "out", 0, 0, n)))
+        return Layout(len(out_shape) - 1, (Segment(atom, 0, n),))
     out_w, in_w = slot.out_dim % w.dim(), slot.in_dim % w.dim()
     lay, in_dim, out_dim = layout_of(prop, x), row.channel_dim % len(in_shape), row.channel_dim % len(out_shape)
     if lay is not None and lay.dim != in_dim:
@@ -103,7 +109,7 @@ def function_weight_op(prop, node: fx.Node, row):
     if lay is not None:
         prop.state.attach(lay, param[0], param[1], in_w, "in")
     n = w.shape[out_w]
-    atom = prop.state.atom(n, weight.target)
+    atom = prop.state.atom(n, producer)
     for (layer, tensor), dim in [(param, out_w)] + ([(_param_of(prop, bias), 0)] if bias is not None else []):
         prop.state.members.append((atom, Member(layer, tensor, dim, "out", 0, 0, n)))
     return Layout(out_dim, (Segment(atom, 0, n),))

@@ -319,6 +319,8 @@ class Flow(str, Enum):
     REPEAT_INTERLEAVE = "repeat_interleave"  # each channel block read n times along its dim
     MULTIHEAD_ATTENTION = "multihead_attention"  # nn.MultiheadAttention: heads in packed in_proj_weight
     LAYER_NORM = "layer_norm"  # normalises the channel dim: refused unless the prune asks for hidden=True
+    SLICE = "slice"  # a slice or select along a dim: the channels pass where it is another dim
+    SHAPE_ONLY = "shape_only"  # reads only its operand's shape (sym_size, new_ones): no channels out, none blocked
     REFUSE = "refuse"  # channels reaching this op cannot be removed (see reason)
 
 
@@ -423,3 +425,4 @@ del _cls, _fn, _key, _name
 
 # the aten rows (what torch.export's graphs call) live in their own module, which adds them to FUNCTIONS
 from dsd_fx import aten_rows as _aten_rows  # noqa: E402,F401  (imported last: it reads this module's names)
+from dsd_fx import aten_channels as _aten_channels  # noqa: E402,F401  (the aten ops' channel rows)

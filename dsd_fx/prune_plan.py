@@ -10,7 +10,7 @@ import torch
 from torch import fx
 
 from dsd_fx.channels import ChannelGroup, eval_mode, groups_of, propagate_shapes
-from dsd_fx.passes.prune_channels import adopt, cut_positions, layer_cuts, prune_channels
+from dsd_fx.passes.prune_channels import adopt, cut_positions, layer_cuts, prune_channels, retie
 from dsd_fx.pipeline import Invariant, Plan
 from dsd_fx.prune_config import PruneConfig
 from dsd_fx.tags import has_dsd_nodes
@@ -168,6 +168,19 @@ def _consistent(example_args: tuple, out_shapes) -> Invariant:
     return Invariant("channel counts consistent after pruning", check)
 
 
+def _read_names(gm: fx.GraphModule) -> set[str]:
+    """The qualified names of the tensors the graph reads: get_attr targets and called modules' own tensors."""
+    out = set()
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.users:
+            out.add(n.target)
+        elif n.op == "call_module":
+            m = gm.get_submodule(n.target)
+            out.update(f"{n.target}.{k}" for k in [*m._parameters, *m._buffers])
+            out.update(f"{n.target}.{k}" for k, _ in m.named_parameters())
+    return out
+
+
 def _refuse_tied(gm: fx.GraphModule, cuts) -> None:
     """One tensor under two names (tied weights: an embedding and its LM head) is cut once, and
     stays one tensor, when every name cuts it alike; otherwise pruning would untie it: refuse."""
@@ -176,8 +189,10 @@ def _refuse_tied(gm: fx.GraphModule, cuts) -> None:
         if tensor:
             per_name.setdefault(f"{layer}.{tensor}" if layer else tensor, {})[dim] = gone
     names: dict[int, list[str]] = {}
+    read = _read_names(gm)  # a name the graph never reads (export reads a tied weight under one name) follows the others
     for name, t in [*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False)]:
-        names.setdefault(id(t), []).append(name)
+        if name in read:
+            names.setdefault(id(t), []).append(name)
     for group in names.values():
         cut = {name: per_name.get(name, {}) for name in group}
         if len(group) > 1 and any(cut.values()) and len({repr(sorted(c.items())) for c in cut.values()}) > 1:
@@ -218,8 +233,12 @@ def prune_plan(gm: fx.GraphModule, config: PruneConfig, model: torch.nn.Module):
     def commit() -> None:
         if not config.inplace:
             return
+        renamed = {}
         for layer, tensors in layer_cuts(cuts).items():
-            adopt(model.get_submodule(layer), gm.get_submodule(layer), tensors)
+            theirs, mine = model.get_submodule(layer), gm.get_submodule(layer)
+            renamed.update({id(getattr(theirs, name)): getattr(mine, name) for name in tensors if name})
+            adopt(theirs, mine, tensors)
+        retie(model, renamed)
 
     recipe = [("prune_channels", functools.partial(prune_channels, groups=groups, removed=removed))]
     return Plan(recipe, [_consistent(config.example_args, out_shapes)], commit, [])

@@ -127,6 +127,16 @@ def shrink_layer(module: nn.Module, cuts: Mapping[str, Mapping[int, list[int]]],
     return new
 
 
+def retie(root: nn.Module, renamed: Mapping[int, torch.Tensor]) -> None:
+    """Every other name of a replaced tensor (a tied weight the graph does not read under that
+    name) takes its replacement too, so that tied weights stay one tensor."""
+    for module in root.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in list(table.items()):
+                if t is not None and id(t) in renamed and t is not renamed[id(t)]:
+                    table[name] = renamed[id(t)]
+
+
 def layer_cuts(cuts: Mapping[tuple[str, str, int], list[int]]) -> dict[str, dict[str, dict[int, list[int]]]]:
     by_layer: dict[str, dict[str, dict[int, list[int]]]] = {}
     for (layer, tensor, dim), gone in cuts.items():
@@ -162,6 +172,7 @@ def prune_channels(gm: fx.GraphModule, groups: Sequence[ChannelGroup], removed: 
     shared: dict[int, torch.Tensor] = {}
     for layer, tensors in by_layer.items():
         shrink_layer(gm.get_submodule(layer), tensors, shared)
+    retie(gm, shared)
     after = shapes_of(gm, by_layer)
     literals = rewrite_literals(gm, cut_positions(groups, removed, role="size"))
     note(gm, PASS, describe_pruning(before, after, groups, removed, literals))
