@@ -12,6 +12,7 @@ from torch import fx
 from dsd_fx.channels import ChannelGroup, eval_mode, groups_of, propagate_shapes
 from dsd_fx.passes.prune_channels import adopt, cut_positions, layer_cuts, prune_channels, retie
 from dsd_fx.pipeline import Invariant, Plan
+from dsd_fx.hf_writeback import config_updates, is_transformers_model, write_config
 from dsd_fx.prune_config import PruneConfig
 from dsd_fx.tags import has_dsd_nodes
 
@@ -222,13 +223,14 @@ def prune_plan(gm: fx.GraphModule, config: PruneConfig, model: torch.nn.Module):
                          "it needs num_heads * head_dim == embed_dim; use the returned GraphModule (its layers run the "
                          "smaller heads), or exclude these groups (exclude=[...])")
     literals = cut_positions(groups, removed, role="size")
-    if config.inplace and literals:
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: its module, as capture took
+    hf = config.inplace and is_transformers_model(model)
+    updates = config_updates(model, cuts) if hf else {}  # raises before any change where the config cannot say it
+    if config.inplace and literals and not hf:  # a transformers model's forward reads its sizes from config and tensors
         where = ", ".join(sorted({f"'{node}'" for node, _, _ in literals}))
         raise ValueError(f"prune: inplace=True cannot rewrite the sizes that {type(model).__name__}'s forward writes as "
                          f"numbers (head counts or widths in {where}); use the returned GraphModule, or exclude these "
                          "groups (exclude=[...])")
-
-    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: its module, as capture took
 
     def commit() -> None:
         if not config.inplace:
@@ -239,6 +241,8 @@ def prune_plan(gm: fx.GraphModule, config: PruneConfig, model: torch.nn.Module):
             renamed.update({id(getattr(theirs, name)): getattr(mine, name) for name in tensors if name})
             adopt(theirs, mine, tensors)
         retie(model, renamed)
+        if updates:
+            write_config(model, updates)
 
     recipe = [("prune_channels", functools.partial(prune_channels, groups=groups, removed=removed))]
     return Plan(recipe, [_consistent(config.example_args, out_shapes)], commit, [])
