@@ -36,7 +36,7 @@ def _one(values: dict[str, int], key: str) -> int | None:
 def config_updates(model: nn.Module, cuts: Mapping[tuple[str, str, int], list[int]]) -> dict[str, int]:
     """The config values that describe `model` once `cuts` are made: num_attention_heads,
     num_key_value_heads and head_dim (from every attention's q/k projections and head_dim),
-    intermediate_size (every gated MLP's up_proj), hidden_size (the input embeddings). Raises
+    intermediate_size (every Linear that makes the MLP's intermediate channels), hidden_size (the input embeddings). Raises
     ValueError, before anything changes, where one value cannot describe every layer or where the
     model class built from the new config (on the meta device) would not have the pruned shapes."""
     config = model.config
@@ -48,8 +48,9 @@ def config_updates(model: nn.Module, cuts: Mapping[tuple[str, str, int], list[in
             heads[name] = _shape_after(model, f"{name}.q_proj.weight", cuts)[0] // d
             kv[name] = _shape_after(model, f"{name}.k_proj.weight", cuts)[0] // d
             dims[name] = d
-        if all(isinstance(getattr(mod, p, None), nn.Linear) for p in ("gate_proj", "up_proj", "down_proj")):
-            inter[name] = _shape_after(model, f"{name}.up_proj.weight", cuts)[0]
+        if isinstance(mod, nn.Linear) and mod.out_features == getattr(config, "intermediate_size", None) \
+                and (name, "weight", 0) in cuts:  # an MLP's up (and gate) projection; the meta build checks the rest
+            inter[name] = _shape_after(model, f"{name}.weight", cuts)[0]
     emb = model.get_input_embeddings()
     emb_name = next(n for n, m in model.named_modules() if m is emb)
     wanted = {"num_attention_heads": _one(heads, "num_attention_heads"), "num_key_value_heads": _one(kv, "num_key_value_heads"),
