@@ -11,7 +11,7 @@ import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from dsd_fx.capture import capture
+from dsd_fx.capture import capture as capture_model
 from dsd_fx.channel_flow import Propagation
 from dsd_fx.channel_layout import FlowState, Member
 
@@ -173,11 +173,13 @@ def as_args(example_args: Any) -> tuple:
 
 
 def channel_groups(model: torch.nn.Module, example_args: Any, *, concrete_args: dict | None = None,
-                   hidden: bool = False) -> list[ChannelGroup]:
-    """Trace `model` (any GraphModule accepted), propagate shapes through `example_args` and
-    return its channel groups: which output channels of which layers, with the norms and
-    consumers they reach, are removed together, and which groups cannot be pruned and why.
-    `model` is not changed (shapes are found in eval mode on a capture). hidden=True: see groups_of."""
-    gm = capture(model, concrete_args=concrete_args)
-    propagate_shapes(gm, as_args(example_args))
+                   hidden: bool = False, capture: str = "auto") -> list[ChannelGroup]:
+    """Capture `model` (any GraphModule accepted; capture= as for transform: "auto" traces with
+    torch.fx, then torch.export), propagate shapes through `example_args` and return its channel
+    groups: which output channels of which layers, with the norms and consumers they reach, are
+    removed together, and which groups cannot be pruned and why. `model` is not changed (shapes
+    are found in eval mode on a capture). hidden=True: see groups_of."""
+    args = as_args(example_args)
+    gm = capture_model(model, concrete_args=concrete_args, how=capture, example_args=args)
+    propagate_shapes(gm, args)
     return groups_of(gm, hidden)

@@ -14,12 +14,22 @@ def is_transformers_model(model: nn.Module) -> bool:
     return config is not None and hasattr(config, "to_dict") and hasattr(model, "get_input_embeddings")
 
 
-def _shape_after(model: nn.Module, name: str, cuts: Mapping[tuple[str, str, int], list[int]]) -> list[int]:
+def _cut_by_tensor(model: nn.Module, cuts: Mapping[tuple[str, str, int], list[int]]) -> dict[int, dict[int, int]]:
+    """id of a tensor -> {dim: how many indices go}, whichever name of a tied tensor the cuts use."""
+    out: dict[int, dict[int, int]] = {}
+    for (layer, name, dim), gone in cuts.items():
+        if name:
+            out.setdefault(id(getattr(model.get_submodule(layer), name)), {})[dim] = len(gone)
+    return out
+
+
+def _shape_after(model: nn.Module, name: str, cut: Mapping[int, Mapping[int, int]]) -> list[int]:
+    """The shape of tensor `name` once the cuts are made."""
     layer, _, tensor = name.rpartition(".")
-    shape = list(getattr(model.get_submodule(layer), tensor).shape)
-    for (l, t, dim), gone in cuts.items():
-        if (l, t) == (layer, tensor):
-            shape[dim] -= len(gone)
+    t = getattr(model.get_submodule(layer), tensor)
+    shape = list(t.shape)
+    for dim, n in cut.get(id(t), {}).items():
+        shape[dim] -= n
     return shape
 
 
@@ -40,6 +50,7 @@ def config_updates(model: nn.Module, cuts: Mapping[tuple[str, str, int], list[in
     ValueError, before anything changes, where one value cannot describe every layer or where the
     model class built from the new config (on the meta device) would not have the pruned shapes."""
     config = model.config
+    cuts = _cut_by_tensor(model, cuts)
     heads, kv, dims, inter = {}, {}, {}, {}
     for name, mod in model.named_modules():
         if all(isinstance(getattr(mod, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj", "o_proj")) \
@@ -49,7 +60,7 @@ def config_updates(model: nn.Module, cuts: Mapping[tuple[str, str, int], list[in
             kv[name] = _shape_after(model, f"{name}.k_proj.weight", cuts)[0] // d
             dims[name] = d
         if isinstance(mod, nn.Linear) and mod.out_features == getattr(config, "intermediate_size", None) \
-                and (name, "weight", 0) in cuts:  # an MLP's up (and gate) projection; the meta build checks the rest
+                and 0 in cuts.get(id(mod.weight), {}):  # an MLP's up (and gate) projection; the meta build checks the rest
             inter[name] = _shape_after(model, f"{name}.weight", cuts)[0]
     emb = model.get_input_embeddings()
     emb_name = next(n for n, m in model.named_modules() if m is emb)

@@ -125,3 +125,20 @@ def test_inplace_refuses_what_the_config_cannot_say_before_anything_changes():
     transform(bert, phase="prune", channels=0.5, example_args=(ids,), capture="export", inplace=True,
               exclude=["*attention*", "bert.pooler.dense"])  # the MLP's channels: BertConfig says intermediate_size
     assert bert.config.intermediate_size == 32 and bert(ids).logits.shape == (2, 3)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_llama_hidden_inplace_writes_hidden_size_and_keeps_the_tie(tied, tmp_path):
+    torch.manual_seed(0)
+    config = tr.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, tie_word_embeddings=tied, use_cache=False)
+    model = tr.LlamaForCausalLM(config).eval()
+    gm = transform(model, phase="prune", channels=0.25, hidden=True, example_args=(IDS,), capture="export", inplace=True).eval()
+    c = model.config
+    assert (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.intermediate_size) == (48, 4, 2, 16, 72)
+    assert model.model.norm.weight.shape == (48,) and model.lm_head.weight.shape == (128, 48)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, gm(IDS).logits)
+        model.save_pretrained(tmp_path)
+        torch.testing.assert_close(tr.LlamaForCausalLM.from_pretrained(tmp_path).eval()(IDS).logits, model(IDS).logits)
