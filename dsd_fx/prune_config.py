@@ -35,7 +35,8 @@ class PruneConfig:
         separation at the final classifier's input, traced back through the weights (needs `data`).
     data: for importance="discriminant" only: an iterable of (inputs, labels) batches (a DataLoader).
     example_args: an example input (a tensor or a tuple), to propagate shapes.
-    round_to: keep each pruned group's size a multiple of this (rounding the kept count up).
+    round_to: keep each pruned channel group's size a multiple of this (rounding the kept count
+        up); groups of attention heads keep whole heads and are not rounded.
     scope: "layer" (each group its fraction) or "global" (one ranking of mean |w| per channel
         over all groups, floor(fraction * all channels) removed in all).
     include / exclude: layer-name patterns of producing layers whose groups may / may not lose channels.

@@ -119,7 +119,8 @@ def choose(gm: fx.GraphModule, groups: Sequence[ChannelGroup], config: PruneConf
         return _global(gm, by_index, scores, config)
     out = {}
     for i, rate in rates.items():
-        n = _n_removed(by_index[i].size, rate, config.round_to)
+        g = by_index[i]  # head groups: their widths are whole heads already; round_to rounds channel counts
+        n = _n_removed(g.size, rate, config.round_to if g.width == 1 else None)
         out[i] = sorted(torch.argsort(scores[i], stable=True)[:n].tolist())
     return out
 

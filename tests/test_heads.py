@@ -238,3 +238,9 @@ def test_hidden_prunes_embeddings_norms_and_the_tied_lm_head_alike(rms):
     assert model.tok.weight.shape == (50, 32) and model.lm_head.weight is model.tok.weight
     with torch.no_grad():
         assert gm(torch.randint(0, 50, (3, 11))).shape == (3, 11, 50)
+
+
+def test_round_to_rounds_channel_groups_and_leaves_head_groups_whole_heads():
+    gm = transform(Block(), phase="prune", channels=0.5, round_to=24, example_args=(X,))
+    assert gm.mlp.up_proj.out_features == 48  # 32 kept, rounded up to a multiple of 24
+    assert gm.attn.q_proj.out_features == 16 and gm.attn.k_proj.out_features == 8  # 1 of 2 KV groups, not rounded
