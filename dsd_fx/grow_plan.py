@@ -30,7 +30,15 @@ def _group_of(groups: Sequence[ChannelGroup], layer: str) -> ChannelGroup:
     if len(found) > 1 or found[0].blocked_by:
         why = "; ".join(r for g in found for r in g.blocked_by) or f"it makes {len(found)} channel groups (called twice)"
         raise ValueError(f"grow: the channel group of {layer!r} cannot grow: {why}; leave {layer!r} out of at=")
-    return found[0]
+    g = found[0]
+    if g.width > 1:
+        raise ValueError(f"grow: the channel group of {layer!r} is attention heads ({g.size} units of {g.width} channels): "
+                         f"dsd_fx does not grow heads; leave {layer!r} out of at=")
+    literal = next((m for m in g.members if m.role == "size"), None)
+    if literal is not None:
+        raise ValueError(f"grow: the channel group of {layer!r} has its size written as a number in node '{literal.layer}' "
+                         f"(argument {literal.tensor[1:]}), which grow does not rewrite; leave {layer!r} out of at=")
+    return g
 
 
 def _split(g: ChannelGroup, layer: str) -> None:

@@ -244,3 +244,21 @@ def test_round_to_rounds_channel_groups_and_leaves_head_groups_whole_heads():
     gm = transform(Block(), phase="prune", channels=0.5, round_to=24, example_args=(X,))
     assert gm.mlp.up_proj.out_features == 48  # 32 kept, rounded up to a multiple of 24
     assert gm.attn.q_proj.out_features == 16 and gm.attn.k_proj.out_features == 8  # 1 of 2 KV groups, not rounded
+
+
+def test_grow_refuses_head_groups_before_anything_changes():
+    model = Attention(32, 4)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"grow: the channel group of 'q_proj' is attention heads \(4 units of 8 channels\)"):
+        transform(model, phase="grow", at=["q_proj"], width=4, example_args=(X,))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("how", ["sdpa", "gqa"])
+def test_verify_pruned_same_onnx_ops_smaller_shapes(how):
+    from dsd_fx.prune_proof import verify_pruned
+
+    model = Attention(32, 4, kv=2, how=how).eval()
+    gm = transform(model, phase="prune", channels=0.5, example_args=(X,))
+    report = verify_pruned(model, gm, (X,), latency_runs=1)
+    assert report.ok, report.table
