@@ -42,6 +42,15 @@ def tensor_attr(prop, node) -> tuple[str, str] | None:
     return (layer, attr) if isinstance(getattr(prop.gm.get_submodule(layer), attr, None), torch.Tensor) else None
 
 
+def _through_expand(node):
+    """The tensor an `expand` broadcasts without adding dims (ViT's class_token.expand(B, -1, -1)), else `node`."""
+    if isinstance(node, fx.Node) and node.target in ("expand", torch.ops.aten.expand.default) and node.args:
+        src = node.args[0]
+        if isinstance(src, fx.Node) and len(shape(src) or ()) == len(shape(node) or ()):
+            return src
+    return node
+
+
 def fail(prop, node: fx.Node, reason: str) -> None:
     prop.block_inputs(node, reason)  # the output gets no layout: what follows cannot reach these channels
 
@@ -84,8 +93,8 @@ def elementwise(prop, node: fx.Node, rule: ChannelRule, module):
             k = ref.dim - (len(out) - len(sa))
             if k < 0 or sa[k] == 1:
                 continue
-            owner = tensor_attr(prop, a)
-            if owner is not None:  # a per-channel parameter (a scale, an RMSNorm weight): its slices follow
+            owner = tensor_attr(prop, _through_expand(a))
+            if owner is not None:  # a per-channel parameter (a scale, an RMSNorm weight, ViT's class token): its slices follow
                 prop.state.attach(ref, owner[0], owner[1], k, "norm")
                 continue
             fail(prop, node, f"operand '{a.name}' carries {sa[k]} channels that dsd_fx does not track (a model input, "

@@ -142,3 +142,21 @@ def test_llama_hidden_inplace_writes_hidden_size_and_keeps_the_tie(tied, tmp_pat
         torch.testing.assert_close(model(IDS).logits, gm(IDS).logits)
         model.save_pretrained(tmp_path)
         torch.testing.assert_close(tr.LlamaForCausalLM.from_pretrained(tmp_path).eval()(IDS).logits, model(IDS).logits)
+
+
+def test_vit_heads_and_hidden_through_the_patch_conv_class_token_and_position_embeddings():
+    model = tr.ViTForImageClassification(tr.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                                      num_attention_heads=4, intermediate_size=64, num_labels=3)).eval()
+    img = torch.randn(2, 3, 32, 32)
+    g = exported_groups(model, (img,))
+    heads = g["vit.layers.0.attention.q_proj"]
+    assert heads.prunable and heads.size == 4 and heads.width == 8
+    assert not g["vit.embeddings.patch_embeddings.projection"].prunable
+    stream = exported_groups(model, (img,), hidden=True)["vit.embeddings.patch_embeddings.projection"]
+    assert stream.prunable and {("vit.embeddings", "cls_token", 2, 0, 1), ("vit.embeddings", "position_embeddings", 2, 0, 1),
+                                ("classifier", "weight", 1, 0, 1)} <= slots(stream)
+    gm = transform(model, phase="prune", channels=0.25, hidden=True, example_args=(img,), capture="export").eval()
+    assert gm.get_submodule("vit.embeddings").cls_token.shape == (1, 1, 24)
+    assert gm.get_submodule("vit.layers.0.attention.q_proj").weight.shape == (24, 24)
+    with torch.no_grad():
+        assert gm(torch.randn(3, 3, 32, 32)).logits.shape == (3, 3)
