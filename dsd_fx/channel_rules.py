@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import replace
 
 import torch
@@ -187,6 +188,27 @@ def attach_literal(prop, node: fx.Node, lay: Layout, path: tuple | None) -> None
         prop.state.attach(lay, node.name, "#" + ".".join(map(str, path)), 0, "size")
 
 
+def _size_of(prop, entry: fx.Node, lay: Layout) -> bool:
+    """Whether `entry` reads a size that shrinks with `lay`'s channels: x.size(d) / x.shape[d] /
+    sym_size(x, d) of a tensor x whose dim d holds the same channels (the same segments)."""
+    if entry.target in (operator.mul, torch.ops.aten.mul.Tensor) and len(entry.args) == 2:  # repeat_kv: kv * n_rep
+        nodes = [a for a in entry.args if isinstance(a, fx.Node)]
+        return len(nodes) == 1 and any(isinstance(a, int) for a in entry.args) and _size_of(prop, nodes[0], lay)
+    src, dim = None, None
+    if entry.target is torch.ops.aten.sym_size.int:
+        src, dim = entry.args
+    elif entry.target is operator.getitem and isinstance(entry.args[0], fx.Node):
+        holder, dim = entry.args
+        if holder.op == "call_method" and holder.target == "size" or holder.target is getattr and holder.args[1:] == ("shape",):
+            src = holder.args[0]
+    elif entry.op == "call_method" and entry.target == "size" and len(entry.args) == 2:
+        src, dim = entry.args
+    other = layout_of(prop, src)
+    if other is None or not isinstance(dim, int):
+        return False
+    return other.dim == dim % len(shape(src)) and other.segments == lay.segments
+
+
 def split_blocks(lay: Layout, m: int) -> Layout | None:
     """The layout where each new index holds m consecutive old ones (a view splitting the channel dim)."""
     r, u = lay.repeat, lay.unit
@@ -233,7 +255,13 @@ def reshape(prop, node: fx.Node, rule: ChannelRule, module):
                              "producers or flattened blocks")
             return None
         new = replace(new, dim=k)
-    attach_literal(prop, node, new, _spec_path(node, k, len(so)))
+    path = _spec_path(node, k, len(so))
+    entry = literal_at(node, path)
+    if isinstance(entry, fx.Node) and not _size_of(prop, entry, new):
+        fail(prop, node, f"reshapes with a size computed elsewhere ('{entry.name}') at the channel dim, which pruning "
+                         "would not shrink; write -1 there")
+        return None
+    attach_literal(prop, node, new, path)
     return new
 
 

@@ -262,3 +262,25 @@ def test_verify_pruned_same_onnx_ops_smaller_shapes(how):
     gm = transform(model, phase="prune", channels=0.5, example_args=(X,))
     report = verify_pruned(model, gm, (X,), latency_runs=1)
     assert report.ok, report.table
+
+
+class _NanoAttention(nn.Module):
+    """nanoGPT's attention with separate projections: the width back is x.size()'s C, not the heads'."""
+
+    def __init__(self, n_embd: int = 32, n_head: int = 4) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.q, self.k, self.v, self.c_proj = (nn.Linear(n_embd, n_embd) for _ in range(4))
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = (p(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for p in (self.q, self.k, self.v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+def test_a_width_computed_from_another_tensor_blocks_the_heads_with_the_remedy():
+    heads = by_producer(channel_groups(_NanoAttention(), X))["q"]
+    assert heads.size == 4 and not heads.prunable
+    assert any("reshapes with a size computed elsewhere ('getitem_2') at the channel dim" in r and "write -1" in r
+               for r in heads.blocked_by)
