@@ -86,6 +86,7 @@ class FlowState:
     producers: dict[int, str] = field(default_factory=dict)
     members: list[tuple[int, Member]] = field(default_factory=list)
     ties: list[tuple[int, int, int]] = field(default_factory=list)  # (a, b, n): a's n equal parts are b's, in order
+    range_ties: list = field(default_factory=list)  # (Segment, Segment, n): the same between parts of atoms (fused QKV)
     blocked: dict[int, list[str]] = field(default_factory=dict)
 
     def atom(self, size: int, producer: str) -> int:

@@ -68,8 +68,11 @@ def tie(state: FlowState, a: Layout, b: Layout) -> bool:
         sa, sb = a.segments[0], b.segments[0]
         full = sa.start == sb.start == 0 and sa.length == state.sizes[sa.atom] and sb.length == state.sizes[sb.atom]
         na, nb = sa.length // a.unit, sb.length // b.unit
-        if full and na * a.repeat == nb * b.repeat:
-            state.ties.append((sa.atom, sb.atom, math.gcd(na, nb)))
+        if na * a.repeat == nb * b.repeat:
+            if full:
+                state.ties.append((sa.atom, sb.atom, math.gcd(na, nb)))
+            elif sa != sb:  # parts of channel spaces (a fused QKV's q and k ranges): channels.groups_of cuts them out
+                state.range_ties.append((sa, sb, math.gcd(na, nb)))
             return True
     return False
 
@@ -337,7 +340,7 @@ def split(prop, node: fx.Node, rule: ChannelRule, module):
         for k, part in enumerate(out):
             attach_literal(prop, node, part, (1, k))
         return tuple(out)
-    if len({(p.segments, p.repeat, p.unit) for p in out}) > 1:  # split(n) / chunk(n): equal parts by count
+    if any(not tie(prop.state, out[0], p) for p in out[1:]):  # split(n) / chunk(n): the parts must stay equal
         fail(prop, node, "cuts the channel dim into equal parts by count, which pruning would unbalance; "
                          "split by a list of sizes (torch.split(x, [a, b], dim))")
         return None

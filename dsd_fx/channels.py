@@ -14,6 +14,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from dsd_fx.capture import capture as capture_model
 from dsd_fx.channel_flow import Propagation
 from dsd_fx.channel_layout import FlowState, Member
+from dsd_fx.channel_pieces import refine
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ def groups_of(gm: fx.GraphModule, hidden: bool = False) -> list[ChannelGroup]:
     """The channel groups of a shape-propagated capture, in graph order of their first producer.
     hidden=True lets channels through LayerNorm and RMSNorm (the residual stream of a
     transformer): their statistics then run over fewer channels."""
-    state = Propagation(gm, hidden).run()
+    state = refine(Propagation(gm, hidden).run())
     made = {a for a, m in state.members if m.role == "out"}  # atoms a layer makes (not a cat's untracked part)
     comps = sorted(nx.connected_components(_graph(state)), key=lambda c: min(a for kind, a in c if kind == "atom"))
     out = [_group(k, comp, state, made) for k, comp in enumerate(comps)]

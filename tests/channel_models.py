@@ -239,3 +239,19 @@ class TinyGPT(nn.Module):
         x = x + self.attn(self.ln1(x))
         x = x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
         return self.lm_head(self.ln_f(x))
+
+
+class FusedAttention(nn.Module):
+    """GPT-2 / nanoGPT style: one c_attn makes q, k and v, split by an int; heads by a view with -1."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads, self.dim = heads, dim
+        self.c_attn, self.c_proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.c_attn(x).split(self.dim, dim=2)
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(b, t, -1))

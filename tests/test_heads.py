@@ -12,7 +12,7 @@ from dsd_fx.channels import channel_groups
 from dsd_fx.phases import transform
 from dsd_fx.pipeline import NOTES
 from dsd_fx.pruned_attention import PrunedMultiheadAttention
-from tests.channel_models import Attention, Block, SwiGLU, TinyGPT
+from tests.channel_models import Attention, Block, FusedAttention, SwiGLU, TinyGPT
 
 X = torch.randn(2, 5, 32)
 HOWS = ["sdpa", "softmax", "gqa", "interleave"]
@@ -284,3 +284,22 @@ def test_a_width_computed_from_another_tensor_blocks_the_heads_with_the_remedy()
     assert heads.size == 4 and not heads.prunable
     assert any("reshapes with a size computed elsewhere ('getitem_2') at the channel dim" in r and "write -1" in r
                for r in heads.blocked_by)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_fused_qkv_split_by_an_int_heads_cut_alike_in_q_k_and_v(capture):
+    model = FusedAttention().eval()
+    heads = by_producer(channel_groups(model, X, capture=capture))["c_attn"]
+    assert heads.prunable and heads.size == 4 and heads.width == 8
+    assert {s for s in slots(heads) if not s[1].startswith("#")} == {
+        ("c_attn", t, 0, k * 4, 8) for t in ("weight", "bias") for k in range(3)} | {("c_proj", "weight", 1, 0, 8)}
+    with torch.no_grad():  # head 1 dead in q, k and v, and in c_proj's columns
+        for part in (0, 32, 64):
+            model.c_attn.weight[part + 8:part + 16] = 0.0
+            model.c_attn.bias[part + 8:part + 16] = 0.0
+        model.c_proj.weight[:, 8:16] = 0.0
+    gm = transform(model, phase="prune", channels=0.25, example_args=(X,), capture=capture).eval()
+    assert gm.c_attn.weight.shape == (72, 32) and gm.c_proj.weight.shape == (32, 24)
+    x = torch.randn(3, 7, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
