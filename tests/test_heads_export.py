@@ -160,3 +160,17 @@ def test_vit_heads_and_hidden_through_the_patch_conv_class_token_and_position_em
     assert gm.get_submodule("vit.layers.0.attention.q_proj").weight.shape == (24, 24)
     with torch.no_grad():
         assert gm(torch.randn(3, 3, 32, 32)).logits.shape == (3, 3)
+
+
+def test_gpt2_fused_c_attn_heads_and_conv1d_mlp():
+    model = tr.GPT2LMHeadModel(tr.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64, use_cache=False)).eval()
+    ids = torch.randint(0, 100, (2, 8))
+    g = exported_groups(model, (ids,))
+    heads = g["transformer.h.0.attn.c_attn"]
+    assert heads.prunable and heads.size == 4 and heads.width == 8
+    assert {("transformer.h.0.attn.c_attn", "weight", 1, k * 4, 8) for k in range(3)} <= slots(heads)  # Conv1D: (in, out)
+    assert g["transformer.h.0.mlp.c_fc"].prunable and g["transformer.h.0.mlp.c_fc"].size == 128
+    gm = transform(model, phase="prune", channels=0.5, example_args=(ids,), capture="export").eval()
+    assert gm.get_submodule("transformer.h.0.attn.c_attn").weight.shape == (32, 48)
+    with torch.no_grad():
+        assert gm(torch.randint(0, 100, (3, 11))).logits.shape == (3, 11, 100)
