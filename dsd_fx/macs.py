@@ -29,6 +29,9 @@ class Cost:
 
 def _module_macs(module: nn.Module, node: fx.Node) -> int:
     out, x = shape(node), shape(node.args[0]) if node.args else None
+    meta = node.meta.get("tensor_meta")
+    if out is None and isinstance(meta, (tuple, list)) and meta and hasattr(meta[0], "shape"):
+        out = tuple(meta[0].shape)  # (attn_output, attn_weights): the output's shape
     if out is None or x is None:
         return 0
     if isinstance(module, nn.Linear):
@@ -38,9 +41,11 @@ def _module_macs(module: nn.Module, node: fx.Node) -> int:
         if module.transposed:
             return math.prod(x) * module.out_channels // module.groups * k
         return math.prod(out) * module.in_channels // module.groups * k
-    if isinstance(module, nn.MultiheadAttention):
-        e, t = module.embed_dim, math.prod(out[:-1])
-        return 4 * t * e * e + 2 * t * (x[-2] if module.batch_first else x[0]) * e
+    if isinstance(module, nn.MultiheadAttention):  # Q, K, V and out projections, q @ k^T and attn @ v, over its heads' width
+        inner, e = module.in_proj_weight.shape if module.in_proj_weight is not None else (3 * module.embed_dim, module.embed_dim)
+        inner //= 3
+        t, s = math.prod(out[:-1]), (x[-2] if module.batch_first else x[0]) if len(x) == 3 else x[0]
+        return 3 * t * e * inner + t * inner * module.out_proj.out_features + 2 * t * s * inner
     return 0
 
 

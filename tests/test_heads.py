@@ -303,3 +303,13 @@ def test_fused_qkv_split_by_an_int_heads_cut_alike_in_q_k_and_v(capture):
     x = torch.randn(3, 7, 32)
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_cost_counts_multihead_attention_and_its_pruned_heads():
+    from dsd_fx.macs import cost
+
+    model = _Encoder().eval()
+    t = 2 * 5  # tokens; E = 32, 4 heads of 8: in-proj 3 t E E, out-proj t E E, q @ k^T and attn @ v 2 t 5 E
+    assert cost(model, X).per_node["attn"] == 4 * t * 32 * 32 + 2 * t * 5 * 32
+    gm = transform(model, phase="prune", channels={"attn": 0.25}, example_args=(X,))
+    assert cost(gm, X).per_node["attn"] == 3 * t * 32 * 24 + t * 24 * 32 + 2 * t * 5 * 24
