@@ -313,3 +313,23 @@ def test_cost_counts_multihead_attention_and_its_pruned_heads():
     assert cost(model, X).per_node["attn"] == 4 * t * 32 * 32 + 2 * t * 5 * 32
     gm = transform(model, phase="prune", channels={"attn": 0.25}, example_args=(X,))
     assert cost(gm, X).per_node["attn"] == 3 * t * 32 * 24 + t * 24 * 32 + 2 * t * 5 * 24
+
+
+class _Classifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn, self.fc = Attention(32, 4), nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.attn(x)).mean(1))
+
+
+def test_discriminant_importance_scores_heads_through_the_output_projection():
+    torch.manual_seed(0)
+    model = _Classifier().eval()
+    with torch.no_grad():
+        model.attn.o_proj.weight[:, 16:24] = 0.0  # head 2 writes nothing: no class separation flows back to it
+    x, y = torch.randn(32, 5, 32), torch.randint(0, 3, (32,))
+    gm = transform(model, phase="prune", channels={"attn.q_proj": 0.25}, importance="discriminant", data=[(x, y)], example_args=(x,))
+    kept = gm.attn.o_proj.weight
+    assert kept.shape == (32, 24) and bool((kept != 0).all(dim=0).all())  # the dead head's columns are the ones gone
