@@ -141,8 +141,8 @@ def capture(
     if isinstance(model, fx.GraphModule):
         # keep the whole module tree: a module that the graph reaches only through get_attr
         # (a Linear made functional by a pass) must stay a Linear for the pass that restores it
-        for name, child in root._modules.items():
-            gm._modules[name] = child
+        made = gm._modules  # in the order the graph reads them: the model's order is state_dict's
+        gm.__dict__["_modules"] = {**root._modules, **{k: v for k, v in made.items() if k not in root._modules}}
         for name, p in root._parameters.items():
             gm._parameters.setdefault(name, p)
         for name, b in root._buffers.items():

@@ -310,28 +310,34 @@ def test_tiny_cnn_convolutions_of_every_kind():
 # ---------------------------------------------------------------- the hand-written GPT
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_gpt_with_shape_built_mask_sparse_train_dense_proven(method):
+def test_gpt_with_shape_built_mask_every_sparse_method_trains_redenses_and_proves():
     torch.manual_seed(0)
     model, ids = GPT(), torch.randint(0, 64, (2, 8))
-    reference = copy.deepcopy(model)
-    gm = dsd_fx.transform(model, capture="export", example_args=(ids,), **METHODS[method])
-    opt = torch.optim.AdamW(gm.parameters(), lr=1e-3, weight_decay=0.1)
-    for _ in range(3):
-        _lm_step(gm, opt, torch.randint(0, 64, (3, 13)))  # another batch size and length than captured
-    if method != "packed":  # packed weights have no dense tensor during the S phase
-        for name, mask in dsd_fx.current_masks(gm).items():
-            w = gm.get_parameter(name)
-            assert w.grad is not None and (w.grad * mask).abs().sum() > 0, name  # gradients flow to kept weights
-            if method != "sr-ste":  # SR-STE trains the dense weights; its op computes with W * M
-                assert not (w.detach() * (~mask.bool())).any(), name  # pruned weights stay zero
-    dense = dsd_fx.transform(gm, phase="dense")
-    assert list(dense.state_dict()) == list(reference.state_dict())
-    assert dense.head.weight is dense.wte.weight  # tied weights stay one tensor
-    reference.load_state_dict(dense.state_dict())
-    torch.testing.assert_close(dense.eval()(ids), reference.eval()(ids))
-    report = dsd_fx.verify_zero_overhead(reference, dense, (ids,), latency_runs=2)
-    assert report.ok, report.table
+    proven = None  # the code of the first re-densed graph, proven against the untouched model's ONNX export
+    for method, options in METHODS.items():
+        user = copy.deepcopy(model)
+        gm = dsd_fx.transform(user, capture="export", example_args=(ids,), **options)
+        opt = torch.optim.AdamW(gm.parameters(), lr=1e-3, weight_decay=0.1)
+        for _ in range(3):
+            _lm_step(gm, opt, torch.randint(0, 64, (3, 13)))  # another batch size and length than captured
+        if method != "packed":  # packed weights have no dense tensor during the S phase
+            for name, mask in dsd_fx.current_masks(gm).items():
+                w = gm.get_parameter(name)
+                assert w.grad is not None and (w.grad * mask).abs().sum() > 0, (method, name)  # gradients reach kept weights
+                if method != "sr-ste":  # SR-STE trains the dense weights; its op computes with W * M
+                    assert not (w.detach() * (~mask.bool())).any(), (method, name)  # pruned weights stay zero
+        dense = dsd_fx.transform(gm, phase="dense")
+        assert list(dense.state_dict()) == list(model.state_dict()), method
+        assert dense.head.weight is dense.wte.weight  # tied weights stay one tensor
+        reference = copy.deepcopy(model)
+        reference.load_state_dict(dense.state_dict())
+        torch.testing.assert_close(dense.eval()(ids), reference.eval()(ids))
+        if proven is None:
+            report = dsd_fx.verify_zero_overhead(reference, dense, (ids,), latency_runs=2)
+            assert report.ok, report.table
+            proven = dense.code
+        else:  # the same graph as the proven one: its ONNX export is the same translation
+            assert dense.code == proven, method
 
 
 # ---------------------------------------------------------------- copies, files, compile

@@ -27,14 +27,15 @@ METHODS = {
 
 def _hf_models():
     tr = pytest.importorskip("transformers", minversion="5")
-    small = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    # one layer: what a layer holds is what the tests look at; the ONNX proof's time grows with depth
+    small = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                  max_position_embeddings=64)
     return {
         # grouped KV heads: 4 query heads read 2 KV heads
         "llama": lambda: tr.LlamaForCausalLM(tr.LlamaConfig(**small, num_key_value_heads=2, use_cache=False, attn_implementation="sdpa")),
         "qwen2": lambda: tr.Qwen2ForCausalLM(tr.Qwen2Config(**small, num_key_value_heads=2, use_cache=False, attn_implementation="eager")),
         # Conv1D: (in, out) weights through addmm; lm_head tied to wte
-        "gpt2": lambda: tr.GPT2LMHeadModel(tr.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+        "gpt2": lambda: tr.GPT2LMHeadModel(tr.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=64,
                                                          use_cache=False, attn_implementation="sdpa", bos_token_id=0,
                                                          eos_token_id=0)),
         "bert": lambda: tr.BertModel(tr.BertConfig(**small, attn_implementation="eager")),
@@ -58,7 +59,7 @@ def test_transformers5_every_sparse_method_trains_redenses_into_the_hf_class_and
     for method, options in METHODS.items():
         sparse = dsd_fx.transform(program, copy=True, **options)
         masks = dsd_fx.current_masks(sparse)
-        assert len(masks) >= 8, method  # every attention and MLP projection of both layers
+        assert len(masks) >= 5, method  # every attention and MLP projection
         opt = torch.optim.AdamW(sparse.parameters(), lr=1e-3, weight_decay=0.1)
         for _ in range(2):
             batch = torch.randint(0, VOCAB, (3, 11))  # another batch size and length than captured
@@ -70,7 +71,7 @@ def test_transformers5_every_sparse_method_trains_redenses_into_the_hf_class_and
             for w, mask in masks.items():
                 assert not (sparse.get_parameter(w).detach() * (~mask.bool())).any(), (method, w)
         dense = dsd_fx.transform(sparse, phase="dense")
-        hf = make()
+        hf = copy.deepcopy(model)  # the HF class, as make() builds it (a copy: building one takes seconds)
         hf.load_state_dict(dense.state_dict())  # strict: exactly the HF class's keys
         dense.eval(), hf.eval()
         torch.testing.assert_close(_out(dense(ids)), _out(hf(ids)))
