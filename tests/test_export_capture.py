@@ -340,6 +340,31 @@ def test_gpt_with_shape_built_mask_every_sparse_method_trains_redenses_and_prove
             assert dense.code == proven, method
 
 
+def test_dsd_schedule_with_export_capture_runs_dsdsd_and_proves():
+    torch.manual_seed(0)
+    model, ids = GPT(), torch.randint(0, 64, (2, 8))
+    reference = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="not a capture mode"):
+        dsd_fx.DSD(model, lambda p, lr: torch.optim.SGD(p, lr=lr), 0.1, capture="jit", example_args=(ids,))
+    dsd = dsd_fx.DSD(model, lambda p, lr: torch.optim.AdamW(p, lr=lr), 1e-3, sparsity=0.5,
+                     capture="export", example_args=(ids,))
+    for phase in ("dense", "sparse", "redense", "sparse", "redense"):  # DSDSD: the second sparse re-uses the graph
+        gm, opt = dsd.begin(phase)
+        _lm_step(gm, opt, torch.randint(0, 64, (3, 12)))
+    assert list(gm.state_dict()) == list(reference.state_dict())
+    reference.load_state_dict(gm.state_dict())
+    report = dsd_fx.verify_zero_overhead(reference, gm, (ids,), latency_runs=2)
+    assert report.ok, report.table
+
+
+def test_export_onnx_takes_dynamic_shapes():
+    gm = dsd_fx.transform(GPT(), capture="export", example_args=(torch.randint(0, 64, (2, 8)),), sparsity=0.5)
+    auto = torch.export.Dim.AUTO
+    proto = dsd_fx.export_onnx(gm, (torch.randint(0, 64, (2, 8)),), dynamic_shapes=({0: auto, 1: auto},))
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert all(d.dim_param for d in dims)  # symbolic batch and length
+
+
 # ---------------------------------------------------------------- copies, files, compile
 
 
