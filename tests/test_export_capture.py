@@ -281,6 +281,35 @@ def test_nm_groups_run_along_each_aten_ops_reduction_dim():
     assert (keep["lstm.weight_ih_l0"].reshape(-1, 4).sum(-1) == 2).all()
 
 
+class NoGradBranch(nn.Module):
+    """A layer run under torch.no_grad(): torch.export puts it in a wrap_with_set_grad_enabled subgraph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.frozen, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            t = self.frozen(x)
+        return self.out(self.fc(x) + t)
+
+
+@pytest.mark.parametrize("method", ["unstructured", "packed"])
+def test_a_weight_used_inside_a_higher_order_subgraph_is_masked_there(method):
+    torch.manual_seed(0)
+    model, x = NoGradBranch(), torch.randn(2, 8)
+    untouched = dsd_fx.transform(dsd_fx.transform(copy.deepcopy(model), capture="export", example_args=(x,)), phase="dense")
+    reference = copy.deepcopy(model)  # before: packing empties the dense weights
+    gm = dsd_fx.transform(model, capture="export", example_args=(x,), **METHODS[method])
+    assert any(n.target is torch.ops.higher_order.wrap_with_set_grad_enabled for n in gm.graph.nodes)
+    assert set(dsd_fx.current_masks(gm)) == {"fc.weight", "frozen.weight", "out.weight"}
+    for name, keep in dsd_fx.current_masks(gm).items():
+        reference.get_parameter(name).data.mul_(keep)
+    torch.testing.assert_close(gm(x), reference(x))  # the frozen layer computes with W * M
+    dense = dsd_fx.transform(gm, phase="dense")
+    assert dense.code == untouched.code
+
+
 def test_cnn_with_batch_norm_and_dropout_dsd_cycle_proven():
     torch.manual_seed(0)
     model, x = ConvNet(), torch.randn(4, 3, 8, 8)
