@@ -125,11 +125,14 @@ def capture(
     else:
         try:
             graph = _trace(model, concrete_args)
-        except TypeError:
+        except TypeError as fx_err:
             if how == "fx" or example_args is None:
                 raise
             logging.getLogger(__name__).info("capture: torch.fx failed on %s; capturing with torch.export", type(model).__name__)
-            exported = export_module(model, example_args, example_kwargs, dynamic_shapes)
+            try:
+                exported = export_module(model, example_args, example_kwargs, dynamic_shapes)
+            except TypeError as err:  # neither tracer takes it: say what each said
+                raise TypeError(f"{err} (capture=\"auto\" tried torch.fx first: {str(fx_err).split('. Remedies')[0]})") from err
         class_name = type(model).__name__
     if exported is not None:  # ep.module(): a GraphModule over the model's own parameter objects
         user_mode = model.training

@@ -166,6 +166,8 @@ def test_bad_capture_input_raises_before_any_change():
         dsd_fx.transform(model, capture="export", example_args=(ids,), dynamic_shapes=({0: torch.export.Dim("b", max=1)},))
     with pytest.raises(ValueError, match="not a capture mode"):
         dsd_fx.transform(model, capture="jit", example_args=(ids,))
+    with pytest.raises(TypeError, match="torch.export could not capture GPT.*tried torch.fx first: capture: torch.fx could not trace"):
+        dsd_fx.transform(model, example_args=(ids.float(),))  # neither tracer takes float token ids
     with pytest.raises(ValueError, match="dynamic_shapes= describes the example inputs"):
         dsd_fx.transform(model, capture="export", dynamic_shapes=({0: torch.export.Dim.AUTO},))
     with pytest.raises(TypeError, match="phase='dense' takes no capture, example_args"):
