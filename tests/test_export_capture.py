@@ -142,6 +142,16 @@ def test_exported_program_and_its_module_are_taken_with_the_models_objects():
         dsd_fx.transform(gm, phase="dense")
 
 
+def test_an_exported_program_of_an_eval_mode_model_switches_to_train():
+    model, x = BNNet().eval(), torch.randn(8, 8)
+    gm = dsd_fx.transform(torch.export.export(model, (x,), strict=False), sparsity=0.5)
+    assert not gm.training  # read from its ops: batch norm on running statistics
+    torch.testing.assert_close(gm(x), model(x))
+    gm.train()
+    assert not torch.equal(gm(x), gm(x))  # dropout's p was kept; its flag follows the mode
+    assert int(model.bn.num_batches_tracked) == 2  # the count eval-mode export leaves out is put back
+
+
 def test_captured_at_one_shape_runs_at_others():
     gm = dsd_fx.transform(GPT(), capture="export", example_args=(torch.randint(0, 64, (2, 8)),), sparsity=0.5)
     for shape in ((1, 5), (3, 13), (4, 32)):
