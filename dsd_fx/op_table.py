@@ -390,5 +390,4 @@ for _key in (("call_method", "mean"), ("call_function", torch.mean), ("call_meth
     FUNCTIONS[_key] = OpRow("reduce", (), channels=ChannelRule(Flow.REDUCE, dim_arg=1))
 del _cls, _fn, _key, _name
 
-# the aten rows (what torch.export's graphs call) live in their own module, which adds them to FUNCTIONS
-from dsd_fx import aten_rows as _aten_rows  # noqa: E402,F401  (imported last: it reads this module's names)
+# the aten rows (what torch.export's graphs call): dsd_fx.aten_rows, which the package's __init__ registers
