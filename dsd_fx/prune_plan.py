@@ -13,7 +13,9 @@ from dsd_fx.channels import ChannelGroup, eval_mode, groups_of, propagate_shapes
 from dsd_fx.passes.prune_channels import adopt, cut_positions, layer_cuts, prune_channels
 from dsd_fx.pipeline import Invariant, Plan
 from dsd_fx.prune_config import PruneConfig
-from dsd_fx.tags import has_dsd_nodes
+from dsd_fx.passes.strip_taps import strip_taps
+from dsd_fx.tags import has_dsd_nodes, is_permanent, tag_of, tagged
+from dsd_fx.taps import PASS as TAP_PASS
 
 
 def _slice_scores(t: torch.Tensor, member, size: int, power: int) -> torch.Tensor:
@@ -179,10 +181,21 @@ def _refuse_tied(gm: fx.GraphModule, cuts) -> None:
                              "untie them: exclude the groups of these layers (exclude=[...])")
 
 
+def _strip_push_taps(gm: fx.GraphModule) -> None:
+    """A pushed graph (phase="push") is pruned in GPP's order: its taps vanish here, as re-dense strips
+    them, and it is pruned as the untapped model would be (GPP.prune ranks the same way). `gm` is
+    transform's own capture: the user's pushed graph keeps its taps. A graph with masks is left as
+    it is, for the sparse-phase refusal."""
+    made = [n for n in tagged(gm.graph) if not is_permanent(n)]
+    if made and all(tag_of(n)["pass"] == TAP_PASS for n in made):
+        strip_taps(gm)
+
+
 def prune_plan(gm: fx.GraphModule, config: PruneConfig, model: torch.nn.Module):
     """The Plan of transform(phase="prune"): every check runs here or in the invariants, before
     the commit (which writes the smaller layers into `model` only with inplace=True)."""
 
+    _strip_push_taps(gm)
     if has_dsd_nodes(gm.graph):
         raise ValueError(f"transform(phase='prune'): {type(gm).__name__} is a sparse-phase graph (it has dsd_fx mask "
                          "nodes); re-dense it first with transform(gm, phase='dense'), then prune channels")
