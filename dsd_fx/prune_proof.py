@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_flatten
 from dsd_fx.channels import as_args, eval_mode
 from dsd_fx.macs import cost
 from dsd_fx.export import export_onnx
+from dsd_fx.runtime import tolerance
 
 INDEXING = ("Gather", "GatherElements", "GatherND", "Slice", "Pad", "ScatterND", "ScatterElements", "Compress", "Where")
 
@@ -94,11 +95,12 @@ def _latency(original, pruned, sessions, feeds, args, runs: int) -> dict[str, fl
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def verify_pruned(original: torch.nn.Module, pruned: torch.nn.Module, example_args: Any, *, rtol: float = 1e-4,
-                  atol: float = 1e-5, latency_runs: int = 20) -> PrunedReport:
+def verify_pruned(original: torch.nn.Module, pruned: torch.nn.Module, example_args: Any, *, rtol: float | None = None,
+                  atol: float | None = None, latency_runs: int = 20) -> PrunedReport:
     """Export both (fold=False) and check that pruning changed shapes only: the same node count and
     op types (no Gather, Slice, Pad or other indexing op added), onnxruntime on the pruned file
-    matches torch; report params, initializer bytes, MACs and latency (onnxruntime and torch,
+    matches torch (within atol + rtol * largest |output|; by default by dtype, as
+    verify_zero_overhead: dsd_fx.runtime.TOLERANCES); report params, initializer bytes, MACs and latency (onnxruntime and torch,
     interleaved medians) of each and their ratios."""
     args = as_args(example_args)
     ref, fin = export_onnx(original, args, fold=False), export_onnx(pruned, args, fold=False)
@@ -108,6 +110,7 @@ def verify_pruned(original: torch.nn.Module, pruned: torch.nn.Module, example_ar
     feeds = (ort_feeds(sessions[0], args), ort_feeds(sessions[1], args))
     got, want = sessions[1].run(None, feeds[1]), _torch_out(pruned, args)
     diff = max((float(np.max(np.abs(g.astype(np.float32) - w))) for g, w in zip(got, want) if w.size), default=0.0)
+    rtol, atol = tolerance(pruned, args, rtol, atol)
     tol = atol + rtol * max((float(np.max(np.abs(w))) for w in want if w.size), default=0.0)
     c_ref, c_fin = cost(original, args), cost(pruned, args)
     lat = _latency(original, pruned, sessions, feeds, args, latency_runs)

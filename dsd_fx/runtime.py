@@ -14,7 +14,13 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from dsd_fx.export import eval_mode, export_onnx
 
-__all__ = ["Runtime", "session", "feeds", "sessions_for", "max_abs_diff", "latency_ms"]
+__all__ = ["Runtime", "session", "feeds", "sessions_for", "max_abs_diff", "latency_ms", "tolerance", "TOLERANCES"]
+
+# The parity rows' default (rtol, atol) by the floating dtype onnxruntime ran, rtol about ten machine
+# epsilons of it (atol a tenth of rtol): the exports round every intermediate to that dtype where
+# torch's CPU kernels may not, so the same model differs by about one epsilon of its output scale in
+# fp16 (measured: 5e-4 to 9e-4 relative) and float32's 1e-4 refused correct fp16 models.
+TOLERANCES = {torch.float32: (1e-4, 1e-5), torch.float16: (1e-2, 1e-3), torch.bfloat16: (8e-2, 8e-3)}
 
 
 def session(proto: onnx.ModelProto):
@@ -78,6 +84,15 @@ def sessions_for(reference: torch.nn.Module, final: torch.nn.Module, args: tuple
     ref32, fin32, args32 = copy.deepcopy(reference).float(), copy.deepcopy(final).float(), _float32(args)
     sessions = [session(export_onnx(m, args32, optimize=optimize, fold=False)) for m in (ref32, fin32)]
     return Runtime(*sessions, fin32, args32, why)
+
+
+def tolerance(model: torch.nn.Module, args: tuple, rtol: float | None, atol: float | None) -> tuple[float, float]:
+    """(rtol, atol): the caller's where given, else TOLERANCES' for the least precise floating dtype
+    that the parity run's `model` and `args` hold (float32 copies: float32's; float64 or none too)."""
+    tensors = [*model.state_dict().values(), *tree_flatten(list(args))[0]]
+    found = {t.dtype for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    default = max((TOLERANCES.get(d, TOLERANCES[torch.float32]) for d in found), default=TOLERANCES[torch.float32])
+    return (default[0] if rtol is None else rtol, default[1] if atol is None else atol)
 
 
 def max_abs_diff(rt: Runtime) -> tuple[float, float, str | None]:

@@ -158,7 +158,8 @@ def state_dict_checks(reference: Mapping[str, Any], final: Mapping[str, Any]) ->
     return checks, diffs
 
 
-def _parity(rt: runtime.Runtime, rtol: float, atol: float, diffs: list[str]) -> tuple[Check, float, float]:
+def _parity(rt: runtime.Runtime, rtol: float | None, atol: float | None, diffs: list[str]) -> tuple[Check, float, float]:
+    rtol, atol = runtime.tolerance(rt.model, rt.args, rtol, atol)
     max_diff, scale, mismatch = runtime.max_abs_diff(rt)
     if mismatch:
         diffs.append(mismatch)
@@ -218,8 +219,8 @@ def verify_zero_overhead(
     example_args: Any,
     *,
     optimize: bool = True,
-    rtol: float = 1e-4,
-    atol: float = 1e-5,
+    rtol: float | None = None,
+    atol: float | None = None,
     latency_runs: int = 30,
     same_weights: bool = True,
 ) -> ZeroOverheadReport:
@@ -230,8 +231,10 @@ def verify_zero_overhead(
     the same way (`fold=False`: a mask left in `final_model` stays visible); the ONNX graphs must
     match node by node (count, op types, isomorphism), in initializer names, shapes, dtypes and
     bytes, and in inputs and outputs; onnxruntime's outputs for the final graph must match torch's
-    within rtol/atol. Where onnxruntime's CPU provider cannot run the graphs' dtype (bfloat16
-    Gemm), that row and the latency run float32 copies of both models, say so, and still count:
+    within atol + rtol * (largest |output|); by default (None) they follow the dtype that runs
+    (runtime.TOLERANCES: float32 1e-4/1e-5, fp16 1e-2/1e-3, bf16 8e-2/8e-3). Where onnxruntime's
+    CPU provider cannot run the graphs' dtype (bfloat16 Gemm or Conv), that row and the latency
+    run float32 copies of both models, say so, and still count:
     the graph rows compare the exports in the models' own dtype. The reference may be the user's
     own model object: with `same_weights` (default) a copy of it gets the final model's values
     before export, since the exporter's optimizer folds by value, e.g. drops an all-zero bias.

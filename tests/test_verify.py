@@ -181,3 +181,15 @@ def test_compare_onnx_names_an_extra_initializer():
     raw = dsd_fx.export_onnx(dsd_fx.transform(copy.deepcopy(model)), mlp_args(), fold=False, optimize=False)
     result = compare_onnx(ref, raw)
     assert not result.ok and "extra initializer 'fc1.weight_mask' (16, 8) FLOAT" in result.differences
+
+
+def test_fp16_model_against_its_own_copy_is_proven_with_a_tolerance_for_fp16():
+    # fp16 rounds every intermediate: float32's tolerance refused correct models (issue 19)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).half()
+    args = (torch.randn(8, 16).half(),)
+    report = verify_zero_overhead(model, copy.deepcopy(model), args, latency_runs=2)
+    assert report.ok, report.table
+    assert not report.onnxruntime_float32_copy and report.tolerance >= 1e-3
+    explicit = verify_zero_overhead(model, copy.deepcopy(model), args, rtol=1e-4, atol=1e-5, latency_runs=2)
+    assert explicit.tolerance < 1e-4  # the caller's own tolerance still rules
