@@ -193,3 +193,12 @@ def test_fp16_model_against_its_own_copy_is_proven_with_a_tolerance_for_fp16():
     assert not report.onnxruntime_float32_copy and report.tolerance >= 1e-3
     explicit = verify_zero_overhead(model, copy.deepcopy(model), args, rtol=1e-4, atol=1e-5, latency_runs=2)
     assert explicit.tolerance < 1e-4  # the caller's own tolerance still rules
+
+
+def test_bf16_conv_runs_onnxruntime_on_a_float32_copy():
+    # onnxruntime refuses a bf16 Conv with INVALID_GRAPH (a type error), not NOT_IMPLEMENTED as for Gemm
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).bfloat16()
+    report = verify_zero_overhead(model, copy.deepcopy(model), (torch.randn(2, 3, 8, 8).bfloat16(),), latency_runs=2)
+    assert report.ok, report.table
+    assert report.onnxruntime_float32_copy and "bfloat16" in report.notes[0]
