@@ -105,17 +105,23 @@ def _add_model_args(p) -> None:
     p.add_argument("--kernel", help=f"with --pack, the packed N:M matmul's kernel: auto, sparse or dense (default: ${KERNEL_ENV}, else auto)")
 
 
+def _check_runs(model: torch.nn.Module, example: tuple, text: str) -> None:
+    """The example inputs fit the model (their number and shapes), or one CliError naming them."""
+    try:
+        with torch.no_grad():
+            model.eval()(*example)
+    except Exception as err:  # noqa: BLE001 - a shape (or a number of inputs) that does not fit the model
+        raise CliError(f"the model does not run on --input-shape {text} ({len(example)} input(s)): "
+                       f"{type(err).__name__}: {err}") from err
+
+
 def cmd_diff(args: argparse.Namespace) -> int:
     import dsd_fx
 
     config = _sparse_options(args)
     model = _factory(args.factory)
     example = _shapes(args.input_shape)
-    try:  # before anything is printed: the example input fits the model
-        with torch.no_grad():
-            model.eval()(*example)
-    except Exception as err:  # noqa: BLE001 - a shape that does not fit the model
-        raise CliError(f"the model does not run on --input-shape {args.input_shape}: {type(err).__name__}: {err}") from err
+    _check_runs(model, example, args.input_shape)  # before anything is printed
     mode = "cdiff" if sys.stderr.isatty() else "diff"
     sparse = dsd_fx.transform(model, phase="sparse", config=config, print_changed=mode, print_changed_dir=args.out)
     dense = dsd_fx.transform(sparse, phase="dense", print_changed=mode, print_changed_dir=args.out)
@@ -139,6 +145,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     folder = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise CliError(f"cannot write {args.output}: folder {folder} does not exist or is not writable")
+    _check_runs(model, example, args.input_shape)  # a shape that does not fit: one line, not the exporter's traceback
     if sparse:
         model = dsd_fx.transform(model, phase="sparse", config=config)
     dsd_fx.export_onnx(model, example, args.output)

@@ -140,3 +140,41 @@ def test_kernel_flag_and_its_environment_default(monkeypatch):
     monkeypatch.setenv("DSD_FX_NM_KERNEL", "fast")
     with pytest.raises(CliError, match=r"^DSD_FX_NM_KERNEL=fast \(the default of --kernel\): --kernel must be one of"):
         _sparse_options(_args("--pattern", "2:4", "--pack"))
+
+
+TWO_INPUTS = '''
+import torch.nn as nn
+
+
+class Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 4), nn.Linear(4, 4)
+
+    def forward(self, x, y):
+        return {"out": self.a(x) + self.b(y)}
+
+
+def two():
+    return Two()
+'''
+
+
+@pytest.mark.parametrize("factory, shape", [("examples.models:mlp", "1,5"), ("examples.models:cnn", "1,3"),
+                                            ("twoin:two", "1,8"), ("twoin:two", "1,8;1,5")],
+                         ids=["mlp_wrong_features", "cnn_wrong_rank", "two_inputs_given_one", "two_inputs_wrong_second"])
+def test_export_with_an_input_shape_that_does_not_fit_is_one_line_and_exit_2(tmp_path, factory, shape):
+    (tmp_path / "twoin.py").write_text(TWO_INPUTS)
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    out = run("export", factory, "--input-shape", shape, "-o", str(tmp_path / "m.onnx"), cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"does not run on --input-shape {shape}" in lines[0], out.stderr[-2000:]
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_of_a_two_input_factory_given_both_shapes(tmp_path):
+    (tmp_path / "twoin.py").write_text(TWO_INPUTS)
+    out = run("export", "twoin:two", "--input-shape", "1,8;1,4", "-o", str(tmp_path / "m.onnx"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "m.onnx").stat().st_size > 0
