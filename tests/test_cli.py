@@ -178,3 +178,24 @@ def test_export_of_a_two_input_factory_given_both_shapes(tmp_path):
     out = run("export", "twoin:two", "--input-shape", "1,8;1,4", "-o", str(tmp_path / "m.onnx"), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "m.onnx").stat().st_size > 0
+
+
+@pytest.mark.parametrize("where, words", [
+    ("folder", "is a folder or no file name"),
+    ("folder/", "is a folder or no file name"),
+    ("", "is a folder or no file name"),
+    ("missing/m.onnx", "does not exist or is not writable"),
+    ("/proc/dsd_fx_m.onnx", "is not writable"),  # root may write anywhere os.access looks; not to /proc
+], ids=["existing_folder", "trailing_separator", "empty", "missing_folder", "unwritable"])
+def test_export_output_that_cannot_be_written_is_one_line_and_exit_2_before_the_work(tmp_path, where, words):
+    if where.startswith("/proc") and not pathlib.Path("/proc/self").exists():
+        pytest.skip("no /proc on this system")
+    (tmp_path / "folder").mkdir()
+    # a factory that would leave a mark if it ran: the output is checked before the work
+    (tmp_path / "marks.py").write_text("import pathlib, torch\n\ndef make():\n    pathlib.Path('ran').touch()\n"
+                                       "    return torch.nn.Linear(8, 2)\n")
+    out = run("export", "marks:make", "--input-shape", "1,8", "-o", where, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and words in lines[0], out.stderr[-2000:]
+    assert not (tmp_path / "ran").exists() and list((tmp_path / "folder").iterdir()) == []
