@@ -172,8 +172,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    import onnx
-
+    from dsd_fx.graphs import load_onnx
     from dsd_fx.verify import compare_onnx
 
     protos = []
@@ -181,9 +180,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         if not os.path.isfile(path):
             raise CliError(f"no such file: {path}")
         try:
-            protos.append(onnx.load(path))
-        except Exception as err:  # noqa: BLE001
-            raise CliError(f"{path} is not an ONNX model: {type(err).__name__}: {err}") from err
+            protos.append(load_onnx(path))
+        except ValueError as err:  # garbage or an empty file
+            raise CliError(str(err)) from err
     result = compare_onnx(*protos)
     print(result.table)
     return 0 if result.ok else 1

@@ -84,11 +84,14 @@ def test_errors_are_one_line_and_exit_2(args, words):
     assert len(lines) == 1 and words in lines[0] and "Traceback" not in out.stderr
 
 
-def test_check_rejects_a_non_onnx_file(tmp_path):
+@pytest.mark.parametrize("content, words", [("not a model", "is not an ONNX model"),
+                                            ("", "is not an ONNX model: it is empty (0 bytes)")], ids=["garbage", "empty"])
+def test_check_rejects_a_non_onnx_file(tmp_path, content, words):
     bad = tmp_path / "x.onnx"
-    bad.write_text("not a model")
+    bad.write_text(content)
     out = run("check", str(bad), str(bad))
-    assert out.returncode == 2 and "is not an ONNX model" in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1 and words in lines[0], out.stderr
 
 
 def test_installed_console_script():
