@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -12,7 +13,7 @@ import torch
 
 from dsd_fx import runtime
 from dsd_fx.export import as_args, export_onnx
-from dsd_fx.graphs import onnx_initializers, onnx_op, onnx_to_nx
+from dsd_fx.graphs import load_onnx, onnx_initializers, onnx_op, onnx_to_nx
 
 __all__ = ["Check", "OnnxComparison", "ZeroOverheadReport", "compare_onnx", "verify_zero_overhead"]
 
@@ -116,8 +117,10 @@ def _io_check(reference: onnx.ModelProto, final: onnx.ModelProto, diffs: list[st
     return Check("inputs and outputs", f"{len(rio[0])} in, {len(rio[1])} out", f"{len(fio[0])} in, {len(fio[1])} out", rio == fio)
 
 
-def compare_onnx(reference: onnx.ModelProto, final: onnx.ModelProto) -> OnnxComparison:
-    """Compare two ONNX graphs node by node: count, op types, isomorphism, initializers, I/O."""
+def compare_onnx(reference: onnx.ModelProto | str | os.PathLike, final: onnx.ModelProto | str | os.PathLike) -> OnnxComparison:
+    """Compare two ONNX graphs (ModelProtos or file paths, as diff_onnx takes) node by node: count,
+    op types, isomorphism, initializers, I/O."""
+    reference, final = load_onnx(reference), load_onnx(final)
     diffs: list[str] = []
     checks = _node_checks(list(reference.graph.node), list(final.graph.node), diffs)
     checks += _initializer_checks(onnx_initializers(reference), onnx_initializers(final), diffs)

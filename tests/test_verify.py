@@ -202,3 +202,17 @@ def test_bf16_conv_runs_onnxruntime_on_a_float32_copy():
     report = verify_zero_overhead(model, copy.deepcopy(model), (torch.randn(2, 3, 8, 8).bfloat16(),), latency_runs=2)
     assert report.ok, report.table
     assert report.onnxruntime_float32_copy and "bfloat16" in report.notes[0]
+
+
+def test_compare_onnx_and_diff_onnx_take_protos_or_paths_and_refuse_an_empty_file(tmp_path):
+    model = TinyMLP()
+    ref = dsd_fx.export_onnx(model, mlp_args(), tmp_path / "ref.onnx")
+    raw = dsd_fx.export_onnx(dsd_fx.transform(copy.deepcopy(model)), mlp_args(), tmp_path / "raw.onnx", fold=False)
+    by_proto, by_path = compare_onnx(ref, raw), compare_onnx(str(tmp_path / "ref.onnx"), tmp_path / "raw.onnx")
+    assert not by_path.ok and by_path.differences == by_proto.differences
+    assert compare_onnx(tmp_path / "ref.onnx", ref).ok
+    assert dsd_fx.diff_onnx(ref, tmp_path / "raw.onnx").summary == dsd_fx.diff_onnx(tmp_path / "ref.onnx", raw).summary
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    for call in (compare_onnx, dsd_fx.diff_onnx):
+        with pytest.raises(ValueError, match="empty.onnx is not an ONNX model: it is empty"):
+            call(ref, tmp_path / "empty.onnx")
