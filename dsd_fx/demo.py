@@ -77,9 +77,9 @@ def load_task(args: argparse.Namespace) -> Task:
     from dsd_fx.data import LOADERS, MissingDataPackage
 
     recipe = RECIPES[(args.data, args.model)]
+    if args.epochs is not None and args.epochs < 1:  # checked with --quick too, which would run 1 epoch
+        raise DemoError(f"--epochs must be at least 1, got {args.epochs}")
     epochs = 1 if args.quick else (args.epochs if args.epochs is not None else recipe.epochs)
-    if epochs < 1:
-        raise DemoError(f"--epochs must be at least 1, got {epochs}")
     lr = recipe.lr if args.lr is None else args.lr  # checked by dsd_fx.DSD
     batch = recipe.batch if args.batch is None else args.batch
     if batch < 1:
