@@ -100,8 +100,8 @@ def verify_pruned(original: torch.nn.Module, pruned: torch.nn.Module, example_ar
     """Export both (fold=False) and check that pruning changed shapes only: the same node count and
     op types (no Gather, Slice, Pad or other indexing op added), onnxruntime on the pruned file
     matches torch (within atol + rtol * largest |output|; by default by dtype, as
-    verify_zero_overhead: dsd_fx.runtime.TOLERANCES); report params, initializer bytes, MACs and latency (onnxruntime and torch,
-    interleaved medians) of each and their ratios."""
+    verify_zero_overhead: dsd_fx.runtime.TOLERANCES); report params, initializer bytes, MACs and
+    latency (onnxruntime and torch, interleaved medians) of each and their ratios."""
     args = as_args(example_args)
     ref, fin = export_onnx(original, args, fold=False), export_onnx(pruned, args, fold=False)
     ops_ref, ops_fin = _ops(ref), _ops(fin)
