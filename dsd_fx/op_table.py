@@ -423,6 +423,5 @@ for _key in (("call_method", "mean"), ("call_function", torch.mean), ("call_meth
     FUNCTIONS[_key] = OpRow("reduce", (), channels=ChannelRule(Flow.REDUCE, dim_arg=1))
 del _cls, _fn, _key, _name
 
-# the aten rows (what torch.export's graphs call) live in their own module, which adds them to FUNCTIONS
-from dsd_fx import aten_rows as _aten_rows  # noqa: E402,F401  (imported last: it reads this module's names)
-from dsd_fx import aten_channels as _aten_channels  # noqa: E402,F401  (the aten ops' channel rows)
+# the aten rows (what torch.export's graphs call): dsd_fx.aten_rows, which the package's __init__ registers,
+# and their channel rows, dsd_fx.aten_channels (registered after them)

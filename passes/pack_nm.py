@@ -60,10 +60,10 @@ def pack_nm(gm: fx.GraphModule, weights: Sequence[tuple[PrunableWeight, int]], n
 class _Packer:
     n: int
     m: int
-    kernel: tuple  # () for "auto", else (kernel,): nm_linear's last argument
+    impl: tuple  # () for "auto", else (kernel,): nm_linear's last argument, `impl`
 
     def linear(self, g: fx.Graph, x, storage: tuple[fx.Node, fx.Node], bias) -> fx.Node:
-        return g.call_function(torch.ops.dsd_fx.nm_linear.default, (x, *storage, bias, self.n, self.m, *self.kernel))
+        return g.call_function(torch.ops.dsd_fx.nm_linear.default, (x, *storage, bias, self.n, self.m, *self.impl))
 
     def rewrite_call(self, gm: fx.GraphModule, call: fx.Node, wrapped: list[tuple[str, "_Weight"]]) -> None:
         """A module call reading packed weights: nm_linear for a Linear, else its functional form
@@ -90,9 +90,10 @@ class _Weight:
     pw: PrunableWeight
     dim: int
 
-    def storage(self, g: fx.Graph, getter: str | None = None) -> tuple[fx.Node, fx.Node]:
+    def storage(self, g: fx.Graph, getter: str | None = None, read: str | None = None) -> tuple[fx.Node, fx.Node]:
+        # read: the name the replaced get_attr read the weight by (a tied weight has several), restored by unpack_nm
         name = self.pw.name
-        return (tag(get_attr(g, f"{name}_values"), PASS, Role.PACKED_VALUES, getter=getter),
+        return (tag(get_attr(g, f"{name}_values"), PASS, Role.PACKED_VALUES, getter=getter, read=read),
                 tag(get_attr(g, f"{name}_meta"), PASS, Role.PACKED_META))
 
     def unpacked(self, g: fx.Graph, getter: str | None, stored: tuple | None = None) -> fx.Node:
@@ -104,7 +105,7 @@ class _Weight:
         """A get_attr of the weight: the packed storage is read where the weight was; each
         linear-like user becomes nm_linear, every other user reads the unpacked weight."""
         with g.inserting_before(getter.next):
-            stored = self.storage(g, getter.name)
+            stored = self.storage(g, getter.name, getter.target)
         dense = None
         for user in list(getter.users):
             if user in stored:

@@ -142,6 +142,16 @@ def test_exported_program_and_its_module_are_taken_with_the_models_objects():
         dsd_fx.transform(gm, phase="dense")
 
 
+def test_an_exported_program_of_an_eval_mode_model_switches_to_train():
+    model, x = BNNet().eval(), torch.randn(8, 8)
+    gm = dsd_fx.transform(torch.export.export(model, (x,), strict=False), sparsity=0.5)
+    assert not gm.training  # read from its ops: batch norm on running statistics
+    torch.testing.assert_close(gm(x), model(x))
+    gm.train()
+    assert not torch.equal(gm(x), gm(x))  # dropout's p was kept; its flag follows the mode
+    assert int(model.bn.num_batches_tracked) == 2  # the count eval-mode export leaves out is put back
+
+
 def test_captured_at_one_shape_runs_at_others():
     gm = dsd_fx.transform(GPT(), capture="export", example_args=(torch.randint(0, 64, (2, 8)),), sparsity=0.5)
     for shape in ((1, 5), (3, 13), (4, 32)):
@@ -166,6 +176,8 @@ def test_bad_capture_input_raises_before_any_change():
         dsd_fx.transform(model, capture="export", example_args=(ids,), dynamic_shapes=({0: torch.export.Dim("b", max=1)},))
     with pytest.raises(ValueError, match="not a capture mode"):
         dsd_fx.transform(model, capture="jit", example_args=(ids,))
+    with pytest.raises(TypeError, match="torch.export could not capture GPT.*tried torch.fx first: capture: torch.fx could not trace"):
+        dsd_fx.transform(model, example_args=(ids.float(),))  # neither tracer takes float token ids
     with pytest.raises(ValueError, match="dynamic_shapes= describes the example inputs"):
         dsd_fx.transform(model, capture="export", dynamic_shapes=({0: torch.export.Dim.AUTO},))
     with pytest.raises(TypeError, match="phase='dense' takes no capture, example_args"):
@@ -281,6 +293,35 @@ def test_nm_groups_run_along_each_aten_ops_reduction_dim():
     assert (keep["lstm.weight_ih_l0"].reshape(-1, 4).sum(-1) == 2).all()
 
 
+class NoGradBranch(nn.Module):
+    """A layer run under torch.no_grad(): torch.export puts it in a wrap_with_set_grad_enabled subgraph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.frozen, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        with torch.no_grad():
+            t = self.frozen(x)
+        return self.out(self.fc(x) + t)
+
+
+@pytest.mark.parametrize("method", ["unstructured", "packed"])
+def test_a_weight_used_inside_a_higher_order_subgraph_is_masked_there(method):
+    torch.manual_seed(0)
+    model, x = NoGradBranch(), torch.randn(2, 8)
+    untouched = dsd_fx.transform(dsd_fx.transform(copy.deepcopy(model), capture="export", example_args=(x,)), phase="dense")
+    reference = copy.deepcopy(model)  # before: packing empties the dense weights
+    gm = dsd_fx.transform(model, capture="export", example_args=(x,), **METHODS[method])
+    assert any(n.target is torch.ops.higher_order.wrap_with_set_grad_enabled for n in gm.graph.nodes)
+    assert set(dsd_fx.current_masks(gm)) == {"fc.weight", "frozen.weight", "out.weight"}
+    for name, keep in dsd_fx.current_masks(gm).items():
+        reference.get_parameter(name).data.mul_(keep)
+    torch.testing.assert_close(gm(x), reference(x))  # the frozen layer computes with W * M
+    dense = dsd_fx.transform(gm, phase="dense")
+    assert dense.code == untouched.code
+
+
 def test_cnn_with_batch_norm_and_dropout_dsd_cycle_proven():
     torch.manual_seed(0)
     model, x = ConvNet(), torch.randn(4, 3, 8, 8)
@@ -310,28 +351,59 @@ def test_tiny_cnn_convolutions_of_every_kind():
 # ---------------------------------------------------------------- the hand-written GPT
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_gpt_with_shape_built_mask_sparse_train_dense_proven(method):
+def test_gpt_with_shape_built_mask_every_sparse_method_trains_redenses_and_proves():
+    torch.manual_seed(0)
+    model, ids = GPT(), torch.randint(0, 64, (2, 8))
+    proven = None  # the code of the first re-densed graph, proven against the untouched model's ONNX export
+    for method, options in METHODS.items():
+        user = copy.deepcopy(model)
+        gm = dsd_fx.transform(user, capture="export", example_args=(ids,), **options)
+        opt = torch.optim.AdamW(gm.parameters(), lr=1e-3, weight_decay=0.1)
+        for _ in range(3):
+            _lm_step(gm, opt, torch.randint(0, 64, (3, 13)))  # another batch size and length than captured
+        if method != "packed":  # packed weights have no dense tensor during the S phase
+            for name, mask in dsd_fx.current_masks(gm).items():
+                w = gm.get_parameter(name)
+                assert w.grad is not None and (w.grad * mask).abs().sum() > 0, (method, name)  # gradients reach kept weights
+                if method != "sr-ste":  # SR-STE trains the dense weights; its op computes with W * M
+                    assert not (w.detach() * (~mask.bool())).any(), (method, name)  # pruned weights stay zero
+        dense = dsd_fx.transform(gm, phase="dense")
+        assert list(dense.state_dict()) == list(model.state_dict()), method
+        assert dense.head.weight is dense.wte.weight  # tied weights stay one tensor
+        reference = copy.deepcopy(model)
+        reference.load_state_dict(dense.state_dict())
+        torch.testing.assert_close(dense.eval()(ids), reference.eval()(ids))
+        if proven is None:
+            report = dsd_fx.verify_zero_overhead(reference, dense, (ids,), latency_runs=2)
+            assert report.ok, report.table
+            proven = dense.code
+        else:  # the same graph as the proven one: its ONNX export is the same translation
+            assert dense.code == proven, method
+
+
+def test_dsd_schedule_with_export_capture_runs_dsdsd_and_proves():
     torch.manual_seed(0)
     model, ids = GPT(), torch.randint(0, 64, (2, 8))
     reference = copy.deepcopy(model)
-    gm = dsd_fx.transform(model, capture="export", example_args=(ids,), **METHODS[method])
-    opt = torch.optim.AdamW(gm.parameters(), lr=1e-3, weight_decay=0.1)
-    for _ in range(3):
-        _lm_step(gm, opt, torch.randint(0, 64, (3, 13)))  # another batch size and length than captured
-    if method != "packed":  # packed weights have no dense tensor during the S phase
-        for name, mask in dsd_fx.current_masks(gm).items():
-            w = gm.get_parameter(name)
-            assert w.grad is not None and (w.grad * mask).abs().sum() > 0, name  # gradients flow to kept weights
-            if method != "sr-ste":  # SR-STE trains the dense weights; its op computes with W * M
-                assert not (w.detach() * (~mask.bool())).any(), name  # pruned weights stay zero
-    dense = dsd_fx.transform(gm, phase="dense")
-    assert list(dense.state_dict()) == list(reference.state_dict())
-    assert dense.head.weight is dense.wte.weight  # tied weights stay one tensor
-    reference.load_state_dict(dense.state_dict())
-    torch.testing.assert_close(dense.eval()(ids), reference.eval()(ids))
-    report = dsd_fx.verify_zero_overhead(reference, dense, (ids,), latency_runs=2)
+    with pytest.raises(ValueError, match="not a capture mode"):
+        dsd_fx.DSD(model, lambda p, lr: torch.optim.SGD(p, lr=lr), 0.1, capture="jit", example_args=(ids,))
+    dsd = dsd_fx.DSD(model, lambda p, lr: torch.optim.AdamW(p, lr=lr), 1e-3, sparsity=0.5,
+                     capture="export", example_args=(ids,))
+    for phase in ("dense", "sparse", "redense", "sparse", "redense"):  # DSDSD: the second sparse re-uses the graph
+        gm, opt = dsd.begin(phase)
+        _lm_step(gm, opt, torch.randint(0, 64, (3, 12)))
+    assert list(gm.state_dict()) == list(reference.state_dict())
+    reference.load_state_dict(gm.state_dict())
+    report = dsd_fx.verify_zero_overhead(reference, gm, (ids,), latency_runs=2)
     assert report.ok, report.table
+
+
+def test_export_onnx_takes_dynamic_shapes():
+    gm = dsd_fx.transform(GPT(), capture="export", example_args=(torch.randint(0, 64, (2, 8)),), sparsity=0.5)
+    auto = torch.export.Dim.AUTO
+    proto = dsd_fx.export_onnx(gm, (torch.randint(0, 64, (2, 8)),), dynamic_shapes=({0: auto, 1: auto},))
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert all(d.dim_param for d in dims)  # symbolic batch and length
 
 
 # ---------------------------------------------------------------- copies, files, compile
