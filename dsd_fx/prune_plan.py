@@ -73,7 +73,7 @@ def _check_weights(gm: fx.GraphModule, groups: Sequence[ChannelGroup], rates: di
     for i in rates:
         g = by_index[i]
         for m in g.members:
-            t = getattr(gm.get_submodule(m.layer), m.tensor, None) if m.tensor else None
+            t = getattr(gm.get_submodule(m.layer), m.tensor, None) if m.tensor and m.role != "size" else None
             if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
                 raise ValueError(f"prune: '{m.layer}.{m.tensor}' holds NaN or Inf (channel group '{g.name}'); its channels "
                                  f"cannot be ranked. Fix the weights or exclude the group (exclude={[g.name]!r})")
