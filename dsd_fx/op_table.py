@@ -294,7 +294,7 @@ def known_ops() -> str:
 
 
 # ---- channel flow (structural pruning)
-# How channels flow through ops that hold no matmul weight, for dsd_fx.channels. Weight ops
+# How channels flow through ops that hold no matmul weight, for dsd_fx.channels.groups. Weight ops
 # (Linear, Conv*, ConvTranspose*, Embedding) need no rule: their slots' out_dim / in_dim and the
 # row's channel_dim say where channels are made and consumed. An op with no row blocks the
 # channel groups that reach it.

@@ -7,26 +7,26 @@ from typing import Any
 import torch
 from torch import fx
 
-from dsd_fx.capture import capture
-from dsd_fx.config import SparseConfig
-from dsd_fx.graph_diff import diff_graphs
-from dsd_fx.graphs import fx_to_nx
-from dsd_fx.grow_config import GrowConfig
-from dsd_fx.grow_plan import grow_plan
-from dsd_fx.masks import global_magnitude_masks, magnitude_mask, n_pruned, nm_mask
-from dsd_fx.packing import unpack_tensor
+from dsd_fx.infra.graph_capture import capture
+from dsd_fx.sparse.config import SparseConfig
+from dsd_fx.diagnostics.graph_diff import diff_graphs
+from dsd_fx.diagnostics.graphs import fx_to_nx
+from dsd_fx.grow.config import GrowConfig
+from dsd_fx.grow.plan import grow_plan
+from dsd_fx.sparse.masks import global_magnitude_masks, magnitude_mask, n_pruned, nm_mask
+from dsd_fx.sparse.packing import unpack_tensor
 from dsd_fx.passes.fold_masks import redense_plan
 from dsd_fx.passes.insert_masks import insert_masks
 from dsd_fx.passes.insert_nm import insert_nm
 from dsd_fx.passes.insert_taps import insert_taps, plan_taps
 from dsd_fx.passes.pack_nm import pack_nm
-from dsd_fx.pipeline import NOTES, Invariant, PassRecord, Plan, run_passes
-from dsd_fx.print_changed import PrintChanged
-from dsd_fx.prunable import PrunableWeight
-from dsd_fx.rewrite import owner_of
-from dsd_fx.prune_config import PruneConfig
-from dsd_fx.prune_plan import prune_plan
-from dsd_fx.selection import select_nm, select_weights
+from dsd_fx.infra.pipeline import NOTES, Invariant, PassRecord, Plan, run_passes
+from dsd_fx.diagnostics.print_changed import PrintChanged
+from dsd_fx.sparse.prunable import PrunableWeight
+from dsd_fx.infra.rewrite import owner_of
+from dsd_fx.prune.config import PruneConfig
+from dsd_fx.prune.plan import prune_plan
+from dsd_fx.sparse.selection import select_nm, select_weights
 from dsd_fx.state import STATE, MaskKind, MaskRecord, TransformState, keep_mask, masks_of, state_of
 from dsd_fx.tags import Role, has_dsd_nodes, persist, tag_of, tagged
 
@@ -68,7 +68,7 @@ def transform(
         `PruneConfig`, or pass `config=PruneConfig(...)`.
     phase="grow": widen the channel groups of the layers `at` names by `width` channels, function-preserving
         (`how`="zeros" | "net2net"), or grow each into an Inception module (`how`="inception"); fields
-        of `GrowConfig`, `example_args` required; see dsd_fx.grow_plan.
+        of `GrowConfig`, `example_args` required; see dsd_fx.grow.plan.
 
     The returned GraphModule shares its parameter objects with `model` (unless `copy=True`): the
     commit step (zeroing pruned weights, writing W * M) changes them in place. Every check and every

@@ -8,7 +8,7 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from dsd_fx.pipeline import Invariant, Pass, run_passes
+from dsd_fx.infra.pipeline import Invariant, Pass, run_passes
 from dsd_fx.state import STATE, MaskKind, masks_of, refills
 from dsd_fx.tags import META_KEY, has_dsd_nodes, is_permanent
 from dsd_fx.taps import recorder_of

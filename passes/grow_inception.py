@@ -10,7 +10,7 @@ from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
 from dsd_fx.passes.grow_channels import Growth, describe_growing, edits_of, grow_layer
-from dsd_fx.pipeline import note, shapes_of
+from dsd_fx.infra.pipeline import note, shapes_of
 from dsd_fx.tags import Role, tag
 
 PASS = "grow_inception"

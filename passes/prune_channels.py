@@ -8,8 +8,8 @@ import torch.nn as nn
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from dsd_fx.channels import ChannelGroup
-from dsd_fx.pipeline import note, shapes_of
+from dsd_fx.channels.groups import ChannelGroup
+from dsd_fx.infra.pipeline import note, shapes_of
 
 PASS = "prune_channels"
 
@@ -114,7 +114,7 @@ def prune_channels(gm: fx.GraphModule, groups: Sequence[ChannelGroup], removed: 
         fc.weight (10, 128) -> (10, 96)               (each channel a block of 16 features)
 
     New tensors replace the layers' entries (the shells of a capture): the user's model keeps its
-    own tensors. The text of the change (describe_pruning) is the pass's note (dsd_fx.pipeline.note).
+    own tensors. The text of the change (describe_pruning) is the pass's note (dsd_fx.infra.pipeline.note).
     """
     cuts = cut_positions(groups, removed)
     by_layer = layer_cuts(cuts)

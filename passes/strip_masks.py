@@ -7,7 +7,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from dsd_fx.ops import module_call
-from dsd_fx.rewrite import owner_of
+from dsd_fx.infra.rewrite import owner_of
 from dsd_fx.tags import META_KEY, Role, tag_of, tagged, untagged_meta
 
 # the passes whose nodes strip_masks removes (unpack_nm's restored nodes keep their place)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from dsd_fx.rewrite import get_attr, owner_of
+from dsd_fx.infra.rewrite import get_attr, owner_of
 from dsd_fx.state import MaskKind, MaskRecord
 from dsd_fx.tags import Role, tag, tag_of, tagged
 

@@ -5,7 +5,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from conftest import TinyMLP
-from dsd_fx.pipeline import Invariant, PassError, run_passes
+from dsd_fx.infra.pipeline import Invariant, PassError, run_passes
 
 
 def _gm():
