@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import torch
 
+from dsd_fx.sparse.config import KERNELS
 from dsd_fx.sparse.packing import CompressedWeights, compress_semi_structured
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,6 @@ sparsify_nm.register_autograd(_sparsify_nm_backward, setup_context=_sparsify_nm_
 # ---------------------------------------------------------------- packed N:M
 
 
-KERNELS = ("auto", "sparse", "dense")
 
 
 SEMI_STRUCTURED = CompressedWeights(compress_semi_structured)  # every packed 2:4 weight nm_linear ran sparse

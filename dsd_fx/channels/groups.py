@@ -1,15 +1,15 @@
 """Channel groups: which channels of which layers must be removed together (structural pruning)."""
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import networkx as nx
 import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
+from dsd_fx.infra.calls import as_args, eval_mode
 from dsd_fx.infra.graph_capture import capture
 from dsd_fx.channels.flow import Propagation
 from dsd_fx.channels.layout import FlowState, Member
@@ -45,24 +45,11 @@ class ChannelGroup:
         return f"group {self.index} '{self.name}' ({self.size} channels, {state}): {where}"
 
 
-@contextlib.contextmanager
-def eval_mode(gm: torch.nn.Module) -> Iterator[None]:
-    """Eval mode and no grad while shapes are found: BatchNorm's running stats must not move."""
-    modes = [(m, m.training) for m in gm.modules()]
-    gm.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, was in modes:
-            m.training = was
-
-
 def propagate_shapes(gm: fx.GraphModule, example_args: tuple) -> None:
     """Record every node's output shape (node.meta['tensor_meta']) by one forward in eval mode.
 
     `gm` must be a capture (its modules are shells: the user's modules keep their mode)."""
-    with eval_mode(gm):
+    with eval_mode(gm, no_grad=True):
         try:
             ShapeProp(gm).propagate(*example_args)
         except Exception as err:  # noqa: BLE001 - the user's input: said as such
@@ -123,17 +110,23 @@ def groups_of(gm: fx.GraphModule) -> list[ChannelGroup]:
             for grp in out]
 
 
-def as_args(example_args: Any) -> tuple:
-    if example_args is None:
-        raise TypeError("channel analysis needs example_args=(x,): one example input, to propagate shapes")
-    return example_args if isinstance(example_args, tuple) else (example_args,)
-
-
 def channel_groups(model: torch.nn.Module, example_args: Any, *, concrete_args: dict | None = None) -> list[ChannelGroup]:
     """Trace `model` (any GraphModule accepted), propagate shapes through `example_args` and
     return its channel groups: which output channels of which layers, with the norms and
     consumers they reach, are removed together, and which groups cannot be pruned and why.
     `model` is not changed (shapes are found in eval mode on a capture)."""
     gm = capture(model, concrete_args=concrete_args)
-    propagate_shapes(gm, as_args(example_args))
+    propagate_shapes(gm, as_args(example_args, "channel analysis"))
     return groups_of(gm)
+
+
+def refuse_tied(gm: fx.GraphModule, tensors, refuse) -> None:
+    """One tensor object under two names among `tensors` ((layer, tensor name) pairs) would be cut
+    or grown into two, untying them: call `refuse(name, other)`, which raises."""
+    seen: dict[int, str] = {}
+    for layer, tensor in tensors:
+        t = getattr(gm.get_submodule(layer), tensor, None) if tensor else None
+        name = f"{layer}.{tensor}"
+        other = seen.setdefault(id(t), name) if t is not None else name
+        if other != name:
+            refuse(name, other)

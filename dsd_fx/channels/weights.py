@@ -84,7 +84,7 @@ def function_weight_op(prop, node: fx.Node, row):
     weight, bias = slot_arg(node, slot), _bias(node, row)
     x = node.args[row.packed.x if row.packed is not None else 0]
     param, out_shape, in_shape = _param_of(prop, weight), shape(node), shape(x)
-    groups = arg_of(node, 6, "groups", 1) if row.kind.startswith("conv") else 1
+    groups = arg_of(node, row.groups_arg, "groups", 1) if row.groups_arg is not None else 1
     why = ("its weight is not a parameter read by get_attr" if param is None else f"groups={groups}" if groups != 1
            else "its bias is not a parameter" if bias is not None and _param_of(prop, bias) is None
            else "no tensor shapes" if out_shape is None or in_shape is None else "")

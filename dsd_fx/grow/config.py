@@ -1,9 +1,10 @@
 """The options of transform(phase="grow"), validated once."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+from dsd_fx.infra.options import Options
 
 HOWS = ("zeros", "net2net", "inception")
 
@@ -23,7 +24,7 @@ def _width(value: Any) -> int | float:
 
 
 @dataclass(frozen=True)
-class GrowConfig:
+class GrowConfig(Options):
     """at: the layers whose output channel group grows (the group's producers, as channel_groups names them).
     width: channels added to each such group: an int, or a float (a fraction of the group's size,
         rounded up: ceil(width * size)).
@@ -65,6 +66,3 @@ class GrowConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"grow: seed must be an int, got {self.seed!r}")
 
-    @classmethod
-    def option_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))

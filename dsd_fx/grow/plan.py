@@ -9,12 +9,14 @@ from collections.abc import Sequence
 import torch
 from torch import fx, nn
 
-from dsd_fx.channels.groups import ChannelGroup, eval_mode, groups_of, propagate_shapes
+from dsd_fx.channels.groups import ChannelGroup, groups_of, propagate_shapes, refuse_tied
+from dsd_fx.infra.calls import eval_mode
 from dsd_fx.grow.config import GrowConfig
 from dsd_fx.passes.grow_channels import PASS, Growth, edits_of, grow_channels
 from dsd_fx.passes.grow_inception import PASS as INCEPTION, InceptionGrowth, grow_inception, split_width, without_outputs
 from dsd_fx.passes.prune_channels import adopt
 from dsd_fx.infra.pipeline import Invariant, Plan
+from dsd_fx.op_table import module_row
 from dsd_fx.prune.plan import score
 from dsd_fx.infra.rewrite import owner_of
 from dsd_fx.tags import has_dsd_nodes
@@ -66,7 +68,7 @@ def growths_of(gm: fx.GraphModule, groups: Sequence[ChannelGroup], config: GrowC
     return list(out.values())
 
 
-def _keeps_grid(module: nn.modules.conv._ConvNd) -> bool:
+def _keeps_grid(module: nn.Module) -> bool:
     """Whether `module` maps every input size h to (h - 1) // stride + 1 per spatial dim, the grid of
     the branches' first 1x1 convolution with its stride: padding 'same', or 2 * padding =
     dilation * (kernel - 1) in every dim."""
@@ -85,7 +87,8 @@ def _conv_node(gm: fx.GraphModule, layer: str) -> fx.Node:
         raise ValueError(f"grow: how='inception' grows a convolution module (nn.Conv1d/2d/3d), but {layer!r} is not a "
                          "submodule (a functional convolution's weight?): make it an nn.ConvNd, or grow it with "
                          "how='zeros' or how='net2net'") from None
-    if not isinstance(module, nn.modules.conv._ConvNd) or module.transposed or module.groups != 1:
+    row = module_row(module)
+    if row is None or row.family != "conv" or module.groups != 1:
         kind = type(module).__name__ + (f" with groups={module.groups}" if getattr(module, "groups", 1) != 1 else "")
         raise ValueError(f"grow: how='inception' grows a convolution (Conv1d/2d/3d, groups=1) into an Inception module; "
                          f"{layer!r} is a {kind}: grow it with how='zeros' or how='net2net' instead")
@@ -135,20 +138,16 @@ def _exists(gm: fx.GraphModule, name: str) -> bool:
 
 
 def _refuse_tied(gm: fx.GraphModule, growths: Sequence[Growth]) -> None:
-    """One tensor object under two names (tied weights) would be grown into two: refuse."""
-    seen: dict[int, str] = {}
-    for layer, tensors in edits_of(growths).items():
-        for tensor in tensors:
-            t = getattr(gm.get_submodule(layer), tensor) if tensor else None
-            other = seen.setdefault(id(t), f"{layer}.{tensor}") if t is not None else None
-            if other is not None and other != f"{layer}.{tensor}":
-                raise ValueError(f"grow: '{layer}.{tensor}' is the same tensor as '{other}' (tied weights); growing "
-                                 "would untie them: leave these layers' groups out of at=")
+    def refuse(name: str, other: str) -> None:
+        raise ValueError(f"grow: '{name}' is the same tensor as '{other}' (tied weights); growing "
+                         "would untie them: leave these layers' groups out of at=")
+
+    refuse_tied(gm, ((layer, tensor) for layer, tensors in edits_of(growths).items() for tensor in tensors), refuse)
 
 
 def _outputs(gm: fx.GraphModule, example_args: tuple) -> list[torch.Tensor]:
     gm.recompile()
-    with eval_mode(gm):
+    with eval_mode(gm, no_grad=True):
         out = gm(*example_args)
     return [t for t in torch.utils._pytree.tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
 

@@ -12,29 +12,13 @@ import onnx
 import torch
 from torch import fx
 
+from dsd_fx.infra.calls import as_args, eval_mode
 from dsd_fx.passes.fold_masks import fold_masks
 from dsd_fx.tags import has_dsd_nodes
 
 # The exporter's own loggers: torch.onnx logs (through torch's handler) a warning per missing
 # optional package on every export; onnxscript and onnx_ir log their optimizer's passes.
 EXPORTER_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")
-
-
-def as_args(example_args: Any) -> tuple:
-    """The example inputs as the positional-argument tuple the exporter takes."""
-    return example_args if isinstance(example_args, tuple) else (example_args,)
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """`model` in eval mode for the duration, every submodule's own mode restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, was in modes:
-            m.training = was
 
 
 @contextlib.contextmanager
@@ -99,4 +83,4 @@ def export_onnx(
     return proto
 
 
-__all__ = ["export_onnx", "as_args", "eval_mode"]
+__all__ = ["export_onnx"]

@@ -13,9 +13,10 @@ import torch
 from onnx import numpy_helper
 from torch.utils._pytree import tree_flatten
 
-from dsd_fx.channels.groups import as_args, eval_mode
+from dsd_fx.infra.calls import as_args, eval_mode
 from dsd_fx.channels.macs import cost
 from dsd_fx.proof.export import export_onnx
+from dsd_fx.proof.runtime import feeds as ort_inputs, session
 
 INDEXING = ("Gather", "GatherElements", "GatherND", "Slice", "Pad", "ScatterND", "ScatterElements", "Compress", "Where")
 
@@ -60,21 +61,8 @@ def _bytes(proto: onnx.ModelProto) -> int:
     return sum(int(numpy_helper.to_array(i).nbytes) for i in proto.graph.initializer)
 
 
-def ort_session(proto: onnx.ModelProto):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.log_severity_level = 1, 3
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
-def ort_feeds(session, args: tuple) -> dict[str, np.ndarray]:
-    flat = [a for a in tree_flatten(list(args))[0] if isinstance(a, torch.Tensor)]
-    return {i.name: t.detach().cpu().numpy() for i, t in zip(session.get_inputs(), flat)}
-
-
 def _torch_out(model, args) -> list[np.ndarray]:
-    with eval_mode(model):
+    with eval_mode(model, no_grad=True):
         return [t.detach().float().numpy() for t in tree_flatten(model(*args))[0] if isinstance(t, torch.Tensor)]
 
 
@@ -82,7 +70,7 @@ def _latency(original, pruned, sessions, feeds, args, runs: int) -> dict[str, fl
     """Median seconds of each, runs interleaved so that drift on a shared machine hits both."""
     times = {k: [] for k in ("ort_original", "ort_pruned", "torch_original", "torch_pruned")}
     calls = {"ort_original": lambda: sessions[0].run(None, feeds[0]), "ort_pruned": lambda: sessions[1].run(None, feeds[1])}
-    with eval_mode(original), eval_mode(pruned):
+    with eval_mode(original, no_grad=True), eval_mode(pruned, no_grad=True):
         calls["torch_original"], calls["torch_pruned"] = (lambda: original(*args)), (lambda: pruned(*args))
         for f in calls.values():
             f()
@@ -100,12 +88,12 @@ def verify_pruned(original: torch.nn.Module, pruned: torch.nn.Module, example_ar
     op types (no Gather, Slice, Pad or other indexing op added), onnxruntime on the pruned file
     matches torch; report params, initializer bytes, MACs and latency (onnxruntime and torch,
     interleaved medians) of each and their ratios."""
-    args = as_args(example_args)
+    args = as_args(example_args, "channel analysis")
     ref, fin = export_onnx(original, args, fold=False), export_onnx(pruned, args, fold=False)
     ops_ref, ops_fin = _ops(ref), _ops(fin)
     added = {op: ops_fin[op] - ops_ref[op] for op in INDEXING if ops_fin[op] > ops_ref[op]}
-    sessions = (ort_session(ref), ort_session(fin))
-    feeds = (ort_feeds(sessions[0], args), ort_feeds(sessions[1], args))
+    sessions = (session(ref), session(fin))
+    feeds = (ort_inputs(sessions[0], args), ort_inputs(sessions[1], args))
     got, want = sessions[1].run(None, feeds[1]), _torch_out(pruned, args)
     diff = max((float(np.max(np.abs(g.astype(np.float32) - w))) for g, w in zip(got, want) if w.size), default=0.0)
     tol = atol + rtol * max((float(np.max(np.abs(w))) for w in want if w.size), default=0.0)

@@ -12,7 +12,8 @@ import onnx
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
 
-from dsd_fx.proof.export import eval_mode, export_onnx
+from dsd_fx.infra.calls import eval_mode
+from dsd_fx.proof.export import export_onnx
 
 __all__ = ["Runtime", "session", "feeds", "sessions_for", "max_abs_diff", "latency_ms"]
 

@@ -11,7 +11,8 @@ import onnx
 import torch
 
 from dsd_fx.proof import runtime
-from dsd_fx.proof.export import as_args, export_onnx
+from dsd_fx.infra.calls import as_args
+from dsd_fx.proof.export import export_onnx
 from dsd_fx.diagnostics.graphs import onnx_initializers, onnx_op, onnx_to_nx
 
 __all__ = ["Check", "OnnxComparison", "ZeroOverheadReport", "compare_onnx", "verify_zero_overhead"]

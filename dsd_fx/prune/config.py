@@ -1,19 +1,17 @@
 """The options of transform(phase="prune"), validated once."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from dsd_fx.infra.options import Options, fraction
+from dsd_fx.sparse.config import SCOPES
+
 IMPORTANCES = ("l1", "l2", "discriminant")
-SCOPES = ("layer", "global")
 
 
 def _fraction(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"prune: {where} must be a fraction in [0, 1) (a share of each group's channels; "
-                         f"1 would remove all of them), got {value!r}")
-    return float(value)
+    return fraction(value, f"prune: {where}", zero=True, why=" (a share of each group's channels; 1 would remove all of them)")
 
 
 def _patterns(value: Any, name: str) -> tuple[str, ...] | None:
@@ -26,7 +24,7 @@ def _patterns(value: Any, name: str) -> tuple[str, ...] | None:
 
 
 @dataclass(frozen=True)
-class PruneConfig:
+class PruneConfig(Options):
     """channels: a fraction in [0, 1) of every prunable group (floor(fraction * size) removed,
         never all), or {layer pattern: fraction}: a group takes the first pattern that matches one
         of its producing layers; groups no pattern matches stay whole.
@@ -94,6 +92,3 @@ class PruneConfig:
             raise TypeError(f"prune: data must be an iterable of (inputs, labels) batches (a DataLoader or a list of "
                             f"(x, y) pairs), got a {type(self.data).__name__}")
 
-    @classmethod
-    def option_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))

@@ -9,7 +9,8 @@ from typing import Sequence
 import torch
 from torch import fx
 
-from dsd_fx.channels.groups import ChannelGroup, eval_mode, groups_of, propagate_shapes
+from dsd_fx.channels.groups import ChannelGroup, groups_of, propagate_shapes, refuse_tied
+from dsd_fx.infra.calls import eval_mode
 from dsd_fx.passes.prune_channels import adopt, cut_positions, layer_cuts, prune_channels
 from dsd_fx.infra.pipeline import Invariant, Plan
 from dsd_fx.prune.config import PruneConfig
@@ -157,7 +158,7 @@ def _global(gm, by_index, scores, config: PruneConfig) -> dict[int, list[int]]:
 def _consistent(example_args: tuple, out_shapes) -> Invariant:
     def check(gm: fx.GraphModule) -> None:
         gm.recompile()
-        with eval_mode(gm):
+        with eval_mode(gm, no_grad=True):
             try:
                 out = gm(*example_args)
             except RuntimeError as err:
@@ -169,14 +170,11 @@ def _consistent(example_args: tuple, out_shapes) -> Invariant:
 
 
 def _refuse_tied(gm: fx.GraphModule, cuts) -> None:
-    """One tensor object under two layers (tied weights) would be cut into two: refuse."""
-    seen: dict[int, str] = {}
-    for layer, tensor, _ in cuts:
-        t = getattr(gm.get_submodule(layer), tensor, None) if tensor else None
-        other = seen.setdefault(id(t), f"{layer}.{tensor}") if t is not None else None
-        if other is not None and not other.startswith(f"{layer}."):
-            raise ValueError(f"prune: '{layer}.{tensor}' is the same tensor as '{other}' (tied weights); pruning would "
-                             "untie them: exclude the groups of these layers (exclude=[...])")
+    def refuse(name: str, other: str) -> None:
+        raise ValueError(f"prune: '{name}' is the same tensor as '{other}' (tied weights); pruning would "
+                         "untie them: exclude the groups of these layers (exclude=[...])")
+
+    refuse_tied(gm, ((layer, tensor) for layer, tensor, _ in cuts), refuse)
 
 
 def prune_plan(gm: fx.GraphModule, config: PruneConfig, model: torch.nn.Module):

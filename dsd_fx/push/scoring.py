@@ -25,7 +25,8 @@ from torch import fx
 from dsd_fx.infra.graph_capture import capture
 from dsd_fx.channels.flow import Propagation
 from dsd_fx.channels.layout import Layout, Member
-from dsd_fx.channels.groups import ChannelGroup, as_args, groups_of, propagate_shapes
+from dsd_fx.channels.groups import ChannelGroup, groups_of, propagate_shapes
+from dsd_fx.infra.calls import as_args
 
 METHODS = ("discriminant",)
 
@@ -206,7 +207,7 @@ def importance(model: torch.nn.Module, data: Iterable, method: str = "discrimina
         if first is None:
             raise ValueError("importance: data yielded no batch; give (inputs, labels) batches")
         example_args = first[0]
-    args = tuple(example_args) if isinstance(example_args, list) else as_args(example_args)
+    args = tuple(example_args) if isinstance(example_args, list) else as_args(example_args, "channel analysis")
     gm = capture(model)
     propagate_shapes(gm, args)
     groups = groups_of(gm)

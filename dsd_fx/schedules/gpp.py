@@ -7,6 +7,7 @@ from typing import Any, Iterable
 import torch
 from torch import fx
 
+from dsd_fx.infra.options import fraction
 from dsd_fx.schedules.dsd import OptimizerFn, PhaseRecord
 from dsd_fx.push.scoring import importance
 from dsd_fx.channels.macs import cost
@@ -35,9 +36,7 @@ class GPPRecord(PhaseRecord):
 
 
 def _fraction(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ValueError(f"GPP: {name} must be a fraction in (0, 1), got {value!r}")
-    return float(value)
+    return fraction(value, f"GPP: {name}")
 
 
 LANDING_BISECTIONS = 6  # the last step's fraction within step / 64 of the smallest that meets the budget

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence, Union
+
+from dsd_fx.infra.options import Options
 
 Patterns = Union[Sequence[str], Callable[..., bool], None]
 
@@ -35,7 +37,7 @@ def _check_patterns(value: Patterns, where: str) -> Patterns:
 
 
 @dataclass(frozen=True)
-class SparseConfig:
+class SparseConfig(Options):
     """What the sparse phase prunes, and how much.
 
     sparsity: fraction of each selected weight to prune, in [0, 1), or a mapping from
@@ -137,9 +139,6 @@ class SparseConfig:
                 f"not a per-layer mapping ({self.sparsity!r}); use scope='layer' for per-layer fractions"
             )
 
-    @classmethod
-    def option_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
 
     def describe(self, weights: list[str]) -> dict:
         """The options a sparse-phase graph records (and a checkpoint must match), JSON-able."""

@@ -7,11 +7,10 @@ import warnings
 from typing import Callable, Iterable
 
 import torch
-import torch.nn as nn
 from torch import fx
 
 from dsd_fx.sparse.config import SparseConfig
-from dsd_fx.op_table import known_ops
+from dsd_fx.op_table import known_ops, module_row
 from dsd_fx.sparse.prunable import PrunableWeight, find_prunable, resolve
 
 
@@ -74,10 +73,12 @@ def _check_usable(gm: fx.GraphModule, weights: list[PrunableWeight]) -> None:
                     f"select: layer '{node.target}' has forward hooks, which a functional call would skip; "
                     f"remove the hooks or exclude it (exclude=['{node.target}'])"
                 )
-            if isinstance(module, nn.modules.conv._ConvTransposeNd) and (len(node.args) > 1 or node.kwargs):
+            row = module_row(module)  # a layer without a row is called as it is (ops.module_call): nothing dropped
+            dropped = row.dropped_args if row is not None else ()
+            if dropped and (len(node.args) > 1 or node.kwargs):
                 raise ValueError(
-                    f"select: layer '{node.target}' is called with output_size, which dsd_fx cannot make "
-                    f"functional; call it without output_size or exclude it (exclude=['{node.target}'])"
+                    f"select: layer '{node.target}' is called with {' or '.join(dropped)}, which dsd_fx cannot make "
+                    f"functional; call it without {' or '.join(dropped)} or exclude it (exclude=['{node.target}'])"
                 )
 
 
