@@ -13,7 +13,7 @@ from dsd_fx.diagnostics.graph_diff import diff_graphs
 from dsd_fx.diagnostics.graphs import fx_to_nx
 from dsd_fx.grow.config import GrowConfig
 from dsd_fx.grow.plan import grow_plan
-from dsd_fx.passes.insert_taps import insert_taps, plan_taps
+from dsd_fx.passes.insert_taps import PASS as INSERT_TAPS, insert_taps, plan_taps
 from dsd_fx.infra.pipeline import NOTES, PassRecord, Plan, run_passes
 from dsd_fx.diagnostics.print_changed import PrintChanged
 from dsd_fx.prune.config import PruneConfig
@@ -150,4 +150,4 @@ class _DiffObserver:
 
 def _push_plan(gm: fx.GraphModule, taps) -> Plan:
     plan_taps(gm, taps)  # a bad tap list raises before any change
-    return Plan([("insert_taps", functools.partial(insert_taps, taps=taps))], [], lambda: None, [])
+    return Plan([(INSERT_TAPS, functools.partial(insert_taps, taps=taps))], [], lambda: None, [])

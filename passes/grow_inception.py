@@ -9,7 +9,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from dsd_fx.passes.grow_channels import Growth, describe_growing, edits_of, grow_layer
+from dsd_fx.passes.grow_channels import PASS as GROW_CHANNELS, Growth, describe_growing, edits_of, grow_layer
 from dsd_fx.infra.pipeline import note, shapes_of
 from dsd_fx.op_table import layer_class
 from dsd_fx.tags import Role, tag
@@ -124,7 +124,7 @@ def grow_inception(gm: fx.GraphModule, grown: Sequence[InceptionGrowth], seed: i
         lines.append(f"  '{g.layer}' grown into an Inception module '{g.name}': branches "
                      + ", ".join(f"{b} {w}" for b, w in zip(BRANCHES, g.widths)))
     gm.recompile()
-    text = describe_growing(before, shapes_of(gm, layers), growths).replace("grow_channels", PASS, 1)
+    text = describe_growing(before, shapes_of(gm, layers), growths).replace(GROW_CHANNELS, PASS, 1)
     note(gm, PASS, "\n".join([text.splitlines()[0], *lines, *text.splitlines()[1:]]))
     return PassResult(gm, modified=bool(grown))
 

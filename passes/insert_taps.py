@@ -10,7 +10,9 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from dsd_fx.op_table import function_row, module_row
 from dsd_fx.tags import persist, tag, tag_of
-from dsd_fx.taps import PASS, RECORDER, RECORDER_ROLE, TAP_ROLE, TapRecorder, recorder_of, tap
+from dsd_fx.taps import RECORDER, RECORDER_ROLE, TAP_ROLE, TapRecorder, recorder_of, tap
+
+PASS = "insert_taps"  # the one spelling of this pass's name: recipes, strip_taps and the tags read it
 
 
 

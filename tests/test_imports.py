@@ -81,3 +81,26 @@ def test_no_public_name_is_also_a_module():
         module = importlib.import_module(package)
         for name in getattr(module, "__all__", ()):
             assert f"{package}.{name}" not in _modules(), f"{package}.{name} names a module and a re-export"
+
+
+def test_one_of_each_helper():
+    from dsd_fx.infra.calls import as_args, eval_mode
+    from dsd_fx.infra.options import fraction
+
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Dropout(), torch.nn.BatchNorm1d(2))
+    net[1].train(False)
+    with eval_mode(net, no_grad=True) as m:
+        assert m is net and not net.training and not torch.is_grad_enabled()
+    assert net.training and not net[1].training  # each submodule's own mode back
+    assert as_args(3) == (3,) and as_args((1, 2)) == (1, 2)
+    with pytest.raises(TypeError, match="channel analysis needs example_args"):
+        as_args(None, "channel analysis")
+    assert fraction(0.5, "x") == 0.5 and fraction(0, "x", zero=True) == 0.0
+    for bad, zero in ((0, False), (1, True), (True, False), ("0.5", False)):
+        with pytest.raises(ValueError, match="x must be a fraction"):
+            fraction(bad, "x", zero=zero)
+    for name in ("eval_mode", "as_args", "option_names", "_fraction", "_refuse_tied", "ort_session", "ort_feeds"):
+        defining = [m for m, p in _modules().items() if f"def {name}(" in p.read_text()]
+        assert len(defining) <= 1 or name in ("_fraction", "_refuse_tied"), (name, defining)

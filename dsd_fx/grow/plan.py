@@ -12,8 +12,8 @@ from torch import fx, nn
 from dsd_fx.channels.groups import ChannelGroup, groups_of, propagate_shapes, refuse_tied
 from dsd_fx.infra.calls import eval_mode
 from dsd_fx.grow.config import GrowConfig
-from dsd_fx.passes.grow_channels import PASS, Growth, edits_of, grow_channels
-from dsd_fx.passes.grow_inception import PASS as INCEPTION, InceptionGrowth, grow_inception, split_width, without_outputs
+from dsd_fx.passes.grow_channels import PASS as GROW_CHANNELS, Growth, edits_of, grow_channels
+from dsd_fx.passes.grow_inception import PASS as GROW_INCEPTION, InceptionGrowth, grow_inception, split_width, without_outputs
 from dsd_fx.passes.prune_channels import adopt
 from dsd_fx.infra.pipeline import Invariant, Plan
 from dsd_fx.op_table import module_row
@@ -186,7 +186,7 @@ def grow_plan(gm: fx.GraphModule, config: GrowConfig, model: torch.nn.Module) ->
             adopt(model.get_submodule(layer), gm.get_submodule(layer), tensors)
 
     if config.how == "inception":
-        recipe = [(INCEPTION, functools.partial(grow_inception, grown=grown, seed=config.seed))]
+        recipe = [(GROW_INCEPTION, functools.partial(grow_inception, grown=grown, seed=config.seed))]
     else:
-        recipe = [(PASS, functools.partial(grow_channels, growths=growths, seed=config.seed))]
+        recipe = [(GROW_CHANNELS, functools.partial(grow_channels, growths=growths, seed=config.seed))]
     return Plan(recipe, [_preserving(config.example_args, want)], commit, [])

@@ -11,7 +11,7 @@ from torch import fx
 
 from dsd_fx.channels.groups import ChannelGroup, groups_of, propagate_shapes, refuse_tied
 from dsd_fx.infra.calls import eval_mode
-from dsd_fx.passes.prune_channels import adopt, cut_positions, layer_cuts, prune_channels
+from dsd_fx.passes.prune_channels import PASS as PRUNE_CHANNELS, adopt, cut_positions, layer_cuts, prune_channels
 from dsd_fx.infra.pipeline import Invariant, Plan
 from dsd_fx.prune.config import PruneConfig
 from dsd_fx.tags import has_dsd_nodes
@@ -201,5 +201,5 @@ def prune_plan(gm: fx.GraphModule, config: PruneConfig, model: torch.nn.Module):
         for layer, tensors in layer_cuts(cuts).items():
             adopt(model.get_submodule(layer), gm.get_submodule(layer), tensors)
 
-    recipe = [("prune_channels", functools.partial(prune_channels, groups=groups, removed=removed))]
+    recipe = [(PRUNE_CHANNELS, functools.partial(prune_channels, groups=groups, removed=removed))]
     return Plan(recipe, [_consistent(config.example_args, out_shapes)], commit, [])

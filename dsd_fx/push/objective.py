@@ -18,7 +18,7 @@ import torch
 from torch import fx
 
 from dsd_fx.infra.graph_capture import capture
-from dsd_fx.passes.insert_taps import insert_taps, plan_taps
+from dsd_fx.passes.insert_taps import PASS as INSERT_TAPS, insert_taps, plan_taps
 from dsd_fx.infra.pipeline import run_passes
 from dsd_fx.tags import persist
 from dsd_fx.taps import TapRecorder, recorder_of
@@ -73,7 +73,7 @@ def tap_push(
     taps = None if taps is None else list(taps)
     gm = capture(model, copy=copy, concrete_args=concrete_args)
     plan_taps(gm, taps)  # a bad tap list raises before any change
-    gm.meta["dsd_fx"] = {"changes": run_passes(gm, [("insert_taps", functools.partial(insert_taps, taps=taps))])}
+    gm.meta["dsd_fx"] = {"changes": run_passes(gm, [(INSERT_TAPS, functools.partial(insert_taps, taps=taps))])}
     persist(gm)
     return gm
 

@@ -10,9 +10,9 @@ from dsd_fx.infra.graph_capture import capture
 from dsd_fx.infra.pipeline import Invariant, Plan
 from dsd_fx.infra.rewrite import owner_of
 from dsd_fx.passes.fold_masks import redense_plan
-from dsd_fx.passes.insert_masks import insert_masks
-from dsd_fx.passes.insert_nm import insert_nm
-from dsd_fx.passes.pack_nm import pack_nm
+from dsd_fx.passes.insert_masks import PASS as INSERT_MASKS, insert_masks
+from dsd_fx.passes.insert_nm import PASS as INSERT_NM, insert_nm
+from dsd_fx.passes.pack_nm import PASS as PACK_NM, pack_nm
 from dsd_fx.sparse.config import SparseConfig
 from dsd_fx.sparse.masks import global_magnitude_masks, magnitude_mask, n_pruned, nm_mask
 from dsd_fx.sparse.packing import unpack_tensor
@@ -24,7 +24,7 @@ from dsd_fx.tags import Role, has_dsd_nodes, tag_of, tagged
 # ---------------------------------------------------------------- sparse
 
 
-SPARSE_PASSES = ("insert_masks", "insert_nm", "pack_nm")
+SPARSE_PASSES = (INSERT_MASKS, INSERT_NM, PACK_NM)
 
 
 def sparse_plan(gm: fx.GraphModule, config: SparseConfig) -> Plan:
@@ -59,7 +59,7 @@ def _buffer_plan(plan: list[tuple[PrunableWeight, torch.Tensor]], records: list[
             if mask.shape != w.param.shape:
                 raise AssertionError(f"mask {w.mask_name} has shape {tuple(mask.shape)}, weight {tuple(w.param.shape)}")
 
-    recipe = [("insert_masks", functools.partial(insert_masks, masks=plan))]
+    recipe = [(INSERT_MASKS, functools.partial(insert_masks, masks=plan))]
     return Plan(recipe, [Invariant("mask shape = weight shape", shapes), *invariants], commit, records)
 
 
@@ -118,7 +118,7 @@ def _nm_plan(chosen, config: SparseConfig) -> Plan:
         if seen != set(want):
             raise AssertionError(f"no sparsify_nm op for {', '.join(sorted(set(want) - seen))}")
 
-    recipe = [("insert_nm", functools.partial(insert_nm, weights=weights, n=n, m=m, lambda_w=lam))]
+    recipe = [(INSERT_NM, functools.partial(insert_nm, weights=weights, n=n, m=m, lambda_w=lam))]
     return Plan(recipe, [Invariant("N:M pattern of every dynamic mask", pattern)], lambda: None, records)
 
 
@@ -144,7 +144,7 @@ def _packed_plan(gm: fx.GraphModule, chosen, config: SparseConfig) -> Plan:
             for w, _ in weights:
                 w.param.data = w.param.data.new_empty(0)
 
-    recipe = [("pack_nm", functools.partial(pack_nm, weights=weights, n=n, m=m, kernel=config.kernel))]
+    recipe = [(PACK_NM, functools.partial(pack_nm, weights=weights, n=n, m=m, kernel=config.kernel))]
     return Plan(recipe, [Invariant("packed storage unpacks to W * M, N of M kept", unpacks)], commit, records)
 
 
