@@ -65,19 +65,25 @@ class Flow(str, Enum):
     SPLIT = "split"  # split / chunk along the channel dim: ranges
     REDUCE = "reduce"  # mean / sum over other dims (global pooling): the channel dim stays
     REFUSE = "refuse"  # channels reaching this op cannot be removed (see reason)
+    QUERY = "query"  # size / dim / getattr: reads a shape or an attribute, no channels flow on
+    INDEX = "index"  # getitem: one output of a multi-output op (an LSTM's, a split's) takes that output's channels
 
 
 @dataclass(frozen=True)
 class ChannelRule:
     """flow: see Flow. params: the per-channel parameters and buffers of a NORM module, all along
     dim 0. dim_arg / dim_kw: where a function op takes its dim (cat, split, transpose, flatten).
-    reason: why a REFUSE op blocks its groups, for the message."""
+    reason: why a REFUSE op blocks its groups, for the message. shape_args: a RESHAPE op's arguments
+    spell its target shape (view, reshape; not flatten). permutes: a MOVE op takes a permutation
+    (permute), not two dims to swap (transpose)."""
 
     flow: Flow
     params: tuple[str, ...] = ()
     dim_arg: int | None = None
     dim_kw: str = "dim"
     reason: str = ""
+    shape_args: bool = True
+    permutes: bool = False
 
 
 _ATTENTION = ChannelRule(
@@ -449,7 +455,7 @@ for _k, _cls in enumerate((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), 1):
     MODULES[_cls] = OpRow(_cls.__name__.lower(), (), channel_dim=1, channels=_PASS, family="max_pool", spatial=_k)
 for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
     MODULES[_cls] = OpRow(_cls.__name__.lower(), (), channel_dim=1, channels=_BN, resize=_norm_resize, sizes=("num_features",))
-MODULES[nn.Flatten] = OpRow("flatten", (), channels=ChannelRule(Flow.RESHAPE))
+MODULES[nn.Flatten] = OpRow("flatten", (), channels=ChannelRule(Flow.RESHAPE, shape_args=False))
 MODULES[nn.GroupNorm] = OpRow("groupnorm", (), channel_dim=1, channels=ChannelRule(Flow.REFUSE, reason="GroupNorm " + _STATS_ACROSS))
 MODULES[nn.LayerNorm] = OpRow("layernorm", (), channel_dim=-1, channels=ChannelRule(Flow.REFUSE, reason="LayerNorm " + _STATS_ACROSS))
 
@@ -469,12 +475,17 @@ for _name in ("add", "mul", "sub", "div", "add_", "mul_", "pow"):
 for _name in ("relu", "sigmoid", "tanh", "contiguous", "clone", "abs", "neg", "exp", "relu_", "clamp", "float", "to",
               "type_as", "detach"):
     FUNCTIONS[("call_method", _name)] = OpRow(_name, (), channels=_PASS)
-for _key in (("call_function", torch.flatten), ("call_method", "flatten"), ("call_method", "view"),
-             ("call_method", "reshape"), ("call_function", torch.reshape)):
+for _key in (("call_function", torch.flatten), ("call_method", "flatten")):
+    FUNCTIONS[_key] = OpRow("reshape", (), channels=ChannelRule(Flow.RESHAPE, shape_args=False))
+for _key in (("call_method", "view"), ("call_method", "reshape"), ("call_function", torch.reshape)):
     FUNCTIONS[_key] = OpRow("reshape", (), channels=ChannelRule(Flow.RESHAPE))
-for _key in (("call_function", torch.transpose), ("call_method", "transpose"), ("call_method", "permute"),
-             ("call_function", torch.permute)):
+for _key in (("call_function", torch.transpose), ("call_method", "transpose")):
     FUNCTIONS[_key] = OpRow("move", (), channels=ChannelRule(Flow.MOVE))
+for _key in (("call_method", "permute"), ("call_function", torch.permute)):
+    FUNCTIONS[_key] = OpRow("move", (), channels=ChannelRule(Flow.MOVE, permutes=True))
+for _key in (("call_method", "size"), ("call_method", "dim"), ("call_function", getattr)):
+    FUNCTIONS[_key] = OpRow("query", (), channels=ChannelRule(Flow.QUERY))
+FUNCTIONS[("call_function", operator.getitem)] = OpRow("getitem", (), channels=ChannelRule(Flow.INDEX))
 FUNCTIONS[("call_function", torch.cat)] = OpRow("cat", (), channels=ChannelRule(Flow.CAT, dim_arg=1))
 FUNCTIONS[("call_function", torch.concat)] = OpRow("cat", (), channels=ChannelRule(Flow.CAT, dim_arg=1))
 for _key in (("call_function", torch.split), ("call_method", "split")):

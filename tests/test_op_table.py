@@ -175,3 +175,13 @@ def test_refusing_rows_are_complete_where_defined():
         assert rule.flow is op_table.Flow.REFUSE and cls.__name__ in rule.reason
     source = (pathlib.Path(op_table.__file__)).read_text()
     assert "= replace(" not in source  # no row is made and then patched further down
+
+
+def test_channel_flow_reads_the_rows_not_op_names():
+    root = pathlib.Path(op_table.__file__).parent / "channels"
+    source = (root / "flow.py").read_text() + (root / "rules.py").read_text()
+    for by_name in ('"permute"', '"flatten"', '("size", "dim")', "operator.getitem", "torch.flatten", "torch.permute", "is getattr"):
+        assert by_name not in source, by_name
+    assert op_table.FUNCTIONS[("call_function", torch.permute)].channels.permutes
+    assert not op_table.FUNCTIONS[("call_method", "flatten")].channels.shape_args
+    assert op_table.FUNCTIONS[("call_method", "size")].channels.flow is op_table.Flow.QUERY

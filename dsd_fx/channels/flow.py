@@ -1,7 +1,6 @@
 """Channel layouts through an fx graph: which producer's channels sit where in every tensor."""
 from __future__ import annotations
 
-import operator
 
 import torch.nn as nn
 from torch import fx
@@ -9,12 +8,12 @@ from torch.utils._pytree import tree_flatten
 
 from dsd_fx.channels import rules
 from dsd_fx.channels import weights as channel_weights
-from dsd_fx.channels.layout import FlowState, Layout
+from dsd_fx.channels.layout import FlowState
 from dsd_fx.op_table import ChannelRule, Flow, channel_rule, function_row, module_row
 
 _HANDLERS = {Flow.ELEMENTWISE: rules.elementwise, Flow.PASS: rules.passthrough, Flow.NORM: rules.norm,
              Flow.RESHAPE: rules.reshape, Flow.MOVE: rules.move, Flow.CAT: rules.cat, Flow.SPLIT: rules.split,
-             Flow.REDUCE: rules.reduce}
+             Flow.REDUCE: rules.reduce, Flow.QUERY: rules.query, Flow.INDEX: rules.index}
 
 
 class Propagation:
@@ -57,10 +56,6 @@ class Propagation:
             if rule is None:
                 return channel_weights.weight_op(self, node, module, row)
             return self._rule(node, rule, module)
-        if node.op == "call_method" and node.target in ("size", "dim") or node.target is getattr:
-            return None
-        if node.target is operator.getitem:
-            return self._getitem(node)
         row = function_row(node)
         rule = channel_rule(row)
         if rule is None and row is not None and any(s.out_dim is not None for s in row.slots_of()):
@@ -77,11 +72,3 @@ class Propagation:
             return None
         return handler(self, node, rule, module)
 
-    def _getitem(self, node: fx.Node):
-        src, index = node.args
-        lay = self.layouts.get(src)
-        if isinstance(lay, tuple) and isinstance(index, int):
-            return lay[index]
-        if isinstance(lay, Layout):
-            self.state.block([lay], f"node '{node.name}': indexing a tensor whose channels are tracked")
-        return None

@@ -103,8 +103,8 @@ def norm(prop, node: fx.Node, rule: ChannelRule, module: nn.Module):
     return lay
 
 
-def _shape_spec(node: fx.Node) -> list | None:
-    if node.op == "call_module" or node.target in (torch.flatten, "flatten"):
+def _shape_spec(node: fx.Node, rule: ChannelRule) -> list | None:
+    if node.op == "call_module" or not rule.shape_args:
         return None
     spec = list(node.args[1:]) if node.op == "call_method" else [node.args[1]]
     if len(spec) == 1 and isinstance(spec[0], (list, tuple)):
@@ -129,7 +129,7 @@ def reshape(prop, node: fx.Node, rule: ChannelRule, module):
     if merged not in {math.prod(si[c + 1:j]) for j in range(c + 1, len(si) + 1)}:
         fail(prop, node, f"splits the channel dim or mixes it with the dims before it ({si} -> {so})")
         return None
-    spec = _shape_spec(node)
+    spec = _shape_spec(node, rule)
     if spec is not None and len(spec) != len(so):
         fail(prop, node, f"reshapes to a computed shape {so}: dsd_fx cannot tell whether its channel entry would shrink")
         return None
@@ -144,7 +144,7 @@ def move(prop, node: fx.Node, rule: ChannelRule, module):
     lay, n = layout_of(prop, first_input(node)), len(shape(node) or ())
     if lay is None:
         return None
-    if node.target in ("permute", torch.permute):
+    if rule.permutes:
         dims = list(node.args[1:]) if node.op == "call_method" else list(arg_of(node, 1, "dims"))
         dims = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else dims
         new = [d % n for d in dims].index(lay.dim)
@@ -220,3 +220,17 @@ def reduce(prop, node: fx.Node, rule: ChannelRule, module):
         fail(prop, node, "reduces over the channel dim")
         return None
     return Layout(lay.dim if keep else lay.dim - sum(d < lay.dim for d in dims), lay.segments, lay.repeat)
+
+
+def query(prop, node: fx.Node, rule: ChannelRule, module):
+    return None  # a size, a dim count or an attribute: no channels flow on
+
+
+def index(prop, node: fx.Node, rule: ChannelRule, module):
+    src, i = node.args
+    lay = prop.layouts.get(src)
+    if isinstance(lay, tuple) and isinstance(i, int):
+        return lay[i]
+    if isinstance(lay, Layout):
+        prop.state.block([lay], f"node '{node.name}': indexing a tensor whose channels are tracked")
+    return None
