@@ -253,9 +253,10 @@ def _unpack(values: torch.Tensor, meta: torch.Tensor, n: int, m: int) -> torch.T
     return unpack_tensor(values, meta, n, m)
 
 
-def _check_kernel(kernel: str) -> None:
-    if kernel not in KERNELS:
-        raise ValueError(f"dsd_fx::nm_linear: kernel={kernel!r} is not one of {', '.join(map(repr, KERNELS))}")
+def _check_impl(impl: str) -> None:
+    if impl not in KERNELS:
+        raise ValueError(f"dsd_fx::nm_linear: impl={impl!r} (SparseConfig's kernel=) is not one of "
+                         f"{', '.join(map(repr, KERNELS))}")
 
 
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -265,19 +266,21 @@ def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 @torch.library.custom_op("dsd_fx::nm_linear", mutates_args=())
 def nm_linear(
     x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, n: int, m: int,
-    kernel: str = "auto",
+    impl: str = "auto",
 ) -> torch.Tensor:
     """x @ W.T + bias, with W (out, in) stored N:M-packed as (values (out, in*N/M), meta).
 
-    kernel="auto" (the default): on CUDA, 2:4, fp16/bf16, features multiples of 64, torch's
+    impl (SparseConfig's kernel=; not named `kernel`: Inductor's fallback lowering calls
+    FallbackKernel.create(kernel, *args, **kwargs), so an op argument of that name collides with it)
+    "auto" (the default): on CUDA, 2:4, fp16/bf16, features multiples of 64, torch's
     semi-structured sparse kernels where, measured once per shape, they beat the dense one;
     "sparse": those kernels wherever they can run; "dense": never. Their compressed weight is
     made once per change of the values (SEMI_STRUCTURED, a CompressedWeights) and shared by
     forward and backward. Otherwise W is scattered for a dense product and freed; why is logged
     once per shape. The weight gradient is dense, gathered at the kept positions.
     """
-    _check_kernel(kernel)
-    forms = _sparse_forms(x, values, meta, n, m, kernel)
+    _check_impl(impl)
+    forms = _sparse_forms(x, values, meta, n, m, impl)
     if forms is not None:
         return _add_bias(_sparse_linear(x, forms.weight), bias)
     weight = _unpack(values, meta, n, m)
@@ -287,18 +290,18 @@ def nm_linear(
 
 
 @nm_linear.register_fake
-def _(x, values, meta, bias, n, m, kernel="auto"):
-    _check_kernel(kernel)
+def _(x, values, meta, bias, n, m, impl="auto"):
+    _check_impl(impl)
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
 def _nm_linear_setup(ctx, inputs, output):
-    x, values, meta, bias, n, m, kernel = inputs
+    x, values, meta, bias, n, m, impl = inputs
     ctx.save_for_backward(x, values, meta)
     ctx.nm = (n, m, bias is not None)
     ctx.bias_shape = None if bias is None else bias.shape
     # the forward's choice again (cached: no compression, no timing): the input gradient reuses its forms
-    ctx.forms = _sparse_forms(x, values, meta, n, m, kernel) if x.is_cuda else None
+    ctx.forms = _sparse_forms(x, values, meta, n, m, impl) if x.is_cuda else None
 
 
 def _nm_linear_backward(ctx, grad):

@@ -54,11 +54,11 @@ def unpack_nm(gm: fx.GraphModule, records: Sequence[MaskRecord]) -> PassResult:
             if t["role"] == Role.UNPACKED:
                 new = getter_for(t) if t["getter"] else tag(get_attr(g, t["weight"]), PASS, Role.WEIGHT)
             elif "module" in t:
-                x, b = node.args[0], node.args[3]  # nm_linear(x, values, meta, bias, n, m[, kernel])
+                x, b = node.args[0], node.args[3]  # nm_linear(x, values, meta, bias, n, m[, impl])
                 w = tag(get_attr(g, t["weight"]), PASS, Role.WEIGHT)
                 new = tag(g.call_function(F.linear, (x, w, b)), PASS, Role.OP, module=t["module"], name=t["name"], meta=t["meta"])
             else:
-                x, b = node.args[0], node.args[3]  # nm_linear(x, values, meta, bias, n, m[, kernel])
+                x, b = node.args[0], node.args[3]  # nm_linear(x, values, meta, bias, n, m[, impl])
                 marks = {"$x": x, "$b": b, "$W": getter_for(t)}
                 fill = lambda a: marks[a] if isinstance(a, str) and a in marks else a  # noqa: E731
                 args = tuple(fill(a) for a in t["args"])

@@ -152,10 +152,10 @@ def test_dense_kernel_is_a_choice_not_a_fallback(caplog):
 
 
 def test_unknown_kernel_is_refused_by_the_op_and_its_fake():
-    with pytest.raises(ValueError, match="kernel='cuda' is not one of 'auto', 'sparse', 'dense'"):
+    with pytest.raises(ValueError, match=r"impl='cuda' \(SparseConfig's kernel=\) is not one of 'auto', 'sparse', 'dense'"):
         _packed_call(kernel="cuda")
     values, meta = pack_tensor(torch.randn(8, 16), 2, 4)
-    with torch._subclasses.FakeTensorMode() as mode, pytest.raises(ValueError, match="kernel='x'"):
+    with torch._subclasses.FakeTensorMode() as mode, pytest.raises(ValueError, match="impl='x'"):
         nm_linear(mode.from_tensor(torch.randn(3, 16)), mode.from_tensor(values), mode.from_tensor(meta), None, 2, 4, "x")
 
 

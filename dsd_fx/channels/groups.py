@@ -1,6 +1,10 @@
 """Channel groups: which channels of which layers must be removed together (structural pruning)."""
 from __future__ import annotations
 
+import contextlib
+import io
+import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,13 +53,22 @@ def propagate_shapes(gm: fx.GraphModule, example_args: tuple) -> None:
     """Record every node's output shape (node.meta['tensor_meta']) by one forward in eval mode.
 
     `gm` must be a capture (its modules are shells: the user's modules keep their mode)."""
+    printed = io.StringIO()
     with eval_mode(gm, no_grad=True):
         try:
-            ShapeProp(gm).propagate(*example_args)
+            # ShapeProp prints the traceback of a failing node to stderr before it raises: held back
+            # here, since the ValueError below says what failed (and where) in one line
+            with contextlib.redirect_stderr(printed):
+                ShapeProp(gm).propagate(*example_args)
         except Exception as err:  # noqa: BLE001 - the user's input: said as such
+            node = re.match(r"ShapeProp error for: node=%(\S+)", str(err))
+            cause = err.__cause__ if node and err.__cause__ is not None else err
             shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in example_args]
-            raise ValueError(f"channel analysis: {type(gm).__name__} does not run on example_args {shapes}: "
-                             f"{type(err).__name__}: {str(err).splitlines()[0]}; pass example inputs its forward accepts") from err
+            at = f" (at node '{node[1]}')" if node else ""
+            raise ValueError(f"channel analysis: {type(gm).__name__} does not run on example_args {shapes}{at}: "
+                             f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}; "
+                             "pass example inputs its forward accepts") from err
+    sys.stderr.write(printed.getvalue())  # what the model itself wrote to stderr, once it ran
 
 
 def _graph(state: FlowState) -> nx.Graph:

@@ -77,9 +77,9 @@ def load_task(args: argparse.Namespace) -> Task:
     from dsd_fx.demo.data import LOADERS, MissingDataPackage
 
     recipe = RECIPES[(args.data, args.model)]
+    if args.epochs is not None and args.epochs < 1:  # checked with --quick too, which would run 1 epoch
+        raise DemoError(f"--epochs must be at least 1, got {args.epochs}")
     epochs = 1 if args.quick else (args.epochs if args.epochs is not None else recipe.epochs)
-    if epochs < 1:
-        raise DemoError(f"--epochs must be at least 1, got {epochs}")
     lr = recipe.lr if args.lr is None else args.lr  # checked by dsd_fx.DSD
     batch = recipe.batch if args.batch is None else args.batch
     if batch < 1:
@@ -174,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
     threads = torch.get_num_threads()
     if args.threads < 1:
         raise DemoError(f"--threads must be at least 1, got {args.threads}")
-    gpp_only = [flag for flag, given in (("--grow", args.grow is not None), ("--grow-width", args.grow_width is not None),
+    gpp_only = [flag for flag, given in (("--target", args.target is not None), ("--step", args.step is not None),
+                                         ("--grow", args.grow is not None), ("--grow-width", args.grow_width is not None),
                                          ("--grow-how", args.grow_how is not None), ("--no-compare", not args.compare)) if given]
     if gpp_only:
         raise DemoError(f"{', '.join(gpp_only)} belong to --method gpp (Grow-Push-Prune); the DSD run takes none of them")
@@ -221,8 +222,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pattern", help="N:M pattern instead of a fraction, e.g. 2:4")
     p.add_argument("--method", choices=["fixed", "sr-ste", "ste", "gpp"],
                    help="N:M method (default fixed), or gpp: Grow-Push-Prune's push and prune iterations instead of DSD")
-    p.add_argument("--target", type=float, default=0.5, help="with --method gpp: the parameter budget, a fraction of the start (default 0.5)")
-    p.add_argument("--step", type=float, default=0.3, help="with --method gpp: the fraction of every channel group each prune step removes (default 0.3)")
+    p.add_argument("--target", type=float, help="with --method gpp: the parameter budget, a fraction of the start (default 0.5)")
+    p.add_argument("--step", type=float, help="with --method gpp: the fraction of every channel group each prune step removes (default 0.3)")
     p.add_argument("--grow", help="with --method gpp: grow these layers first (comma-separated, e.g. conv2,conv3 on the "
                                   "MNIST-1D CNN) and train the grown model before pushing and pruning it")
     p.add_argument("--grow-width", type=float, help="with --grow: channels added per layer, a count (>= 1) "

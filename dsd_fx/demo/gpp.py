@@ -238,10 +238,16 @@ def plot(rows: list[Row], path: str, title: str) -> None:
     fig.savefig(path, dpi=100)
 
 
+TARGET, STEP = 0.5, 0.3  # the defaults of --target and --step
+
+
 def run(args: argparse.Namespace) -> int:
     """The GPP demo; returns 0 if the pruned model's proof holds, 1 if not."""
     import dsd_fx
 
+    # unset unless given (None): the DSD run refuses them, so their defaults are applied here
+    args = argparse.Namespace(**{**vars(args), "target": TARGET if args.target is None else args.target,
+                                 "step": STEP if args.step is None else args.step})
     if not 0 < args.target < 1 or not 0 < args.step < 1:
         raise DemoError(f"--target and --step must be fractions in (0, 1), got {args.target} and {args.step}")
     if args.sparsity is not None or args.pattern is not None:

@@ -13,7 +13,7 @@ import torch
 from torch import fx
 
 from dsd_fx.diagnostics import draw
-from dsd_fx.diagnostics.graphs import fx_to_nx, match_graphs, onnx_to_nx
+from dsd_fx.diagnostics.graphs import fx_to_nx, load_onnx, match_graphs, onnx_to_nx
 
 if TYPE_CHECKING:
     import onnx
@@ -149,10 +149,7 @@ def diff_graphs(ga: nx.DiGraph, gb: nx.DiGraph, code_a: str, code_b: str, title:
 
 def diff_onnx(before: onnx.ModelProto | str | os.PathLike, after: onnx.ModelProto | str | os.PathLike, title: str = "") -> GraphDiff:
     """The diff of two ONNX models (ModelProto or file paths): text of the graphs, nodes and initializers."""
-    import onnx
-
-    a = onnx.load(before) if isinstance(before, (str, os.PathLike)) else before
-    b = onnx.load(after) if isinstance(after, (str, os.PathLike)) else after
+    a, b = load_onnx(before), load_onnx(after)  # an empty or garbage file: a ValueError naming it
     return diff_graphs(onnx_to_nx(a), onnx_to_nx(b), _onnx_text(a), _onnx_text(b), title)
 
 

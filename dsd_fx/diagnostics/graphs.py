@@ -1,6 +1,7 @@
 """fx and ONNX graphs as networkx graphs, and structural node matching: a leaf, importing nothing of dsd_fx."""
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import networkx as nx
@@ -9,7 +10,7 @@ if TYPE_CHECKING:
     import onnx
     from torch import fx
 
-__all__ = ["fx_to_nx", "onnx_to_nx", "match_graphs", "onnx_op", "onnx_initializers"]
+__all__ = ["fx_to_nx", "onnx_to_nx", "match_graphs", "onnx_op", "onnx_initializers", "load_onnx"]
 
 # ---------------------------------------------------------------- fx
 
@@ -40,6 +41,27 @@ def fx_to_nx(gm: fx.GraphModule) -> nx.DiGraph:
 
 
 # ---------------------------------------------------------------- ONNX
+
+
+def load_onnx(model: onnx.ModelProto | str | os.PathLike) -> onnx.ModelProto:
+    """A ModelProto as it is, or the model in the file at a path; a file that holds no ONNX model
+    (garbage, or empty: protobuf parses 0 bytes as an empty ModelProto) is a ValueError naming it."""
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"expected an onnx.ModelProto or a path to an .onnx file, got {type(model).__name__}")
+    if not os.path.isfile(model):
+        raise FileNotFoundError(f"no such file: {os.fspath(model)}")
+    try:
+        proto = onnx.load(model)
+    except Exception as err:  # noqa: BLE001 - whatever protobuf raises on bytes that are not a model
+        raise ValueError(f"{os.fspath(model)} is not an ONNX model: {type(err).__name__}: {err}") from err
+    if not proto.ir_version or not proto.HasField("graph"):  # an ONNX model always records its IR version
+        what = "it is empty (0 bytes)" if os.path.getsize(model) == 0 else "it holds no IR version or graph"
+        raise ValueError(f"{os.fspath(model)} is not an ONNX model: {what}")
+    return proto
 
 
 def onnx_op(node: onnx.NodeProto) -> str:

@@ -145,6 +145,17 @@ def _refuse_tied(gm: fx.GraphModule, growths: Sequence[Growth]) -> None:
     refuse_tied(gm, ((layer, tensor) for layer, tensors in edits_of(growths).items() for tensor in tensors), refuse)
 
 
+def _refuse_non_finite(gm: fx.GraphModule, growths: Sequence[Growth]) -> None:
+    """The tensors growing edits are finite (as the sparse and prune phases check theirs): a NaN
+    weight is the user's to fix, refused here, not an invariant failure after the rewrite."""
+    for layer, tensors in edits_of(growths).items():
+        for tensor in tensors:
+            t = getattr(gm.get_submodule(layer), tensor, None) if tensor else None
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
+                raise ValueError(f"grow: '{layer}.{tensor}' holds NaN or Inf; growing it would carry them into the "
+                                 "grown layer. Fix the weights, or leave its channel group out of at=")
+
+
 def _outputs(gm: fx.GraphModule, example_args: tuple) -> list[torch.Tensor]:
     gm.recompile()
     with eval_mode(gm, no_grad=True):
@@ -176,7 +187,13 @@ def grow_plan(gm: fx.GraphModule, config: GrowConfig, model: torch.nn.Module) ->
     else:
         growths = growths_of(gm, groups, config)
     _refuse_tied(gm, growths)
+    _refuse_non_finite(gm, growths)
     want = _outputs(gm, config.example_args)
+    if not all(bool(torch.isfinite(t).all()) for t in want if t.is_floating_point()):
+        bad = [n for n, p in gm.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all())]
+        raise ValueError("grow: the model's outputs on example_args hold NaN or Inf before growing"
+                         + (f" (weight(s) {', '.join(map(repr, bad[:3]))} hold NaN or Inf)" if bad else "")
+                         + "; growth is checked function-preserving on these outputs: fix the weights or example_args")
     model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper: its module, as capture took
 
     def commit() -> None:

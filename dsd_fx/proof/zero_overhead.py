@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -13,7 +14,7 @@ import torch
 from dsd_fx.proof import runtime
 from dsd_fx.infra.calls import as_args
 from dsd_fx.proof.export import export_onnx
-from dsd_fx.diagnostics.graphs import onnx_initializers, onnx_op, onnx_to_nx
+from dsd_fx.diagnostics.graphs import load_onnx, onnx_initializers, onnx_op, onnx_to_nx
 
 __all__ = ["Check", "OnnxComparison", "ZeroOverheadReport", "compare_onnx", "verify_zero_overhead"]
 
@@ -117,8 +118,10 @@ def _io_check(reference: onnx.ModelProto, final: onnx.ModelProto, diffs: list[st
     return Check("inputs and outputs", f"{len(rio[0])} in, {len(rio[1])} out", f"{len(fio[0])} in, {len(fio[1])} out", rio == fio)
 
 
-def compare_onnx(reference: onnx.ModelProto, final: onnx.ModelProto) -> OnnxComparison:
-    """Compare two ONNX graphs node by node: count, op types, isomorphism, initializers, I/O."""
+def compare_onnx(reference: onnx.ModelProto | str | os.PathLike, final: onnx.ModelProto | str | os.PathLike) -> OnnxComparison:
+    """Compare two ONNX graphs (ModelProtos or file paths, as diff_onnx takes) node by node: count,
+    op types, isomorphism, initializers, I/O."""
+    reference, final = load_onnx(reference), load_onnx(final)
     diffs: list[str] = []
     checks = _node_checks(list(reference.graph.node), list(final.graph.node), diffs)
     checks += _initializer_checks(onnx_initializers(reference), onnx_initializers(final), diffs)
@@ -159,7 +162,8 @@ def state_dict_checks(reference: Mapping[str, Any], final: Mapping[str, Any]) ->
     return checks, diffs
 
 
-def _parity(rt: runtime.Runtime, rtol: float, atol: float, diffs: list[str]) -> tuple[Check, float, float]:
+def _parity(rt: runtime.Runtime, rtol: float | None, atol: float | None, diffs: list[str]) -> tuple[Check, float, float]:
+    rtol, atol = runtime.tolerance(rt.model, rt.args, rtol, atol)
     max_diff, scale, mismatch = runtime.max_abs_diff(rt)
     if mismatch:
         diffs.append(mismatch)
@@ -219,8 +223,8 @@ def verify_zero_overhead(
     example_args: Any,
     *,
     optimize: bool = True,
-    rtol: float = 1e-4,
-    atol: float = 1e-5,
+    rtol: float | None = None,
+    atol: float | None = None,
     latency_runs: int = 30,
     same_weights: bool = True,
 ) -> ZeroOverheadReport:
@@ -231,8 +235,10 @@ def verify_zero_overhead(
     the same way (`fold=False`: a mask left in `final_model` stays visible); the ONNX graphs must
     match node by node (count, op types, isomorphism), in initializer names, shapes, dtypes and
     bytes, and in inputs and outputs; onnxruntime's outputs for the final graph must match torch's
-    within rtol/atol. Where onnxruntime's CPU provider cannot run the graphs' dtype (bfloat16
-    Gemm), that row and the latency run float32 copies of both models, say so, and still count:
+    within atol + rtol * (largest |output|); by default (None) they follow the dtype that runs
+    (runtime.TOLERANCES: float32 1e-4/1e-5, fp16 1e-2/1e-3, bf16 8e-2/8e-3). Where onnxruntime's
+    CPU provider cannot run the graphs' dtype (bfloat16 Gemm or Conv), that row and the latency
+    run float32 copies of both models, say so, and still count:
     the graph rows compare the exports in the models' own dtype. The reference may be the user's
     own model object: with `same_weights` (default) a copy of it gets the final model's values
     before export, since the exporter's optimizer folds by value, e.g. drops an all-zero bias.

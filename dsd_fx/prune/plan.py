@@ -11,10 +11,12 @@ from torch import fx
 
 from dsd_fx.channels.groups import ChannelGroup, groups_of, propagate_shapes, refuse_tied
 from dsd_fx.infra.calls import eval_mode
+from dsd_fx.passes.insert_taps import PASS as INSERT_TAPS
 from dsd_fx.passes.prune_channels import PASS as PRUNE_CHANNELS, adopt, cut_positions, layer_cuts, prune_channels
+from dsd_fx.passes.strip_taps import strip_taps
 from dsd_fx.infra.pipeline import Invariant, Plan
 from dsd_fx.prune.config import PruneConfig
-from dsd_fx.tags import has_dsd_nodes
+from dsd_fx.tags import has_dsd_nodes, is_permanent, tag_of, tagged
 
 
 def _slice_scores(t: torch.Tensor, member, size: int, power: int) -> torch.Tensor:
@@ -41,16 +43,48 @@ def _counts(gm: fx.GraphModule, g: ChannelGroup) -> torch.Tensor:
     return n.clamp(min=1)
 
 
+def _checked_scores(got, g: ChannelGroup) -> torch.Tensor:
+    """An importance callable's answer for `g`: a floating tensor of shape (g.size,), every score
+    finite, or an error naming the group and what came back (a NaN ranks anywhere: silently wrong)."""
+    where = f"for group '{g.name}' of {g.size} channels (layers {', '.join(g.producers) or '-'})"
+    if not isinstance(got, torch.Tensor):
+        raise TypeError(f"prune: importance callable returned a {type(got).__name__} {where}; return a float "
+                        f"tensor of shape ({g.size},), e.g. torch.tensor(scores, dtype=torch.float32)")
+    if not got.is_floating_point():
+        raise TypeError(f"prune: importance callable returned {str(got.dtype).removeprefix('torch.')} scores {where}; "
+                        "return floating scores (scores.float())")
+    if got.numel() != g.size:
+        raise ValueError(f"prune: importance callable gave {got.numel()} scores {where}; return one score per channel")
+    if tuple(got.shape) != (g.size,):
+        raise ValueError(f"prune: importance callable gave scores of shape {tuple(got.shape)} {where}; return shape "
+                         f"({g.size},) (scores.flatten() if one per channel is meant)")
+    scores = got.detach().float().cpu()
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"prune: importance callable gave {len(bad)} NaN or Inf score(s) {where} (channel {bad[0]}: "
+                         f"{scores[bad[0]].item()}); NaN or Inf scores cannot be ranked: fix the callable")
+    return scores
+
+
+def _check_weights(gm: fx.GraphModule, groups: Sequence[ChannelGroup], rates: dict[int, float]) -> None:
+    """Every tensor of the groups to prune is finite, as the sparse phase checks its weights: a NaN
+    or Inf cannot be ranked, and pruning around it hands the user a model that computes NaN."""
+    by_index = {g.index: g for g in groups}
+    for i in rates:
+        g = by_index[i]
+        for m in g.members:
+            t = getattr(gm.get_submodule(m.layer), m.tensor, None) if m.tensor else None
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
+                raise ValueError(f"prune: '{m.layer}.{m.tensor}' holds NaN or Inf (channel group '{g.name}'); its channels "
+                                 f"cannot be ranked. Fix the weights or exclude the group (exclude={[g.name]!r})")
+
+
 def score(gm: fx.GraphModule, g: ChannelGroup, importance, example_args: tuple) -> torch.Tensor:
     """Importance of each of `g`'s channels: "l1" sums |w| over every slice of every member that
     belongs to the channel (producers' outputs, norm affine params, consumers' inputs); "l2" the
     root of the sum of squares; a callable is asked."""
     if callable(importance):
-        scores = torch.as_tensor(importance(g, example_args), dtype=torch.float32).flatten()
-        if scores.numel() != g.size:
-            raise ValueError(f"prune: importance callable gave {scores.numel()} scores for group '{g.name}' "
-                             f"of {g.size} channels; return one score per channel")
-        return scores
+        return _checked_scores(importance(g, example_args), g)
     power = 1 if importance == "l1" else 2
     total = torch.zeros(g.size)
     for m in _weighed(g):
@@ -111,6 +145,7 @@ def choose(gm: fx.GraphModule, groups: Sequence[ChannelGroup], config: PruneConf
         raise ValueError(f"prune: no channel group of {type(gm).__name__} can be pruned with these options "
                          f"(blocked groups: {blocked or 'none'}); check include/exclude/channels")
     by_index = {g.index: g for g in groups}
+    _check_weights(gm, groups, rates)
     if config.importance == "discriminant":
         scores = _discriminant(gm, groups, rates, config)
     else:
@@ -177,10 +212,21 @@ def _refuse_tied(gm: fx.GraphModule, cuts) -> None:
     refuse_tied(gm, ((layer, tensor) for layer, tensor, _ in cuts), refuse)
 
 
+def _strip_push_taps(gm: fx.GraphModule) -> None:
+    """A pushed graph (phase="push") is pruned in GPP's order: its taps vanish here, as re-dense strips
+    them, and it is pruned as the untapped model would be (GPP.prune ranks the same way). `gm` is
+    transform's own capture: the user's pushed graph keeps its taps. A graph with masks is left as
+    it is, for the sparse-phase refusal."""
+    made = [n for n in tagged(gm.graph) if not is_permanent(n)]
+    if made and all(tag_of(n)["pass"] == INSERT_TAPS for n in made):
+        strip_taps(gm)
+
+
 def prune_plan(gm: fx.GraphModule, config: PruneConfig, model: torch.nn.Module):
     """The Plan of transform(phase="prune"): every check runs here or in the invariants, before
     the commit (which writes the smaller layers into `model` only with inplace=True)."""
 
+    _strip_push_taps(gm)
     if has_dsd_nodes(gm.graph):
         raise ValueError(f"transform(phase='prune'): {type(gm).__name__} is a sparse-phase graph (it has dsd_fx mask "
                          "nodes); re-dense it first with transform(gm, phase='dense'), then prune channels")

@@ -30,9 +30,14 @@ SPARSE_PASSES = (INSERT_MASKS, INSERT_NM, PACK_NM)
 def sparse_plan(gm: fx.GraphModule, config: SparseConfig) -> Plan:
     # the record, or (where it was lost) the nodes the sparse passes tagged
     if state_of(gm) is not None or any(tag_of(n)["pass"] in SPARSE_PASSES for n in tagged(gm.graph)):
+        # every sparse weight, packed ones included (a packed weight has no masked-weight node)
+        records = masks_of(gm)
+        packed = sum(r.kind is MaskKind.PACKED for r in records) if records else \
+            sum(1 for _ in tagged(gm.graph, role=Role.PACKED_VALUES))
+        count = len(records) if records else sum(1 for _ in tagged(gm.graph, role=Role.MASKED_WEIGHT)) + packed
         raise ValueError(
             f"transform(phase='sparse'): {gm.__class__.__name__} is already a sparse-phase graph "
-            f"(it has {sum(1 for _ in tagged(gm.graph, role=Role.MASKED_WEIGHT))} masked weights); "
+            f"(it has {count} sparse weights, {packed} of them packed); "
             "re-dense it first with transform(gm, phase='dense'), then sparsify again (DSDSD)"
         )
     chosen = select_weights(gm, config)
