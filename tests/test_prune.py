@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 
-from dsd_fx.channels.groups.macs import cost
+from dsd_fx.channels.macs import cost
 from dsd_fx.phases import transform
 from dsd_fx.infra.pipeline import NOTES
 from dsd_fx.prune.config import PruneConfig

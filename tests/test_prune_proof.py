@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dsd_fx.channels.groups.macs import cost
+from dsd_fx.channels.macs import cost
 from dsd_fx.phases import transform
 from dsd_fx.proof.pruned import verify_pruned
 from tests.channel_models import Dense, FlatCNN, Inception, InvertedResidual, MLPBlock, ResBlock
