@@ -102,7 +102,7 @@ def capture(
     A graph from torch.export (captured here, `ep.module()` or an ExportedProgram) switches
     dropout and batch norm with `train()` / `eval()` (dsd_fx.modes).
     """
-    from dsd_fx.capture_export import check_capture_options, export_module, is_exported, prepare_exported
+    from dsd_fx.infra.export_capture import check_capture_options, export_module, is_exported, prepare_exported
 
     check_capture_options(how, example_args, example_kwargs, dynamic_shapes)
     if isinstance(model, torch.export.ExportedProgram):
@@ -136,7 +136,7 @@ def capture(
         class_name = type(model).__name__
     if exported is not None:  # ep.module(): a GraphModule over the model's own parameter objects
         user_mode = model.training
-        mode, class_name = True, type(model).__name__  # captured in train mode (capture_export.train_mode)
+        mode, class_name = True, type(model).__name__  # captured in train mode (export_capture.train_mode)
         model, graph = exported, exported.graph
     root = _shell(model, {})
     gm = _graph_module(root, graph, class_name)

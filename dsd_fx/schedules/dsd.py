@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import fx
 
-from dsd_fx.capture_export import check_capture_options
+from dsd_fx.infra.export_capture import check_capture_options
 from dsd_fx.sparse.config import SparseConfig
 from dsd_fx.sparse.divergence import SADTracker
 from dsd_fx.phases import TRANSFORM_OPTIONS, transform
