@@ -23,9 +23,10 @@ UNARY = (aten.relu.default, aten.gelu.default, aten.silu.default, aten.sigmoid.d
          aten.feature_dropout.default, aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default,
          aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default, aten.adaptive_avg_pool1d.default,
          aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool3d.default)
-RESHAPE = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
-           aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unflatten.int)
-SHAPE_ONLY = (aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten.new_ones.default,
+RESHAPE = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)  # their arguments spell the shape
+SHAPE_FREE = (aten.flatten.using_ints, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+              aten.unflatten.int)
+QUERY = (aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten.new_ones.default,
               aten.new_zeros.default, aten.new_full.default, aten.new_empty.default, aten.zeros_like.default,
               aten.ones_like.default, aten.empty_like.default, aten.full_like.default)
 
@@ -33,9 +34,10 @@ ROWS: dict[object, OpRow] = {
     **{op: OpRow(str(op), (), channels=_EW) for op in ELEMENTWISE},
     **{op: OpRow(str(op), (), channels=_PASS) for op in UNARY},
     **{op: OpRow("reshape", (), channels=ChannelRule(Flow.RESHAPE)) for op in RESHAPE},
-    **{op: OpRow("size", (), channels=ChannelRule(Flow.SHAPE_ONLY)) for op in SHAPE_ONLY},
+    **{op: OpRow("reshape", (), channels=ChannelRule(Flow.RESHAPE, shape_args=False)) for op in SHAPE_FREE},
+    **{op: OpRow("size", (), channels=ChannelRule(Flow.QUERY)) for op in QUERY},
     aten.transpose.int: OpRow("move", (), channels=ChannelRule(Flow.MOVE)),
-    aten.permute.default: OpRow("move", (), channels=ChannelRule(Flow.MOVE)),
+    aten.permute.default: OpRow("move", (), channels=ChannelRule(Flow.MOVE, permutes=True)),
     aten.expand.default: OpRow("expand", (), channels=ChannelRule(Flow.EXPAND)),
     aten.slice.Tensor: OpRow("slice", (), channels=ChannelRule(Flow.SLICE, dim_arg=1)),
     aten.select.int: OpRow("select", (), channels=ChannelRule(Flow.SLICE, dim_arg=1)),

@@ -11,8 +11,8 @@ import warnings
 
 import torch
 
-from dsd_fx import demo, demo_gpp
-from dsd_fx.config import SparseConfig
+from dsd_fx.demo import dsd as demo, gpp as demo_gpp
+from dsd_fx.sparse.config import SparseConfig
 
 # SparseConfig's options that are flags here: its errors are reworded in the flags' names
 FLAGS = {"sparsity": "--sparsity", "pattern": "--pattern", "method": "--method", "pack": "--pack", "kernel": "--kernel"}
@@ -176,8 +176,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from dsd_fx.graphs import load_onnx
-    from dsd_fx.verify import compare_onnx
+    from dsd_fx.diagnostics.graphs import load_onnx
+    from dsd_fx.proof.zero_overhead import compare_onnx
 
     protos = []
     for path in (args.reference, args.final):

@@ -6,7 +6,8 @@ from typing import Any, Callable
 
 import torch
 
-from dsd_fx.packing import CompressedWeights, compress_semi_structured
+from dsd_fx.sparse.config import KERNELS
+from dsd_fx.sparse.packing import CompressedWeights, compress_semi_structured
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def sparsify_nm(
     W~ (no weight-sized allocation per step); the rewrite sets it only where W~ feeds exactly one
     matmul-like op and nothing else, so that nothing reads W~ after that op's backward.
     """
-    from dsd_fx.masks import nm_sparsify
+    from dsd_fx.sparse.masks import nm_sparsify
 
     return nm_sparsify(weight, n, m, dim)
 
@@ -156,7 +157,6 @@ sparsify_nm.register_autograd(_sparsify_nm_backward, setup_context=_sparsify_nm_
 # ---------------------------------------------------------------- packed N:M
 
 
-KERNELS = ("auto", "sparse", "dense")
 
 
 SEMI_STRUCTURED = CompressedWeights(compress_semi_structured)  # every packed 2:4 weight nm_linear ran sparse
@@ -248,7 +248,7 @@ def _sparse_linear(x: torch.Tensor, sparse: Any) -> torch.Tensor:
 
 
 def _unpack(values: torch.Tensor, meta: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    from dsd_fx.packing import unpack_tensor
+    from dsd_fx.sparse.packing import unpack_tensor
 
     return unpack_tensor(values, meta, n, m)
 
@@ -305,7 +305,7 @@ def _nm_linear_setup(ctx, inputs, output):
 
 
 def _nm_linear_backward(ctx, grad):
-    from dsd_fx.packing import gather_nm
+    from dsd_fx.sparse.packing import gather_nm
 
     x, values, meta = ctx.saved_tensors
     n, m, has_bias = ctx.nm
@@ -356,7 +356,7 @@ _autocast_like_linear("nm_linear")
 @torch.library.custom_op("dsd_fx::nm_unpack", mutates_args=())
 def nm_unpack(values: torch.Tensor, meta: torch.Tensor, n: int, m: int, dim: int, shape: list[int]) -> torch.Tensor:
     """The dense weight from packed N:M storage, for ops with no packed kernel (Conv): compute is dense."""
-    from dsd_fx.packing import unpack_tensor
+    from dsd_fx.sparse.packing import unpack_tensor
 
     return unpack_tensor(values, meta, n, m, dim).reshape(shape).contiguous()
 
@@ -373,8 +373,8 @@ def _nm_unpack_setup(ctx, inputs, output):
 
 
 def _nm_unpack_backward(ctx, grad):
-    from dsd_fx.masks import nm_view
-    from dsd_fx.packing import gather_nm
+    from dsd_fx.sparse.masks import nm_view
+    from dsd_fx.sparse.packing import gather_nm
 
     (meta,) = ctx.saved_tensors
     n, m, dim, vshape = ctx.nm

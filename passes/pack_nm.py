@@ -10,9 +10,9 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from dsd_fx.op_table import module_row, packed_call
-from dsd_fx.packing import pack_tensor
-from dsd_fx.prunable import PrunableWeight
-from dsd_fx.rewrite import functionalize, get_attr, input_of, owner_of
+from dsd_fx.sparse.packing import pack_tensor
+from dsd_fx.sparse.prunable import PrunableWeight
+from dsd_fx.infra.rewrite import functionalize, get_attr, input_of, owner_of
 from dsd_fx.tags import Role, tag, untagged_meta
 
 PASS = "pack_nm"

@@ -125,7 +125,7 @@ def _args(*flags: str):
 
 def test_flags_build_one_sparse_config():
     from dsd_fx.cli import _sparse_options
-    from dsd_fx.config import SparseConfig
+    from dsd_fx.sparse.config import SparseConfig
 
     assert _sparse_options(_args()) == SparseConfig()
     assert _sparse_options(_args("--sparsity", "0.25")) == SparseConfig(sparsity=0.25)
@@ -147,7 +147,7 @@ def test_config_errors_in_flag_words():
 
 def test_kernel_flag_and_its_environment_default(monkeypatch):
     from dsd_fx.cli import CliError, _sparse_options
-    from dsd_fx.config import SparseConfig
+    from dsd_fx.sparse.config import SparseConfig
 
     monkeypatch.setenv("DSD_FX_NM_KERNEL", "dense")
     assert _sparse_options(_args("--pattern", "2:4", "--pack")) == SparseConfig(pattern="2:4", pack=True, kernel="dense")

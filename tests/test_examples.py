@@ -127,7 +127,7 @@ def test_cli_demo_rejects_bad_options(args, words, tmp_path):
     ],
 )
 def test_demo_words_config_errors_in_flag_names(message, flags):
-    from dsd_fx.demo import flag_words
+    from dsd_fx.demo.dsd import flag_words
 
     assert flag_words(message) == flags
 

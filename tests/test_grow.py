@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dsd_fx
-from dsd_fx.grow_config import GrowConfig
+from dsd_fx.grow.config import GrowConfig
 from dsd_fx.phases import transform
 from tests.channel_models import FlatCNN, Functional, Inception, ResBlock, randomize_norms
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from dsd_fx.channels import channel_groups
 from dsd_fx.phases import transform
-from dsd_fx.pipeline import NOTES
+from dsd_fx.infra.pipeline import NOTES
 from dsd_fx.pruned_attention import PrunedMultiheadAttention
 from tests.channel_models import Attention, Block, FusedAttention, SwiGLU, TinyGPT
 
@@ -256,7 +256,7 @@ def test_grow_refuses_head_groups_before_anything_changes():
 
 @pytest.mark.parametrize("how", ["sdpa", "gqa"])
 def test_verify_pruned_same_onnx_ops_smaller_shapes(how):
-    from dsd_fx.prune_proof import verify_pruned
+    from dsd_fx.proof.pruned import verify_pruned
 
     model = Attention(32, 4, kv=2, how=how).eval()
     gm = transform(model, phase="prune", channels=0.5, example_args=(X,))
@@ -306,7 +306,7 @@ def test_fused_qkv_split_by_an_int_heads_cut_alike_in_q_k_and_v(capture):
 
 
 def test_cost_counts_multihead_attention_and_its_pruned_heads():
-    from dsd_fx.macs import cost
+    from dsd_fx.channels.macs import cost
 
     model = _Encoder().eval()
     t = 2 * 5  # tokens; E = 32, 4 heads of 8: in-proj 3 t E E, out-proj t E E, q @ k^T and attn @ v 2 t 5 E

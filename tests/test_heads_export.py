@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from dsd_fx.capture import capture
+from dsd_fx.infra.graph_capture import capture
 from dsd_fx.channels import groups_of, propagate_shapes
 from dsd_fx.phases import transform
 from tests.channel_models import Attention, TinyGPT

@@ -1,4 +1,4 @@
-"""dsd_fx.importance and transform(phase="prune", importance="discriminant"): the utility of the tapped
+"""dsd_fx.push.scoring and transform(phase="prune", importance="discriminant"): the utility of the tapped
 units (CVIU21 §3's sigma_b^2 / sigma_w^2), traced back through the weights to earlier channel groups."""
 from __future__ import annotations
 

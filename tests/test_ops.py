@@ -1,4 +1,4 @@
-"""dsd_fx/ops.py and the kernel forms of dsd_fx/packing.py: the compressed-weight cache, the kernel
+"""dsd_fx/ops.py and the kernel forms of dsd_fx/sparse/packing.py: the compressed-weight cache, the kernel
 choice and its log, the packed op's gradients against the masked dense op."""
 import copy
 import gc
@@ -11,9 +11,9 @@ import torch.nn.functional as F
 import dsd_fx
 from conftest import TinyMLP
 from dsd_fx import ops
-from dsd_fx.masks import nm_mask
+from dsd_fx.sparse.masks import nm_mask
 from dsd_fx.ops import nm_linear
-from dsd_fx.packing import CompressedWeights, keeps_at_most, pack_tensor, unpack_tensor
+from dsd_fx.sparse.packing import CompressedWeights, keeps_at_most, pack_tensor, unpack_tensor
 
 
 class Recorder:

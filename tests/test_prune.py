@@ -10,10 +10,10 @@ import torch
 import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 
-from dsd_fx.macs import cost
+from dsd_fx.channels.macs import cost
 from dsd_fx.phases import transform
-from dsd_fx.pipeline import NOTES
-from dsd_fx.prune_config import PruneConfig
+from dsd_fx.infra.pipeline import NOTES
+from dsd_fx.prune.config import PruneConfig
 from tests.channel_models import Dense, FlatCNN, Functional, Inception, InvertedResidual, MLPBlock, ResBlock, randomize_norms
 
 IMG = torch.randn(2, 3, 8, 8)

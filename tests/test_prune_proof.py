@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dsd_fx.macs import cost
+from dsd_fx.channels.macs import cost
 from dsd_fx.phases import transform
-from dsd_fx.prune_proof import verify_pruned
+from dsd_fx.proof.pruned import verify_pruned
 from tests.channel_models import Dense, FlatCNN, Inception, InvertedResidual, MLPBlock, ResBlock
 
 IMG = torch.randn(2, 3, 8, 8)

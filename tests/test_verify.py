@@ -1,4 +1,4 @@
-"""dsd_fx.verify: the zero-overhead proof and the ONNX comparison."""
+"""dsd_fx.proof.zero_overhead: the zero-overhead proof and the ONNX comparison."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +10,7 @@ from torch import fx
 
 import dsd_fx
 from conftest import TinyCNN, TinyMLP, cnn_args, mlp_args
-from dsd_fx.verify import compare_onnx, verify_zero_overhead
+from dsd_fx.proof.zero_overhead import compare_onnx, verify_zero_overhead
 
 
 @pytest.mark.parametrize("optimize", [True, False])
