@@ -315,11 +315,37 @@ FUNCTIONS: dict[tuple[str, object], OpRow] = {
     ("call_method", "mm"): OpRow("mm", _mm_slots("", "mat2"), packed=_MM, fresh_grad=True, channel_dim=-1, macs=_matmul_macs),
     # einsum's slots depend on its equation: see einsum_slots
     ("call_function", torch.functional.einsum): OpRow("einsum", (), fresh_grad=False),
-    # linear ops that no rewrite takes yet (an aten graph's, pack_nm's packed Linear): the final classifier's candidates
-    ("call_function", torch.ops.aten.linear.default): OpRow("linear", (), family="linear", classifier_input=0),
+    # a linear op that no rewrite takes (pack_nm's packed Linear): a candidate for the final classifier
     ("call_function", torch.ops.dsd_fx.nm_linear.default): OpRow("nm_linear", (), family="linear", classifier_input=0),
 }
 EINSUM = FUNCTIONS[("call_function", torch.functional.einsum)]
+
+# ---- aten ops: what torch.export's training IR (torch 2.13) makes of the layers above
+aten = torch.ops.aten
+# aten.lstm.input(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
+# `params` is the list [weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0, ...]; every 2-d entry is a
+# (gates * hidden, input) matrix contracted along dim 1 (the 1-d biases are no matmul weights)
+_RECURRENT_PARAMS = (Slot("params", 1, 0, 1, index=2),)
+_ACONV = dict(fresh_grad=True, groups_arg=6)  # aten.conv*(input, weight, bias, stride, padding, dilation | output_padding, groups, ...)
+FUNCTIONS.update({("call_function", target): row for target, row in {
+    aten.linear.default: FUNCTIONS[("call_function", F.linear)],
+    aten.addmm.default: FUNCTIONS[("call_function", torch.addmm)],
+    aten.mm.default: OpRow("mm", _mm_slots("self", "mat2"), packed=_MM, fresh_grad=True, channel_dim=-1, macs=_matmul_macs),
+    aten.matmul.default: OpRow("matmul", _mm_slots("self", "other"), packed=_MM, fresh_grad=True, channel_dim=-1, macs=_matmul_macs),
+    aten.bmm.default: OpRow("bmm", _mm_slots("self", "mat2"), fresh_grad=False, channel_dim=-1, macs=_matmul_macs),
+    aten.einsum.default: EINSUM,  # einsum(equation, [operands]): einsum_slots reads the equation
+    **{op: OpRow(f"conv{k}d", _w(1, 0, 1), channel_dim=-(k + 1), family="conv", spatial=k, **_ACONV)
+       for k, ops in ((1, (aten.conv1d.default, aten.conv1d.padding)), (2, (aten.conv2d.default, aten.conv2d.padding)),
+                      (3, (aten.conv3d.default, aten.conv3d.padding))) for op in ops},
+    **{op: OpRow(f"conv_transpose{k}d", _w(0, 1, 0), channel_dim=-(k + 1), family="conv_transpose", spatial=k, **_ACONV)
+       for k, op in ((1, aten.conv_transpose1d.default), (2, aten.conv_transpose2d.input), (3, aten.conv_transpose3d.input))},
+    # (num_embeddings, embedding_dim): a lookup reads rows, it is no matmul: opt-in, as nn.Embedding
+    aten.embedding.default: OpRow("embedding", (Slot("weight", 1, 1, None, index=0),), fresh_grad=False, channel_dim=-1, opt_in=True),
+    aten.lstm.input: OpRow("lstm", _RECURRENT_PARAMS, fresh_grad=False),
+    aten.gru.input: OpRow("gru", _RECURRENT_PARAMS, fresh_grad=False),
+    aten.rnn_tanh.input: OpRow("rnn", _RECURRENT_PARAMS, fresh_grad=False),
+    aten.rnn_relu.input: OpRow("rnn", _RECURRENT_PARAMS, fresh_grad=False),
+}.items()})
 
 
 def register_function(target: object, row: OpRow, op: str = "call_function") -> None:
@@ -505,4 +531,3 @@ for _key in (("call_method", "mean"), ("call_function", torch.mean), ("call_meth
     FUNCTIONS[_key] = OpRow("reduce", (), channels=ChannelRule(Flow.REDUCE, dim_arg=1))
 del _cls, _fn, _key, _name, _k
 
-# the aten rows (what torch.export's graphs call): dsd_fx.aten_rows, which the package's __init__ registers
