@@ -322,6 +322,22 @@ def test_a_weight_used_inside_a_higher_order_subgraph_is_masked_there(method):
     assert dense.code == untouched.code
 
 
+def test_push_taps_an_exported_graph_and_prune_refuses_it_before_any_change():
+    model, x, y = BNNet(), torch.randn(8, 8), torch.randint(0, 4, (8,))
+    before = _snapshot(model)
+    tapped = dsd_fx.transform(model, phase="push", capture="export", example_args=(x,))
+    (F.cross_entropy(tapped(x), y) + dsd_fx.push_loss(tapped, y)).backward()  # the classifier's input is tapped
+    assert model.fc1.weight.grad is not None
+    dense = dsd_fx.transform(tapped, phase="dense").eval()
+    torch.testing.assert_close(dense(x), model.eval()(x))
+    model.train()
+    before = _snapshot(model)
+    # no aten channel-flow rows yet: the channel groups are blocked, named by node and op
+    with pytest.raises(ValueError, match="batch_norm.default: no row in dsd_fx.op_table"):
+        dsd_fx.transform(model, phase="prune", capture="export", example_args=(x,), channels=0.25, importance="l1")
+    assert _unchanged(model, before)
+
+
 def test_cnn_with_batch_norm_and_dropout_dsd_cycle_proven():
     torch.manual_seed(0)
     model, x = ConvNet(), torch.randn(4, 3, 8, 8)
