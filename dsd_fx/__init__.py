@@ -1,8 +1,6 @@
 """dsd_fx: Dense-Sparse-Dense and N:M sparse training as torch.fx graph rewrites."""
 from __future__ import annotations
 
-from dsd_fx import aten_rows as _aten_rows  # noqa: F401  (adds the aten rows to the op table, before any use)
-from dsd_fx import aten_channels as _aten_channels  # noqa: F401  (and the aten ops' channel rows)
 from dsd_fx.channels.groups import ChannelGroup, channel_groups
 from dsd_fx.sparse.config import SparseConfig
 from dsd_fx.diagnostics.graph_diff import GraphDiff, diff, diff_onnx

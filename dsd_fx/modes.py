@@ -1,4 +1,4 @@
-"""train()/eval() for exported graphs: the ops whose behaviour depends on the mode read it from the module."""
+"""train()/eval() for exported graphs: mode-dependent ops read the mode from a submodule (generated code and pickles name this path)."""
 from __future__ import annotations
 
 import torch

@@ -335,11 +335,37 @@ FUNCTIONS: dict[tuple[str, object], OpRow] = {
     ("call_method", "mm"): OpRow("mm", _mm_slots("", "mat2"), packed=_MM, fresh_grad=True, channel_dim=-1, macs=_matmul_macs),
     # einsum's slots depend on its equation: see einsum_slots
     ("call_function", torch.functional.einsum): OpRow("einsum", (), fresh_grad=False),
-    # linear ops that no rewrite takes yet (an aten graph's, pack_nm's packed Linear): the final classifier's candidates
-    ("call_function", torch.ops.aten.linear.default): OpRow("linear", (), family="linear", classifier_input=0),
+    # a linear op that no rewrite takes (pack_nm's packed Linear): a candidate for the final classifier
     ("call_function", torch.ops.dsd_fx.nm_linear.default): OpRow("nm_linear", (), family="linear", classifier_input=0),
 }
 EINSUM = FUNCTIONS[("call_function", torch.functional.einsum)]
+
+# ---- aten ops: what torch.export's training IR (torch 2.13) makes of the layers above
+aten = torch.ops.aten
+# aten.lstm.input(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first):
+# `params` is the list [weight_ih_l0, weight_hh_l0, bias_ih_l0, bias_hh_l0, ...]; every 2-d entry is a
+# (gates * hidden, input) matrix contracted along dim 1 (the 1-d biases are no matmul weights)
+_RECURRENT_PARAMS = (Slot("params", 1, 0, 1, index=2),)
+_ACONV = dict(fresh_grad=True, groups_arg=6)  # aten.conv*(input, weight, bias, stride, padding, dilation | output_padding, groups, ...)
+FUNCTIONS.update({("call_function", target): row for target, row in {
+    aten.linear.default: FUNCTIONS[("call_function", F.linear)],
+    aten.addmm.default: FUNCTIONS[("call_function", torch.addmm)],
+    aten.mm.default: OpRow("mm", _mm_slots("self", "mat2"), packed=_MM, fresh_grad=True, channel_dim=-1, macs=_matmul_macs),
+    aten.matmul.default: OpRow("matmul", _mm_slots("self", "other"), packed=_MM, fresh_grad=True, channel_dim=-1, macs=_matmul_macs),
+    aten.bmm.default: OpRow("bmm", _mm_slots("self", "mat2"), fresh_grad=False, channel_dim=-1, macs=_matmul_macs),
+    aten.einsum.default: EINSUM,  # einsum(equation, [operands]): einsum_slots reads the equation
+    **{op: OpRow(f"conv{k}d", _w(1, 0, 1), channel_dim=-(k + 1), family="conv", spatial=k, **_ACONV)
+       for k, ops in ((1, (aten.conv1d.default, aten.conv1d.padding)), (2, (aten.conv2d.default, aten.conv2d.padding)),
+                      (3, (aten.conv3d.default, aten.conv3d.padding))) for op in ops},
+    **{op: OpRow(f"conv_transpose{k}d", _w(0, 1, 0), channel_dim=-(k + 1), family="conv_transpose", spatial=k, **_ACONV)
+       for k, op in ((1, aten.conv_transpose1d.default), (2, aten.conv_transpose2d.input), (3, aten.conv_transpose3d.input))},
+    # (num_embeddings, embedding_dim): a lookup reads rows, it is no matmul: opt-in, as nn.Embedding
+    aten.embedding.default: OpRow("embedding", (Slot("weight", 1, 1, None, index=0),), fresh_grad=False, channel_dim=-1, opt_in=True),
+    aten.lstm.input: OpRow("lstm", _RECURRENT_PARAMS, fresh_grad=False),
+    aten.gru.input: OpRow("gru", _RECURRENT_PARAMS, fresh_grad=False),
+    aten.rnn_tanh.input: OpRow("rnn", _RECURRENT_PARAMS, fresh_grad=False),
+    aten.rnn_relu.input: OpRow("rnn", _RECURRENT_PARAMS, fresh_grad=False),
+}.items()})
 
 
 def register_function(target: object, row: OpRow, op: str = "call_function") -> None:
@@ -550,5 +576,63 @@ for _key in (("call_method", "mean"), ("call_function", torch.mean), ("call_meth
     FUNCTIONS[_key] = OpRow("reduce", (), channels=ChannelRule(Flow.REDUCE, dim_arg=1))
 del _cls, _fn, _key, _name, _k
 
-# the aten rows (what torch.export's graphs call): dsd_fx.aten_rows, which the package's __init__ registers,
-# and their channel rows, dsd_fx.aten_channels (registered after them)
+# ---- aten channel rows: how channels flow through torch.export's graphs (ops with no weight row above)
+
+_ATEN_STATS = "normalises over the channel dim: removing a channel changes every other channel's statistics"
+
+_ATEN_ELEMENTWISE = (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar, aten.mul.Tensor,
+                     aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar, aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor,
+                     aten.pow.Scalar, aten.maximum.default, aten.minimum.default, aten.where.self, aten.masked_fill.Scalar,
+                     aten.masked_fill.Tensor)
+_ATEN_UNARY = (aten.relu.default, aten.gelu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default,
+               aten.exp.default, aten.neg.default, aten.abs.default, aten.rsqrt.default, aten.sqrt.default, aten.cos.default,
+               aten.sin.default, aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
+               aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.type_as.default,
+               aten.hardtanh.default, aten.leaky_relu.default, aten.elu.default, aten.hardswish.default,
+               aten.hardsigmoid.default, aten.mish.default, aten.softplus.default, aten.clamp.default, aten.dropout.default,
+               aten.feature_dropout.default, aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default,
+               aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default, aten.adaptive_avg_pool1d.default,
+               aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool3d.default)
+_ATEN_RESHAPE = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)  # their arguments spell the shape
+_ATEN_SHAPE_FREE = (aten.flatten.using_ints, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+                    aten.unflatten.int)
+_ATEN_QUERY = (aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten.new_ones.default,
+               aten.new_zeros.default, aten.new_full.default, aten.new_empty.default, aten.zeros_like.default,
+               aten.ones_like.default, aten.empty_like.default, aten.full_like.default)
+
+ATEN_CHANNEL_ROWS: dict[object, OpRow] = {
+    **{op: OpRow(str(op), (), channels=_EW) for op in _ATEN_ELEMENTWISE},
+    **{op: OpRow(str(op), (), channels=_PASS) for op in _ATEN_UNARY},
+    **{op: OpRow("reshape", (), channels=ChannelRule(Flow.RESHAPE)) for op in _ATEN_RESHAPE},
+    **{op: OpRow("reshape", (), channels=ChannelRule(Flow.RESHAPE, shape_args=False)) for op in _ATEN_SHAPE_FREE},
+    **{op: OpRow("size", (), channels=ChannelRule(Flow.QUERY)) for op in _ATEN_QUERY},
+    aten.transpose.int: OpRow("move", (), channels=ChannelRule(Flow.MOVE)),
+    aten.permute.default: OpRow("move", (), channels=ChannelRule(Flow.MOVE, permutes=True)),
+    aten.expand.default: OpRow("expand", (), channels=ChannelRule(Flow.EXPAND)),
+    aten.slice.Tensor: OpRow("slice", (), channels=ChannelRule(Flow.SLICE, dim_arg=1)),
+    aten.select.int: OpRow("select", (), channels=ChannelRule(Flow.SLICE, dim_arg=1)),
+    aten.cat.default: OpRow("cat", (), channels=ChannelRule(Flow.CAT, dim_arg=1)),
+    aten.split.Tensor: OpRow("split", (), channels=ChannelRule(Flow.SPLIT, dim_arg=2)),
+    aten.split_with_sizes.default: OpRow("split", (), channels=ChannelRule(Flow.SPLIT, dim_arg=2)),
+    aten.chunk.default: OpRow("chunk", (), channels=ChannelRule(Flow.SPLIT, dim_arg=2)),
+    aten.mean.dim: OpRow("reduce", (), channels=ChannelRule(Flow.REDUCE, dim_arg=1)),
+    aten.sum.dim_IntList: OpRow("reduce", (), channels=ChannelRule(Flow.REDUCE, dim_arg=1)),
+    aten.amax.default: OpRow("reduce", (), channels=ChannelRule(Flow.REDUCE, dim_arg=1)),
+    aten.var.correction: OpRow("reduce", (), channels=ChannelRule(Flow.REDUCE, dim_arg=1)),
+    aten.softmax.int: OpRow("softmax", (), channels=ChannelRule(Flow.SOFTMAX, dim_arg=1)),
+    aten._softmax.default: OpRow("softmax", (), channels=ChannelRule(Flow.SOFTMAX, dim_arg=1)),
+    aten.log_softmax.int: OpRow("softmax", (), channels=ChannelRule(Flow.SOFTMAX, dim_arg=1)),
+    aten.scaled_dot_product_attention.default: OpRow("scaled_dot_product_attention", (), channels=ChannelRule(Flow.ATTENTION)),
+    aten.repeat_interleave.self_int: OpRow("repeat_interleave", (), channels=ChannelRule(Flow.REPEAT_INTERLEAVE, dim_arg=2)),
+    aten.layer_norm.default: OpRow("layer_norm", (), channels=ChannelRule(Flow.LAYER_NORM, reason="layer_norm " + _ATEN_STATS)),
+    aten.rms_norm.default: OpRow("rms_norm", (), channels=ChannelRule(Flow.LAYER_NORM, reason="rms_norm " + _ATEN_STATS)),
+    aten.batch_norm.default: OpRow("batch_norm", (), channels=ChannelRule(Flow.NORM)),
+    aten.group_norm.default: OpRow("group_norm", (), channels=ChannelRule(
+        Flow.REFUSE, reason="group_norm mixes channels (statistics across the channel dim)")),
+}
+
+
+# where no weight row holds the op
+for _target, _row in ATEN_CHANNEL_ROWS.items():
+    FUNCTIONS.setdefault(("call_function", _target), _row)
+del _target, _row

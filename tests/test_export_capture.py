@@ -322,6 +322,24 @@ def test_a_weight_used_inside_a_higher_order_subgraph_is_masked_there(method):
     assert dense.code == untouched.code
 
 
+def test_push_taps_an_exported_graph_and_prune_shrinks_it():
+    model, x, y = BNNet(), torch.randn(8, 8), torch.randint(0, 4, (8,))
+    tapped = dsd_fx.transform(model, phase="push", capture="export", example_args=(x,))
+    (F.cross_entropy(tapped(x), y) + dsd_fx.push_loss(tapped, y)).backward()  # the classifier's input is tapped
+    assert model.fc1.weight.grad is not None
+    dense = dsd_fx.transform(tapped, phase="dense").eval()
+    torch.testing.assert_close(dense(x), model.eval()(x))
+    model.train()
+    before = _snapshot(model)
+    # the aten channel rows carry fc1 -> batch_norm -> relu -> dropout -> fc2 as one group
+    pruned = dsd_fx.transform(model, phase="prune", capture="export", example_args=(x,), channels=0.25, importance="l1")
+    assert _unchanged(model, before)
+    shapes = {n: tuple(p.shape) for n, p in pruned.named_parameters()}
+    assert shapes["fc1.weight"] == (12, 8) and shapes["bn.weight"] == (12,) and shapes["fc2.weight"] == (4, 12)
+    assert pruned.eval()(torch.randn(5, 8)).shape == (5, 4)  # another batch size than captured
+    assert dsd_fx.verify_pruned(model.eval(), pruned, (x,)).ok
+
+
 def test_cnn_with_batch_norm_and_dropout_dsd_cycle_proven():
     torch.manual_seed(0)
     model, x = ConvNet(), torch.randn(4, 3, 8, 8)
