@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy as _copy
 import logging
 import traceback
+import types
 from typing import Any
 
 import torch
@@ -23,6 +24,9 @@ def _shell(module: nn.Module, memo: dict[int, nn.Module]) -> nn.Module:
     new = module.__class__.__new__(module.__class__)
     memo[id(module)] = new
     state = module.__dict__.copy()  # set through __dict__: nn.Module.__setattr__ is slow
+    for bound in ("train", "eval"):  # ep.module() replaces these by methods that raise; the class's own work
+        if isinstance(state.get(bound), types.MethodType):
+            del state[bound]
     state["_parameters"] = module._parameters.copy()
     state["_buffers"] = module._buffers.copy()
     state["_non_persistent_buffers_set"] = set(module._non_persistent_buffers_set)
@@ -70,20 +74,41 @@ def _trace(model: nn.Module, concrete_args: dict[str, Any] | None) -> fx.Graph:
         leaf = f" '{inside[-1]}'" if inside else ""
         raise TypeError(
             f"capture: torch.fx could not trace {module}{type(model).__name__}{where}: {type(err).__name__}: {err}. "
-            f"Remedies: make the failing submodule{leaf} a leaf (a custom fx.Tracer), pass concrete_args "
+            "Remedies: capture it with torch.export instead (capture=\"export\", example_args=(inputs,)), "
+            f"make the failing submodule{leaf} a leaf (a custom fx.Tracer), pass concrete_args "
             "for inputs that steer Python control flow, or pass a GraphModule made by another tracer "
-            "(for example transformers.utils.fx.symbolic_trace)."
+            "(or an ExportedProgram)."
         ) from err
 
 
-def capture(model: nn.Module, *, copy: bool = False, concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
-    """Trace `model` (or take the graph of a GraphModule) into a new GraphModule.
+def capture(
+    model: nn.Module,
+    *,
+    copy: bool = False,
+    concrete_args: dict[str, Any] | None = None,
+    how: str = "auto",
+    example_args: Any = None,
+    example_kwargs: dict[str, Any] | None = None,
+    dynamic_shapes: Any = None,
+) -> fx.GraphModule:
+    """Trace `model` (or take the graph of a GraphModule or an ExportedProgram) into a new GraphModule.
 
     The new GraphModule has its own graph and module objects but shares every parameter and
     buffer with `model`, unless `copy=True`. `model` itself is never modified.
+
+    how="fx": torch.fx.symbolic_trace. how="export": torch.export.export, non-strict, with
+    `example_args` / `example_kwargs` and `dynamic_shapes` (default: every dimension of every example
+    tensor Dim.AUTO). how="auto": fx, and torch.export where fx fails and `example_args` are given.
+    A graph from torch.export (captured here, `ep.module()` or an ExportedProgram) switches
+    dropout and batch norm with `train()` / `eval()` (dsd_fx.modes).
     """
+    from dsd_fx.capture_export import check_capture_options, export_module, is_exported, prepare_exported
+
+    check_capture_options(how, example_args, example_kwargs, dynamic_shapes)
+    if isinstance(model, torch.export.ExportedProgram):
+        model = model.module()
     if not isinstance(model, nn.Module):
-        raise TypeError(f"expected an nn.Module or a torch.fx.GraphModule, got {type(model).__name__}")
+        raise TypeError(f"expected an nn.Module, a torch.fx.GraphModule or a torch.export.ExportedProgram, got {type(model).__name__}")
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         logging.getLogger(__name__).warning(
             "capture: %s is a torch.compile wrapper; transforming its original module (%s). "
@@ -91,12 +116,25 @@ def capture(model: nn.Module, *, copy: bool = False, concrete_args: dict[str, An
         model = model._orig_mod
     if copy:
         model = _copy.deepcopy(model)
+    exported = None
     if isinstance(model, fx.GraphModule):
         graph = _copy.deepcopy(model.graph)
         class_name = type(model).__name__
+    elif how == "export":
+        exported = export_module(model, example_args, example_kwargs, dynamic_shapes)
     else:
-        graph = _trace(model, concrete_args)
+        try:
+            graph = _trace(model, concrete_args)
+        except TypeError:
+            if how == "fx" or example_args is None:
+                raise
+            logging.getLogger(__name__).info("capture: torch.fx failed on %s; capturing with torch.export", type(model).__name__)
+            exported = export_module(model, example_args, example_kwargs, dynamic_shapes)
         class_name = type(model).__name__
+    if exported is not None:  # ep.module(): a GraphModule over the model's own parameter objects
+        user_mode = model.training
+        mode, class_name = True, type(model).__name__  # captured in train mode (capture_export.train_mode)
+        model, graph = exported, exported.graph
     root = _shell(model, {})
     gm = _graph_module(root, graph, class_name)
     gm.training = model.training
@@ -111,4 +149,8 @@ def capture(model: nn.Module, *, copy: bool = False, concrete_args: dict[str, An
             if name not in gm._buffers:
                 gm.register_buffer(name, b, persistent=name not in root._non_persistent_buffers_set)
         gm.meta = dict(getattr(model, "meta", {}))
+    if exported is not None or is_exported(gm):
+        prepare_exported(gm, mode if exported is not None else None)
+    if exported is not None:
+        gm.train(user_mode)  # the mode the user's model is in
     return gm

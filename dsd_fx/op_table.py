@@ -246,7 +246,7 @@ def einsum_slots(node: fx.Node) -> tuple[Slot, ...]:
 
 def slot_arg(node: fx.Node, slot: Slot) -> object:
     """The argument of `node` in `slot` (positional or keyword)."""
-    if node.target is torch.functional.einsum:
+    if node.target in (torch.functional.einsum, torch.ops.aten.einsum.default):
         return einsum_operands(node)[1][slot.index]
     if slot.index is not None and slot.index < len(node.args):
         return node.args[slot.index]
@@ -389,3 +389,6 @@ for _key in (("call_method", "mean"), ("call_function", torch.mean), ("call_meth
              ("call_method", "amax"), ("call_function", torch.amax)):
     FUNCTIONS[_key] = OpRow("reduce", (), channels=ChannelRule(Flow.REDUCE, dim_arg=1))
 del _cls, _fn, _key, _name
+
+# the aten rows (what torch.export's graphs call) live in their own module, which adds them to FUNCTIONS
+from dsd_fx import aten_rows as _aten_rows  # noqa: E402,F401  (imported last: it reads this module's names)

@@ -30,7 +30,9 @@ from dsd_fx.selection import select_nm, select_weights
 from dsd_fx.state import STATE, MaskKind, MaskRecord, TransformState, keep_mask, masks_of, state_of
 from dsd_fx.tags import Role, has_dsd_nodes, persist, tag_of, tagged
 
-TRANSFORM_OPTIONS = ("copy", "concrete_args", "print_changed", "print_changed_dir", "print_changed_passes")
+TRANSFORM_OPTIONS = ("copy", "concrete_args", "capture", "example_args", "example_kwargs", "dynamic_shapes",
+                     "print_changed", "print_changed_dir", "print_changed_passes")
+CAPTURE_OPTIONS = ("concrete_args", "capture", "example_args", "example_kwargs", "dynamic_shapes")
 
 
 def changes(gm: fx.GraphModule) -> list[PassRecord]:
@@ -77,7 +79,15 @@ def transform(
     print_changed ("quiet", "diff", "cdiff"), print_changed_dir and print_changed_passes show each
     pass that changed the graph, like LLVM's -print-changed (also set by the environment variables
     DSD_FX_PRINT_CHANGED, DSD_FX_PRINT_CHANGED_DIR, DSD_FX_PRINT_CHANGED_PASSES). `concrete_args`
-    goes to torch.fx's tracer. `dsd_fx.changes(gm)` lists the passes and, when recorded, their diffs.
+    goes to torch.fx's tracer.
+
+    Capture (every phase but dense): capture="auto" (default) traces with torch.fx and, where fx
+    fails and `example_args` are given, captures with torch.export (non-strict); capture="fx" and
+    capture="export" choose one. torch.export takes `example_args` (a tuple of the forward's
+    positional inputs), `example_kwargs` and `dynamic_shapes` (default: every dimension of every
+    example tensor Dim.AUTO, so the graph runs at other batch sizes and lengths). `model` may also
+    be an ExportedProgram or its `.module()`. An exported graph switches dropout and batch norm
+    with train()/eval(), like the model. `dsd_fx.changes(gm)` lists the passes and, when recorded, their diffs.
     """
     if phase not in PHASES:
         raise ValueError(f"unknown phase {phase!r}; use phase='sparse' to prune weights, phase='dense' to re-dense, "
@@ -93,7 +103,10 @@ def transform(
         gm = _dense_capture(model, copy)
         plan = _dense_plan(gm)
     else:
-        gm = capture(model, copy=copy, concrete_args=options.get("concrete_args"))
+        example_args = config.example_args if phase in ("prune", "grow") else options.get("example_args")
+        gm = capture(model, copy=copy, concrete_args=options.get("concrete_args"), how=options.get("capture", "auto"),
+                     example_args=example_args, example_kwargs=options.get("example_kwargs"),
+                     dynamic_shapes=options.get("dynamic_shapes"))
         if phase == "sparse":
             plan = _sparse_plan(gm, config)
         elif phase == "prune":
@@ -126,8 +139,9 @@ def _phase_config(phase: str, config, options: dict):
         raise TypeError(f"phase='dense' takes no sparsity options (got {', '.join(foreign)}): it removes what the sparse and push phases made")
     if foreign:
         raise TypeError(f"phase={phase!r} does not take {', '.join(foreign)}")
-    if phase == "dense" and "concrete_args" in options:
-        raise TypeError("phase='dense' takes no concrete_args: it does not trace")
+    captures = [k for k in CAPTURE_OPTIONS if k in options]
+    if phase == "dense" and captures:
+        raise TypeError(f"phase='dense' takes no {', '.join(captures)}: it does not capture, it rewrites the sparse graph it is given")
     if cls is None:
         return None
     given = sorted(k for k in options if k in own)

@@ -114,13 +114,15 @@ def find_prunable(gm: fx.GraphModule) -> list[PrunableWeight]:
             continue
         for slot in einsum_slots(node) if row is EINSUM else row.slots_of():
             arg = slot_arg(node, slot)
-            if not isinstance(arg, fx.Node) or arg.op != "get_attr":
-                continue
-            param = resolve(gm, arg.target)
-            if not isinstance(param, torch.nn.Parameter) or param.dim() < 2:
-                continue
-            dim = None if slot.reduction is None else slot.reduction % param.dim()
-            entry(param, arg.target).uses.append(WeightUse(arg, row, dim))
+            # a list slot (aten.lstm's params): every 2-d parameter in it is a weight of the slot
+            for a in arg if isinstance(arg, (list, tuple)) else (arg,):
+                if not isinstance(a, fx.Node) or a.op != "get_attr":
+                    continue
+                param = resolve(gm, a.target)
+                if not isinstance(param, torch.nn.Parameter) or param.dim() < 2:
+                    continue
+                dim = None if slot.reduction is None else slot.reduction % param.dim()
+                entry(param, a.target).uses.append(WeightUse(a, row, dim))
     # every get_attr of a selected parameter gets the mask, whatever op reads it
     for node in gm.graph.nodes:
         if node.op == "get_attr":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -116,8 +117,43 @@ def _io_check(reference: onnx.ModelProto, final: onnx.ModelProto, diffs: list[st
     return Check("inputs and outputs", f"{len(rio[0])} in, {len(rio[1])} out", f"{len(fio[0])} in, {len(fio[1])} out", rio == fio)
 
 
+# names the exporter invents for the constants it folds (a transposed weight, a shape): a counter,
+# which a graph re-exported from torch.export's aten graph advances differently from the model's
+# own export; the weights keep the model's names
+_ANONYMOUS = re.compile(r"^val_\d+(/.*)?$")
+
+
+def canonical_names(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `proto` whose anonymous initializers (`val_<n>`) are renamed `const_<k>` in the order
+    the graph's nodes first read them: two exports that differ only in the exporter's counter
+    then read the same names. Every other name (the model's weights) is left as it is."""
+    rename: dict[str, str] = {}
+    inits = {i.name for i in proto.graph.initializer}
+    for node in proto.graph.node:
+        for name in node.input:
+            if name in inits and name not in rename and _ANONYMOUS.match(name):
+                rename[name] = f"const_{len(rename)}"
+    if not rename:
+        return proto
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    for init in out.graph.initializer:
+        init.name = rename.get(init.name, init.name)
+    for node in out.graph.node:
+        for k, name in enumerate(node.input):
+            if name in rename:
+                node.input[k] = rename[name]
+    for v in (*out.graph.input, *out.graph.output, *out.graph.value_info):
+        v.name = rename.get(v.name, v.name)
+    return out
+
+
 def compare_onnx(reference: onnx.ModelProto, final: onnx.ModelProto) -> OnnxComparison:
-    """Compare two ONNX graphs node by node: count, op types, isomorphism, initializers, I/O."""
+    """Compare two ONNX graphs node by node: count, op types, isomorphism, initializers, I/O.
+
+    Initializers the exporter names by its own counter (`val_<n>`: folded transposes and shapes)
+    are compared by where the graph reads them (`canonical_names`); the model's weights by name."""
+    reference, final = canonical_names(reference), canonical_names(final)
     diffs: list[str] = []
     checks = _node_checks(list(reference.graph.node), list(final.graph.node), diffs)
     checks += _initializer_checks(onnx_initializers(reference), onnx_initializers(final), diffs)
