@@ -232,3 +232,30 @@ def test_calibration_leaves_batch_norm_statistics_alone():
 def test_row_mask_ties_prune_the_lowest_index():
     keep = row_mask(torch.ones(2, 4), 0.5, 0)
     assert keep.tolist() == [[False, False, True, True]] * 2
+
+
+def test_exported_llama_scores_the_aten_linear_inputs():
+    """transformers 5's LLaMA through torch.export: each projection's mask from the input its module really saw."""
+    transformers = pytest.importorskip("transformers", minversion="5")
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8,
+                                      use_cache=False, tie_word_embeddings=False)
+    torch.manual_seed(6)
+    model = transformers.LlamaForCausalLM(config)
+    g = torch.Generator().manual_seed(7)
+    data = [torch.randint(0, 32, (2, 8), generator=g) for _ in range(2)]
+    seen = {}
+    hooks = [model.get_submodule(name).register_forward_hook(lambda m, args, out, name=name: seen.setdefault(name, []).append(args[0]))
+             for name in ("model.layers.0.self_attn.k_proj", "model.layers.0.mlp.down_proj")]
+    with torch.no_grad():
+        for x in data:
+            model(x)
+    for h in hooks:
+        h.remove()
+    sparse = dsd_fx.transform(model, sparsity=0.5, criterion="wanda", data=data, capture="export",
+                              example_args=(data[0],), copy=True)
+    masks = dsd_fx.current_masks(sparse)
+    for name, features in (("model.layers.0.self_attn.k_proj", 16), ("model.layers.0.mlp.down_proj", 32)):
+        w = model.get_parameter(f"{name}.weight").detach()
+        want = direct_row_mask(w.abs() * direct_norms(seen[name], features), 0.5)
+        assert torch.equal(masks[f"{name}.weight"], want), name
