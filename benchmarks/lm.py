@@ -2,7 +2,8 @@
 
     python benchmarks/lm.py --part oneshot --seeds 3 --out benchmarks/results_lm_oneshot.txt
     python benchmarks/lm.py --part dsd --seeds 2 --sparsities 0.3,0.5 --redense 0.1,1 --out benchmarks/results_lm_dsd.txt
-    python benchmarks/lm.py --quick            # a smoke test of both parts
+    python benchmarks/lm.py --part fit --steps 1200 --optimizer adamw,sgd --lr 3e-3,0.3   # dense only: does it overfit?
+    python benchmarks/lm.py --quick            # a smoke test of oneshot and dsd
 
 Same corpus (the Python standard library's sources on this machine, `dsd_fx.text_data`; another
 Python version has another library, so other figures), same model and recipe as the demo
@@ -17,6 +18,9 @@ dsd: per seed and setting, `dsd_fx.demo_runs.run_both` as the demo runs it (D ->
   dense baseline forked at the end of D, equal steps, the same learning rates: re-dense and the
   baseline's last phase at lr * the --redense scale): validation bits per byte at the end and the
   best point after the fork, both runs, and DSD - dense paired by seed.
+fit: per optimizer (AdamW, or SGD with momentum 0.9, at the matching --lr), the dense model alone
+  for --steps steps: train bits per byte (mean of each round's steps) and validation bits per byte
+  after every round of 50 steps, seed 0: where validation is lowest, and whether it rises after.
 Writes --out (the printed table) if given.
 """
 from __future__ import annotations
@@ -120,9 +124,28 @@ def dsd_grid(recipe: LMRecipe, corpus: TextCorpus, seeds: int, sparsities: list[
     return lines
 
 
+def fit(recipe: LMRecipe, corpus: TextCorpus, optimizers: list[str], lrs: list[float]) -> list[str]:
+    lines = [f"dense training alone, seed 0, {recipe.steps} steps: train / validation bits per byte every {recipe.round_steps} steps"]
+    for name, lr in zip(optimizers, lrs):
+        make = adamw if name == "adamw" else (lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9))
+        model, loop = make_llama(recipe, 0), lm_loop(corpus, recipe, 0)
+        opt, gen = make(model.parameters(), lr), torch.Generator().manual_seed(0)
+        points = []
+        for r in range(loop.rounds):
+            train = loop.train_round(model, opt, gen, None) / LN2
+            points.append(((r + 1) * recipe.round_steps, train, loop.evaluate(model)["bpb"]))
+        best = min(points, key=lambda p: p[2])
+        lines.append(f"{name} lr {lr:g}: lowest validation {best[2]:.3f} at step {best[0]}; end: train {points[-1][1]:.3f}, "
+                     f"validation {points[-1][2]:.3f}")
+        lines.append("  " + ", ".join(f"{step}: {t:.2f}/{v:.3f}" for step, t, v in points))
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=["oneshot", "dsd", "both"], default="both")
+    p.add_argument("--part", choices=["oneshot", "dsd", "both", "fit"], default="both")
+    p.add_argument("--optimizer", default="adamw,sgd", help="with --part fit: adamw and/or sgd (momentum 0.9)")
+    p.add_argument("--lr", default="3e-3,0.3", help="with --part fit: one learning rate per optimizer")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--steps", type=int, help=f"steps per phase (default the demo's, {RECIPE.steps})")
     p.add_argument("--calibration", type=int, default=8, help="calibration batches for Wanda (default 8)")
@@ -144,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     lines = [f"benchmarks/lm.py {' '.join(argv if argv is not None else sys.argv[1:])}", corpus.describe(),
              f"torch {torch.__version__}, {args.threads} thread(s)", ""]
+    if args.part == "fit":
+        lines += fit(recipe, corpus, args.optimizer.split(","), [float(v) for v in args.lr.split(",")]) + [""]
     if args.part in ("oneshot", "both"):
         lines += oneshot(recipe, corpus, seeds, 2 if args.quick else args.calibration, 20 if args.quick else args.finetune) + [""]
     if args.part in ("dsd", "both"):
