@@ -26,11 +26,11 @@ Writes --out (the printed table) if given.
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import time
 import warnings
+from dataclasses import replace
 
 import torch
 
@@ -75,7 +75,7 @@ def oneshot(recipe: LMRecipe, corpus: TextCorpus, seeds: int, calibration: int, 
                                           exclude=["lm_head"], **options, **extra)
                 results.setdefault((name, criterion, "pruned"), []).append(validation_loss(sparse, val_x, val_y, recipe.batch) / LN2)
                 if finetune:
-                    loop = lm_loop(corpus, LMRecipe(**{**recipe.__dict__, "round_steps": finetune}), seed)
+                    loop = lm_loop(corpus, replace(recipe, round_steps=finetune), seed)
                     loop.train_round(sparse, adamw(sparse.parameters(), recipe.lr), torch.Generator().manual_seed(seed), None)
                     results.setdefault((name, criterion, "tuned"), []).append(validation_loss(sparse, val_x, val_y, recipe.batch) / LN2)
         print(f"seed {seed}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*skips.*")
     recipe = QUICK if args.quick else RECIPE
     if args.steps is not None:
-        recipe = LMRecipe(**{**recipe.__dict__, "steps": args.steps})
+        recipe = replace(recipe, steps=args.steps)
     seeds = 1 if args.quick else args.seeds
     corpus = load_stdlib_corpus(recipe.train_bytes, recipe.val_bytes)
     started = time.perf_counter()

@@ -25,7 +25,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -179,8 +179,7 @@ def start(args: argparse.Namespace):
     batch = base.batch if args.batch is None else args.batch
     if batch < 1:
         raise DemoError(f"--batch must be at least 1, got {batch}")
-    recipe = LMRecipe(**{**base.__dict__, "steps": steps - steps % base.round_steps, "batch": batch,
-                         "lr": base.lr if args.lr is None else args.lr})
+    recipe = replace(base, steps=steps - steps % base.round_steps, batch=batch, lr=base.lr if args.lr is None else args.lr)
     out = check_out(args.out)
     corpus = load_stdlib_corpus(recipe.train_bytes, recipe.val_bytes)
     net = make_llama(recipe, args.seed)
@@ -226,8 +225,8 @@ def _run(args: argparse.Namespace) -> int:
         rows, curves, bounds, final, baseline = run_both(dsd, lm_loop(corpus, recipe, args.seed))
         for r in rows:
             r.rounds *= recipe.round_steps  # the table counts steps
-        for run in curves.values():
-            for point in run:
+        for points in curves.values():
+            for point in points:
                 point["step"] = point["epoch"] * recipe.round_steps
         print(table(rows, curves))
         report = prove(out, final, baseline, (example,))
