@@ -259,3 +259,17 @@ def test_exported_llama_scores_the_aten_linear_inputs():
         w = model.get_parameter(f"{name}.weight").detach()
         want = direct_row_mask(w.abs() * direct_norms(seen[name], features), 0.5)
         assert torch.equal(masks[f"{name}.weight"], want), name
+
+
+def test_dsd_flow_takes_wanda_for_every_sparse_phase():
+    """DSD(..., criterion='wanda', data=[...]): each sparse phase (DSDSD too) calibrates on the same list."""
+    torch.manual_seed(8)
+    model = Two()
+    xs = calibration(scale=torch.linspace(0.1, 4.0, 8))
+    dsd = dsd_fx.DSD(model, lambda p, lr: torch.optim.SGD(p, lr), lr=0.01, sparsity=0.5, criterion="wanda", data=xs)
+    for phase in ("dense", "sparse", "redense", "sparse"):
+        w = model.fc1.weight.detach().clone()
+        net, _ = dsd.begin(phase)
+        if phase == "sparse":
+            kept = dsd_fx.current_masks(net)["fc1.weight"]
+            assert torch.equal(kept, direct_row_mask(w.abs() * direct_norms(xs, 8), 0.5))
