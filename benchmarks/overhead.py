@@ -9,7 +9,9 @@ dense, dsd_fx's sparse phase, torch.nn.utils.prune (l1_unstructured) and torch.a
 (WeightNormSparsifier), all at 50% sparsity, interleaved round-robin so that machine noise hits
 every variant alike. Then the same four compiled with torch.compile (inductor; graph breaks
 counted with torch._dynamo.explain; ratio = compiled step / compiled dense step). Then
-transform() time over torch.fx.symbolic_trace() time for graphs of about 200, 1,400 and 5,000 nodes.
+transform() time over torch.fx.symbolic_trace() time for graphs of about 200, 1,400 and 5,000 nodes,
+and transform(capture="export") time over torch.export.export() time for a transformers 5 Llama of
+2 and 8 layers (`--only export`; skipped without transformers).
 """
 from __future__ import annotations
 
@@ -183,10 +185,43 @@ def transform_time_table(rounds: int) -> None:
     print()
 
 
+def export_time_table(rounds: int) -> None:
+    """transform(capture="export") of a transformers 5 Llama over torch.export.export of it."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        print("## transform() time over torch.export.export() time: skipped, needs transformers>=5\n")
+        return
+    print(f"## transform(capture=\"export\") time over torch.export.export() time, Llama (median of {rounds})\n")
+    print("Both capture with every dimension of the (2, 16) example Dim.AUTO; transform adds the sparse phase (50%).\n")
+    print("| layers | aten nodes | prunable weights | torch.export ms | transform ms | ratio |")
+    print("|---|---|---|---|---|---|")
+    for layers in (2, 8):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                             num_attention_heads=4, num_key_value_heads=2, use_cache=False,
+                                             attn_implementation="sdpa"))
+        ids = torch.randint(0, 256, (2, 16))
+        auto = torch.export.Dim.AUTO
+
+        def export():
+            return torch.export.export(model, (ids,), dynamic_shapes=({0: auto, 1: auto},), strict=False).module(check_guards=False)
+
+        def sparse():
+            return dsd_fx.transform(model, phase="sparse", capture="export", example_args=(ids,), sparsity=SPARSITY)
+
+        gm = sparse()
+        nodes, weights = len(export().graph.nodes), len(dsd_fx.current_masks(gm))
+        med = interleaved({"export": export, "transform": sparse}, rounds, inner=1)
+        print(f"| {layers} | {nodes} | {weights} | {med['export'] * 1e3:.0f} | {med['transform'] * 1e3:.0f} "
+              f"| {med['transform'] / med['export']:.2f}x |")
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds (for a smoke test)")
-    parser.add_argument("--only", choices=["step", "compiled", "transform"], help="run one table")
+    parser.add_argument("--only", choices=["step", "compiled", "transform", "export"], help="run one table")
     args = parser.parse_args()
     if args.only in (None, "step"):
         step_table(5 if args.quick else 30)
@@ -194,6 +229,8 @@ def main() -> None:
         step_table(5 if args.quick else 20, compiled=True)
     if args.only in (None, "transform"):
         transform_time_table(3 if args.quick else 11)
+    if args.only in (None, "export"):
+        export_time_table(1 if args.quick else 5)
 
 
 if __name__ == "__main__":

@@ -125,11 +125,14 @@ def capture(
     else:
         try:
             graph = _trace(model, concrete_args)
-        except TypeError:
+        except TypeError as fx_err:
             if how == "fx" or example_args is None:
                 raise
             logging.getLogger(__name__).info("capture: torch.fx failed on %s; capturing with torch.export", type(model).__name__)
-            exported = export_module(model, example_args, example_kwargs, dynamic_shapes)
+            try:
+                exported = export_module(model, example_args, example_kwargs, dynamic_shapes)
+            except TypeError as err:  # neither tracer takes it: say what each said
+                raise TypeError(f"{err} (capture=\"auto\" tried torch.fx first: {str(fx_err).split('. Remedies')[0]})") from err
         class_name = type(model).__name__
     if exported is not None:  # ep.module(): a GraphModule over the model's own parameter objects
         user_mode = model.training
@@ -141,8 +144,8 @@ def capture(
     if isinstance(model, fx.GraphModule):
         # keep the whole module tree: a module that the graph reaches only through get_attr
         # (a Linear made functional by a pass) must stay a Linear for the pass that restores it
-        for name, child in root._modules.items():
-            gm._modules[name] = child
+        made = gm._modules  # in the order the graph reads them: the model's order is state_dict's
+        gm.__dict__["_modules"] = {**root._modules, **{k: v for k, v in made.items() if k not in root._modules}}
         for name, p in root._parameters.items():
             gm._parameters.setdefault(name, p)
         for name, b in root._buffers.items():

@@ -117,9 +117,11 @@ def prepare_exported(gm: fx.GraphModule, mode: bool | None) -> None:
     """
     g = gm.graph
     for node in list(g.nodes):
-        if (node.op == "call_module" and node.target == GUARDS) or (node.op == "call_function" and node.target in _ASSERTS):
-            if not node.users:
-                g.erase_node(node)
+        # ep.module() reads every parameter once up front, a tied one under each of its names even
+        # where the graph uses one: a read nothing uses is dropped
+        if ((node.op == "call_module" and node.target == GUARDS) or (node.op == "call_function" and node.target in _ASSERTS)
+                or node.op == "get_attr") and not node.users:
+            g.erase_node(node)
     if GUARDS in gm._modules and not any(n.op == "call_module" and n.target == GUARDS for n in g.nodes):
         del gm._modules[GUARDS]
     if mode is None:

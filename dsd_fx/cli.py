@@ -103,6 +103,9 @@ def _add_model_args(p) -> None:
     p.add_argument("--method", choices=["fixed", "sr-ste", "ste"], help="N:M method (default fixed)")
     p.add_argument("--pack", action="store_true", help="N:M-packed weights and matmuls")
     p.add_argument("--kernel", help=f"with --pack, the packed N:M matmul's kernel: auto, sparse or dense (default: ${KERNEL_ENV}, else auto)")
+    p.add_argument("--capture", choices=["auto", "fx", "export"], default="auto",
+                   help="how the model becomes a graph: torch.fx, torch.export (on the --input-shape example, every "
+                        "dimension dynamic), or auto: fx, and torch.export where fx fails (default)")
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
@@ -117,7 +120,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
     except Exception as err:  # noqa: BLE001 - a shape that does not fit the model
         raise CliError(f"the model does not run on --input-shape {args.input_shape}: {type(err).__name__}: {err}") from err
     mode = "cdiff" if sys.stderr.isatty() else "diff"
-    sparse = dsd_fx.transform(model, phase="sparse", config=config, print_changed=mode, print_changed_dir=args.out)
+    sparse = dsd_fx.transform(model, phase="sparse", config=config, capture=args.capture, example_args=example,
+                              print_changed=mode, print_changed_dir=args.out)
     dense = dsd_fx.transform(sparse, phase="dense", print_changed=mode, print_changed_dir=args.out)
     with torch.no_grad():  # and the rewritten graphs run on it
         sparse(*example)
@@ -140,7 +144,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise CliError(f"cannot write {args.output}: folder {folder} does not exist or is not writable")
     if sparse:
-        model = dsd_fx.transform(model, phase="sparse", config=config)
+        model = dsd_fx.transform(model, phase="sparse", config=config, capture=args.capture, example_args=example)
     dsd_fx.export_onnx(model, example, args.output)
     print(f"wrote {args.output}")
     return 0

@@ -77,6 +77,8 @@ def export_onnx(
     optimize: bool = True,
     fold: bool = True,
     opset_version: int | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    dynamic_shapes: Any = None,
 ) -> onnx.ModelProto:
     """Export `model` (any phase) with the torch.onnx dynamo exporter, in eval mode.
 
@@ -84,14 +86,16 @@ def export_onnx(
     (the `fold_masks` pass on a deep copy), so the file has no `Mul` per layer and the training
     graph is untouched. `fold=False` exports the graph as it is. With `path`, the file is written
     atomically (a temporary file renamed into place), so an interrupted export leaves no partial file.
+    `example_kwargs` and `dynamic_shapes` go to the exporter as transform's capture takes them
+    (torch.export's format); without `dynamic_shapes` the file has the example's static shapes.
     """
     if fold and isinstance(model, fx.GraphModule) and has_dsd_nodes(model.graph):
         model = copy.deepcopy(model)  # the training graph is never rewritten
         fold_masks(model)
     with eval_mode(model), _quiet_exporter():
         program = torch.onnx.export(
-            model, as_args(example_args), dynamo=True, optimize=optimize, verbose=False,
-            opset_version=opset_version, external_data=False,
+            model, as_args(example_args), kwargs=example_kwargs, dynamic_shapes=dynamic_shapes, dynamo=True,
+            optimize=optimize, verbose=False, opset_version=opset_version, external_data=False,
         )
     proto = program.model_proto
     if path is not None:

@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import fx
 
+from dsd_fx.capture_export import check_capture_options
 from dsd_fx.config import SparseConfig
 from dsd_fx.divergence import SADTracker
 from dsd_fx.phases import TRANSFORM_OPTIONS, transform
@@ -42,7 +43,8 @@ class DSD:
     Every phase gets a fresh optimizer from `optimizer_fn(parameters, lr)` (and a fresh scheduler
     from `scheduler_fn(optimizer)` if given), so no momentum of a pruned weight leaks from one
     phase into the next; re-dense trains at `lr * redense_lr_scale` (DSD: about 0.1). The sparse
-    options (`sparsity`, `pattern`, `method`, `pack`, ...) are those of `dsd_fx.transform`.
+    options (`sparsity`, `pattern`, `method`, `pack`, ...) and the capture options (`capture`,
+    `example_args`, `example_kwargs`, `dynamic_shapes`) are those of `dsd_fx.transform`.
     """
 
     _NEXT = {None: ("dense", "sparse"), "dense": ("sparse",), "sparse": ("redense",), "redense": ("sparse",)}
@@ -80,6 +82,9 @@ class DSD:
                 raise TypeError(f"DSD: config must be a dsd_fx.SparseConfig, got {type(self.config).__name__}")
         else:  # built now, so that a bad option fails before the dense phase trains
             self.config = SparseConfig(**{k: v for k, v in sparse_options.items() if k not in inspect})
+        # the capture options too fail now, not after the dense phase has trained
+        check_capture_options(inspect.get("capture", "auto"), inspect.get("example_args"), inspect.get("example_kwargs"),
+                              inspect.get("dynamic_shapes"))
         self.transform_options = inspect
         self.phase: str | None = None
         self.optimizer: torch.optim.Optimizer | None = None

@@ -40,8 +40,9 @@ class ModeFlag(nn.Module):
 
 def count_batches(counter: torch.Tensor, training) -> None:
     """BatchNorm's `num_batches_tracked += 1`, in train mode only (what nn.BatchNorm does)."""
-    if isinstance(counter, fx.Proxy):  # fx re-tracing (torch.load): one node
-        return counter.tracer.create_proxy("call_function", count_batches, (counter, training), {})
+    proxy = next((a for a in (counter, training) if isinstance(a, fx.Proxy)), None)
+    if proxy is not None:  # fx re-tracing (torch.load): one node
+        return proxy.tracer.create_proxy("call_function", count_batches, (counter, training), {})
     if training:
         counter.add_(1)
     return None

@@ -93,8 +93,11 @@ def transform(
         raise ValueError(f"unknown phase {phase!r}; use phase='sparse' to prune weights, phase='dense' to re-dense, "
                          "phase='push' to tap layers for the push loss, phase='prune' to remove channels or "
                          "phase='grow' to add them")
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"transform expects an nn.Module or a torch.fx.GraphModule, got {type(model).__name__}")
+    if not isinstance(model, (torch.nn.Module, torch.export.ExportedProgram)):
+        raise TypeError(f"transform expects an nn.Module, a torch.fx.GraphModule or a torch.export.ExportedProgram, "
+                        f"got {type(model).__name__}")
+    if isinstance(model, torch.export.ExportedProgram):
+        model = model.module()  # its graph over the model's own parameter objects
     config = _phase_config(phase, config, options)
     printer = PrintChanged.resolve(options.get("print_changed"), options.get("print_changed_dir"), options.get("print_changed_passes"))
     printer.check()  # an unwritable diff folder fails here, before any work

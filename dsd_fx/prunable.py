@@ -1,7 +1,7 @@
 """Which weights are prunable: one WeightUse per use of a parameter by a matmul-like op."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -123,6 +123,17 @@ def find_prunable(gm: fx.GraphModule) -> list[PrunableWeight]:
                     continue
                 dim = None if slot.reduction is None else slot.reduction % param.dim()
                 entry(param, a.target).uses.append(WeightUse(a, row, dim))
+    # a parameter handed to a higher-order op (torch.export's wrap_with_set_grad_enabled for a
+    # `with torch.no_grad():` block, cond, ...) is used inside its subgraph: masked where it is read
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.HigherOrderOperator):
+            continue
+        for getter, row, slot in subgraph_weight_uses(gm, node):
+            param = resolve(gm, getter.target)
+            if isinstance(param, torch.nn.Parameter) and param.dim() >= 2:
+                dim = None if slot.reduction is None else slot.reduction % param.dim()
+                # the gradient comes back through the higher-order op: not known to be fresh
+                entry(param, getter.target).uses.append(WeightUse(getter, replace(row, fresh_grad=False), dim))
     # every get_attr of a selected parameter gets the mask, whatever op reads it
     for node in gm.graph.nodes:
         if node.op == "get_attr":
@@ -132,3 +143,56 @@ def find_prunable(gm: fx.GraphModule) -> list[PrunableWeight]:
                 if node.target != found[id(obj)].name:
                     found[id(obj)].aliases.add(node.target)
     return list(found.values())
+
+
+def _flat_nodes(args) -> list:
+    out = []
+    for a in args:
+        out += _flat_nodes(a) if isinstance(a, (list, tuple)) else [a]
+    return out
+
+
+def subgraph_weight_uses(gm: fx.GraphModule, hop: fx.Node) -> list[tuple[fx.Node, OpRow, Slot]]:
+    """(get_attr node in `gm`, row, slot) of each parameter that higher-order op `hop` hands to a
+    subgraph where an op of the table reads it as a weight. The operands after the last subgraph
+    argument are the subgraphs' inputs, in order (wrap_with_set_grad_enabled(enabled, body, *args),
+    cond(pred, true_fn, false_fn, operands), ...); a subgraph whose inputs do not line up is skipped."""
+    args = list(hop.args)
+    subs = [k for k, a in enumerate(args) if isinstance(a, fx.Node) and a.op == "get_attr"
+            and isinstance(resolve(gm, a.target), fx.GraphModule)]
+    if not subs:
+        return []
+    operands = _flat_nodes(args[subs[-1] + 1:])
+    out = []
+    for k in subs:
+        sub = resolve(gm, args[k].target)
+        inputs = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        if len(inputs) != len(operands):
+            continue
+        for placeholder, operand in zip(inputs, operands):
+            if isinstance(operand, fx.Node) and operand.op == "get_attr":
+                out += [(operand, row, slot) for row, slot in _reads_as_weight(sub, placeholder)]
+    return out
+
+
+def _reads_as_weight(sub: fx.GraphModule, value: fx.Node) -> list[tuple[OpRow, Slot]]:
+    """The (row, slot) of each op of `sub` that reads `value` as a weight, nested subgraphs included."""
+    out = []
+    for user in value.users:
+        row = function_row(user)
+        if row is not None and not (row is EINSUM and not isinstance(user.args[0], str)):
+            for slot in einsum_slots(user) if row is EINSUM else row.slots_of():
+                arg = slot_arg(user, slot)
+                if value is arg or (isinstance(arg, (list, tuple)) and any(value is a for a in arg)):
+                    out.append((row, slot))
+        elif user.op == "call_function" and isinstance(user.target, torch._ops.HigherOrderOperator):
+            args = list(user.args)
+            subs = [k for k, a in enumerate(args) if isinstance(a, fx.Node) and a.op == "get_attr"
+                    and isinstance(resolve(sub, a.target), fx.GraphModule)]
+            operands = _flat_nodes(args[subs[-1] + 1:]) if subs else []
+            for k in subs:
+                inner = resolve(sub, args[k].target)
+                inputs = [n for n in inner.graph.nodes if n.op == "placeholder"]
+                if len(inputs) == len(operands):
+                    out += [u for ph, op in zip(inputs, operands) if op is value for u in _reads_as_weight(inner, ph)]
+    return out

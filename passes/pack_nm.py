@@ -90,9 +90,10 @@ class _Weight:
     pw: PrunableWeight
     dim: int
 
-    def storage(self, g: fx.Graph, getter: str | None = None) -> tuple[fx.Node, fx.Node]:
+    def storage(self, g: fx.Graph, getter: str | None = None, read: str | None = None) -> tuple[fx.Node, fx.Node]:
+        # read: the name the replaced get_attr read the weight by (a tied weight has several), restored by unpack_nm
         name = self.pw.name
-        return (tag(get_attr(g, f"{name}_values"), PASS, Role.PACKED_VALUES, getter=getter),
+        return (tag(get_attr(g, f"{name}_values"), PASS, Role.PACKED_VALUES, getter=getter, read=read),
                 tag(get_attr(g, f"{name}_meta"), PASS, Role.PACKED_META))
 
     def unpacked(self, g: fx.Graph, getter: str | None, stored: tuple | None = None) -> fx.Node:
@@ -104,7 +105,7 @@ class _Weight:
         """A get_attr of the weight: the packed storage is read where the weight was; each
         linear-like user becomes nm_linear, every other user reads the unpacked weight."""
         with g.inserting_before(getter.next):
-            stored = self.storage(g, getter.name)
+            stored = self.storage(g, getter.name, getter.target)
         dense = None
         for user in list(getter.users):
             if user in stored:

@@ -43,8 +43,10 @@ def unpack_nm(gm: fx.GraphModule, records: Sequence[MaskRecord]) -> PassResult:
 
     def getter_for(t: dict) -> fx.Node:
         if t["getter"] not in getters:  # restored where the packed storage was read
-            with g.inserting_before(stored_at[t["getter"]]):
-                getters[t["getter"]] = tag(get_attr(g, t["weight"]), PASS, Role.RESTORED, name=t["getter"])
+            stored = stored_at[t["getter"]]
+            with g.inserting_before(stored):  # by the name it was read by (a tied weight: head.weight, not wte.weight)
+                read = tag_of(stored).get("read") or t["weight"]
+                getters[t["getter"]] = tag(get_attr(g, read), PASS, Role.RESTORED, name=t["getter"])
         return getters[t["getter"]]
 
     for node in packed:

@@ -18,6 +18,8 @@ MODES = {
     "sr-ste": {"pattern": "2:4", "method": "sr-ste"},
     "packed": {"pattern": "2:4", "pack": True},
 }
+# the same model captured through torch.export (an aten graph): the DDP test only
+CAPTURED = {"export": {"sparsity": 0.5, "capture": "export", "example_args": (torch.randn(2, 16),)}}
 STEPS, GLOBAL_BATCH = 4, 8
 
 
@@ -28,7 +30,7 @@ def make_model() -> nn.Module:
 
 def train(mode: str, rank: int = 0, world: int = 1, wrap=lambda m: m):
     """STEPS steps of SGD on the same global batches; each rank takes its slice."""
-    sparse = dsd_fx.transform(make_model(), **MODES[mode])
+    sparse = dsd_fx.transform(make_model(), **(MODES.get(mode) or CAPTURED[mode]))
     net = wrap(sparse)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     g = torch.Generator().manual_seed(1)

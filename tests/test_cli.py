@@ -43,6 +43,21 @@ def test_export_then_check(tmp_path):
     assert out.returncode == 0 and "zero overhead: PROVEN" in out.stdout
 
 
+def test_capture_flag_takes_a_model_fx_cannot_trace(tmp_path):
+    shape = ("--input-shape", "2,5,8")
+    out = run("diff", "examples.models:causal", *shape, "--capture", "fx")
+    assert out.returncode == 2 and "torch.fx could not trace" in out.stderr and 'capture="export"' in out.stderr
+    for capture in ("auto", "export"):
+        out = run("diff", "examples.models:causal", *shape, "--capture", capture)
+        assert out.returncode == 0, out.stderr
+        assert "*** insert_masks (sparse phase) ***" in out.stderr and "aten.linear.default" in out.stderr
+    ref, fin = tmp_path / "ref.onnx", tmp_path / "fin.onnx"
+    assert run("export", "examples.models:causal", *shape, "-o", str(ref)).returncode == 0
+    assert run("export", "examples.models:causal", *shape, "--sparse", "--capture", "export", "-o", str(fin)).returncode == 0
+    out = run("check", str(ref), str(fin))
+    assert out.returncode == 0 and "zero overhead: PROVEN" in out.stdout
+
+
 def test_check_fails_naming_the_difference(tmp_path):
     import copy
 

@@ -54,7 +54,7 @@ def _two_ranks(mode, tmp_path, how="ddp"):
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 
-@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("mode", [*MODES, "export"])  # export: the graph captured through torch.export
 def test_ddp_two_processes_gloo(mode, tmp_path):
     r0, r1 = _two_ranks(mode, tmp_path)
     assert r0["masks"].keys() == r1["masks"].keys() and r0["masks"]
