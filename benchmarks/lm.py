@@ -120,7 +120,7 @@ def dsd_grid(recipe: LMRecipe, corpus: TextCorpus, seeds: int, sparsities: list[
             lines.append(f"{sparsity:>8.0%} {scale:>8g}  {mean_std(col[0]):>13} {mean_std(col[1]):>13} "
                          f"{mean_std([d - b for d, b in zip(col[0], col[1])]):>15}  {mean_std(col[2]):>13} {mean_std(col[3]):>13} "
                          f"{mean_std([d - b for d, b in zip(col[2], col[3])]):>15}  {mean_std(col[4]):>16}"
-                         f"   (end: {statistics.mean(rel_end):+.1%})")
+                         f"   (end: {statistics.mean(rel_end):+.1%}; per seed {', '.join(f'{d - b:+.3f}' for d, b in zip(col[0], col[1]))})")
     return lines
 
 
