@@ -44,10 +44,10 @@ import torch
 import torch.nn.functional as F
 
 import dsd_fx
-from dsd_fx.demo import load_task
-from dsd_fx.demo_gpp import schedule
-from dsd_fx.demo_models import evaluate, sgd, train_epoch
-from dsd_fx.push import PushConfig, push_objective
+from dsd_fx.demo.dsd import load_task
+from dsd_fx.demo.gpp import schedule
+from dsd_fx.demo.models import evaluate, sgd, train_epoch
+from dsd_fx.push.objective import PushConfig, push_objective
 from dsd_fx.taps import recorder_of
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -5,16 +5,16 @@
     python benchmarks/lm.py --part fit --steps 1200 --optimizer adamw,sgd --lr 3e-3,0.3   # dense only: does it overfit?
     python benchmarks/lm.py --quick            # a smoke test of oneshot and dsd
 
-Same corpus (the Python standard library's sources on this machine, `dsd_fx.text_data`; another
+Same corpus (the Python standard library's sources on this machine, `dsd_fx.demo.text_data`; another
 Python version has another library, so other figures), same model and recipe as the demo
-(`dsd_fx.demo_lm.RECIPE`: 2 layers, hidden 64, AdamW 3e-3, batches of 32 x 64 bytes).
+(`dsd_fx.demo.lm.RECIPE`: 2 layers, hidden 64, AdamW 3e-3, batches of 32 x 64 bytes).
 
 oneshot: per seed, the demo's dense phase (--steps steps), then the trained model pruned without
   retraining, 50% unstructured and 2:4, by magnitude and by Wanda (calibration: --calibration
   batches of training windows; the attention and MLP Linear weights, not the LM head, as the Wanda
   paper prunes), validation bits per byte right after pruning and after --finetune steps of the
   sparse phase (masks held). Paired differences Wanda - magnitude per seed.
-dsd: per seed and setting, `dsd_fx.demo_runs.run_both` as the demo runs it (D -> S -> D beside the
+dsd: per seed and setting, `dsd_fx.demo.runs.run_both` as the demo runs it (D -> S -> D beside the
   dense baseline forked at the end of D, equal steps, the same learning rates: re-dense and the
   baseline's last phase at lr * the --redense scale): validation bits per byte at the end and the
   best point after the fork, both runs, and DSD - dense paired by seed.
@@ -35,9 +35,9 @@ from dataclasses import replace
 import torch
 
 import dsd_fx
-from dsd_fx.demo_lm import QUICK, RECIPE, LN2, LMRecipe, adamw, lm_loop, make_llama, validation_loss
-from dsd_fx.demo_runs import run_both
-from dsd_fx.text_data import TextCorpus, load_stdlib_corpus
+from dsd_fx.demo.lm import QUICK, RECIPE, LN2, LMRecipe, adamw, lm_loop, make_llama, validation_loss
+from dsd_fx.demo.runs import run_both
+from dsd_fx.demo.text_data import TextCorpus, load_stdlib_corpus
 
 ONESHOT = {"50% unstructured": {"sparsity": 0.5}, "2:4": {"pattern": "2:4"}}
 

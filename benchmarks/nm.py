@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 import dsd_fx
 from dsd_fx import ops
-from dsd_fx.masks import nm_mask, nm_sparsify
-from dsd_fx.packing import pack_tensor
+from dsd_fx.sparse.masks import nm_mask, nm_sparsify
+from dsd_fx.sparse.packing import pack_tensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from overhead import mlp, step_fn  # noqa: E402

@@ -11,7 +11,8 @@ every variant alike. Then the same four compiled with torch.compile (inductor; g
 counted with torch._dynamo.explain; ratio = compiled step / compiled dense step). Then
 transform() time over torch.fx.symbolic_trace() time for graphs of about 200, 1,400 and 5,000 nodes,
 and transform(capture="export") time over torch.export.export() time for a transformers 5 Llama of
-2 and 8 layers (`--only export`; skipped without transformers).
+2 and 8 layers (`--only export`; skipped without transformers), and the sparse-phase training step of
+the MLP and CNN captured by torch.export beside fx's (`--only export-step`).
 """
 from __future__ import annotations
 
@@ -185,6 +186,25 @@ def transform_time_table(rounds: int) -> None:
     print()
 
 
+def export_step_table(rounds: int) -> None:
+    """The S-phase training step of a graph captured by torch.export beside the fx graph's, over dense."""
+    print(f"## Training step of the sparse phase, fx capture and torch.export capture, fp32 CPU, {torch.get_num_threads()} "
+          f"threads, sparsity {SPARSITY:.0%} (median of {rounds} interleaved rounds; ratio = step / dense step)\n")
+    print("| model | dense ms | dsd_fx, fx capture | dsd_fx, export capture |")
+    print("|---|---|---|---|")
+    for name, make in (("MLP 4x1024, batch 64", mlp), ("CNN 8 conv, 32x32, batch 32", cnn)):
+        torch.manual_seed(0)
+        base, x = make()
+        models = {"dense": copy.deepcopy(base),
+                  "fx": dsd_fx.transform(copy.deepcopy(base), phase="sparse", capture="fx", sparsity=SPARSITY),
+                  "export": dsd_fx.transform(copy.deepcopy(base), phase="sparse", capture="export", example_args=(x,),
+                                             sparsity=SPARSITY)}
+        med = interleaved({k: step_fn(m, x) for k, m in models.items()}, rounds, inner=3)
+        d = med["dense"]
+        print(f"| {name} | {d * 1e3:.1f} | {med['fx'] / d:.3f}x | {med['export'] / d:.3f}x |")
+    print()
+
+
 def export_time_table(rounds: int) -> None:
     """transform(capture="export") of a transformers 5 Llama over torch.export.export of it."""
     try:
@@ -221,7 +241,7 @@ def export_time_table(rounds: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds (for a smoke test)")
-    parser.add_argument("--only", choices=["step", "compiled", "transform", "export"], help="run one table")
+    parser.add_argument("--only", choices=["step", "compiled", "transform", "export", "export-step"], help="run one table")
     args = parser.parse_args()
     if args.only in (None, "step"):
         step_table(5 if args.quick else 30)
@@ -231,6 +251,8 @@ def main() -> None:
         transform_time_table(3 if args.quick else 11)
     if args.only in (None, "export"):
         export_time_table(1 if args.quick else 5)
+    if args.only in (None, "export-step"):
+        export_step_table(5 if args.quick else 21)
 
 
 if __name__ == "__main__":

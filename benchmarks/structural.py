@@ -29,9 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dsd_fx.phases
-from dsd_fx.macs import cost
-from dsd_fx.export import export_onnx
-from dsd_fx.prune_proof import ort_feeds, ort_session, verify_pruned
+from dsd_fx.channels.macs import cost
+from dsd_fx.proof.export import export_onnx
+from dsd_fx.proof.pruned import verify_pruned
+from dsd_fx.proof.runtime import feeds as ort_feeds, session as ort_session
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 log = logging.getLogger("structural")

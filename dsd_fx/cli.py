@@ -6,12 +6,13 @@ import dataclasses
 import os
 import re
 import sys
+import tempfile
 import warnings
 
 import torch
 
-from dsd_fx import demo, demo_gpp, demo_lm
-from dsd_fx.config import SparseConfig
+from dsd_fx.demo import dsd as demo, gpp as demo_gpp, lm as demo_lm
+from dsd_fx.sparse.config import SparseConfig
 
 # SparseConfig's options that are flags here: its errors are reworded in the flags' names
 FLAGS = {"sparsity": "--sparsity", "pattern": "--pattern", "method": "--method", "pack": "--pack", "kernel": "--kernel"}
@@ -108,17 +109,23 @@ def _add_model_args(p) -> None:
                         "dimension dynamic), or auto: fx, and torch.export where fx fails (default)")
 
 
+def _check_runs(model: torch.nn.Module, example: tuple, text: str) -> None:
+    """The example inputs fit the model (their number and shapes), or one CliError naming them."""
+    try:
+        with torch.no_grad():
+            model.eval()(*example)
+    except Exception as err:  # noqa: BLE001 - a shape (or a number of inputs) that does not fit the model
+        raise CliError(f"the model does not run on --input-shape {text} ({len(example)} input(s)): "
+                       f"{type(err).__name__}: {err}") from err
+
+
 def cmd_diff(args: argparse.Namespace) -> int:
     import dsd_fx
 
     config = _sparse_options(args)
     model = _factory(args.factory)
     example = _shapes(args.input_shape)
-    try:  # before anything is printed: the example input fits the model
-        with torch.no_grad():
-            model.eval()(*example)
-    except Exception as err:  # noqa: BLE001 - a shape that does not fit the model
-        raise CliError(f"the model does not run on --input-shape {args.input_shape}: {type(err).__name__}: {err}") from err
+    _check_runs(model, example, args.input_shape)  # before anything is printed
     mode = "cdiff" if sys.stderr.isatty() else "diff"
     sparse = dsd_fx.transform(model, phase="sparse", config=config, capture=args.capture, example_args=example,
                               print_changed=mode, print_changed_dir=args.out)
@@ -131,6 +138,25 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_output(path: str) -> None:
+    """-o names a file that export can write (atomically: a temporary file in its folder, renamed
+    onto it), or one CliError, before the factory and the export run."""
+    if not path or path.endswith(("/", os.sep)) or os.path.isdir(path):
+        raise CliError(f"-o {path!r} is a folder or no file name; give the .onnx file to write, e.g. "
+                       f"{os.path.join(path or '.', 'model.onnx')}")
+    if os.path.lexists(path) and not os.path.isfile(path):  # a device or a broken link would be replaced
+        raise CliError(f"-o {path}: it exists and is not a regular file; give a new .onnx file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise CliError(f"cannot write {path}: folder {folder} does not exist or is not writable")
+    try:  # what the export does: os.access says yes to root, even on a read-only or virtual file system
+        fd, probe = tempfile.mkstemp(prefix=".dsd_fx-", suffix=".onnx.part", dir=folder)
+    except OSError as err:
+        raise CliError(f"cannot write {path}: folder {folder} is not writable ({err.strerror or err})") from err
+    os.close(fd)
+    os.unlink(probe)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import dsd_fx
 
@@ -138,11 +164,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     sparse = bool(args.pattern or args.sparse)
     if not sparse and config != SparseConfig():  # options of a sparse phase that would not run
         raise CliError("--sparsity, --method, --pack and --kernel shape the sparse-phase model: add --sparse or --pattern")
+    _check_output(args.output)
     model = _factory(args.factory)
     example = _shapes(args.input_shape)
-    folder = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise CliError(f"cannot write {args.output}: folder {folder} does not exist or is not writable")
+    _check_runs(model, example, args.input_shape)  # a shape that does not fit: one line, not the exporter's traceback
     if sparse:
         model = dsd_fx.transform(model, phase="sparse", config=config, capture=args.capture, example_args=example)
     dsd_fx.export_onnx(model, example, args.output)
@@ -151,18 +176,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    import onnx
-
-    from dsd_fx.verify import compare_onnx
+    from dsd_fx.diagnostics.graphs import load_onnx
+    from dsd_fx.proof.zero_overhead import compare_onnx
 
     protos = []
     for path in (args.reference, args.final):
         if not os.path.isfile(path):
             raise CliError(f"no such file: {path}")
         try:
-            protos.append(onnx.load(path))
-        except Exception as err:  # noqa: BLE001
-            raise CliError(f"{path} is not an ONNX model: {type(err).__name__}: {err}") from err
+            protos.append(load_onnx(path))
+        except ValueError as err:  # garbage or an empty file
+            raise CliError(str(err)) from err
     result = compare_onnx(*protos)
     print(result.table)
     return 0 if result.ok else 1

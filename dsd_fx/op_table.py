@@ -8,8 +8,9 @@ whether the packed N:M kernel (`x @ W.T + b`) can take it. Adding an op is one r
 """
 from __future__ import annotations
 
+import math
 import operator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Callable
 
@@ -17,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
+
+import dsd_fx.ops  # noqa: F401 - registers dsd_fx::nm_linear, a row of its own (a classifier of packed graphs)
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,44 @@ class Packed:
     no_kwargs: bool = False  # addmm's beta/alpha change the product: not the packed kernel's
 
 
+class Flow(str, Enum):
+    """What an op does to the channel dimension of its tensor operands."""
+
+    ELEMENTWISE = "elementwise"  # broadcast: every tensor operand's channels tie with the output's
+    NORM = "norm"  # per-channel statistics; affine params and running stats follow the channels
+    PASS = "pass"  # first operand's channels go through unchanged (pooling, dropout, unary math)
+    RESHAPE = "reshape"  # flatten / view / reshape: the shapes say where the channel dim goes
+    MOVE = "move"  # transpose / permute: the channel dim moves
+    CAT = "cat"  # torch.cat along the channel dim: offsets
+    SPLIT = "split"  # split / chunk along the channel dim: ranges
+    REDUCE = "reduce"  # mean / sum over other dims (global pooling): the channel dim stays
+    REFUSE = "refuse"  # channels reaching this op cannot be removed (see reason)
+    QUERY = "query"  # size / dim / getattr: reads a shape or an attribute, no channels flow on
+    INDEX = "index"  # getitem: one output of a multi-output op (an LSTM's, a split's) takes that output's channels
+
+
+@dataclass(frozen=True)
+class ChannelRule:
+    """flow: see Flow. params: the per-channel parameters and buffers of a NORM module, all along
+    dim 0. dim_arg / dim_kw: where a function op takes its dim (cat, split, transpose, flatten).
+    reason: why a REFUSE op blocks its groups, for the message. shape_args: a RESHAPE op's arguments
+    spell its target shape (view, reshape; not flatten). permutes: a MOVE op takes a permutation
+    (permute), not two dims to swap (transpose)."""
+
+    flow: Flow
+    params: tuple[str, ...] = ()
+    dim_arg: int | None = None
+    dim_kw: str = "dim"
+    reason: str = ""
+    shape_args: bool = True
+    permutes: bool = False
+
+
+_ATTENTION = ChannelRule(
+    Flow.REFUSE, reason="nn.MultiheadAttention: its embed dim is tied to every head's projections and the "
+    "residual stream; dsd_fx does not prune attention (prune the MLP hidden dim instead)")
+
+
 @dataclass(frozen=True)
 class OpRow:
     """Everything dsd_fx knows about one op.
@@ -69,6 +110,18 @@ class OpRow:
     opt_in: pruned only when the user asks (nn.Embedding: a lookup reads rows, it is no matmul).
     channels: how channels flow through the op (structural pruning; see `ChannelRule` at the end
         of this file); None for a weight op means: derived from its slots' out_dim / in_dim.
+    family: the op's kind across spatial dims and call forms ("linear", "conv", "conv_transpose",
+        "max_pool"), what a check asks for instead of a class; spatial: a conv's or pool's spatial dims
+        (`layer_class(family, spatial)` finds the module class: the layers grow adds).
+    macs: `macs(module, output shape, input shape)`, the multiply-accumulates of one call (`cost`);
+        None counts none.
+    classifier_input: the argument position of the input where the op can be the final classifier
+        (the push's default tap); None where it cannot.
+    resize: `resize(module, channels removed)` after prune or grow replaced its tensors: makes its
+        size attributes (`sizes`, which inplace=True copies to the user's layer) say what they hold.
+    groups_arg: where a functional convolution takes its groups argument.
+    dropped_args: call arguments of a module that its functional form cannot pass on: a call that
+        gives them is refused before any change (ConvTranspose's output_size).
     """
 
     kind: str
@@ -79,6 +132,14 @@ class OpRow:
     channel_dim: int | None = None
     opt_in: bool = False
     channels: "ChannelRule | None" = None
+    family: str = ""
+    spatial: int | None = None
+    macs: Callable[[nn.Module | None, tuple, tuple], int] | None = None
+    classifier_input: int | None = None
+    resize: Callable[[nn.Module, int], None] | None = None
+    sizes: tuple[str, ...] = ()
+    groups_arg: int | None = None
+    dropped_args: tuple[str, ...] = ()
 
     def slots_of(self, module: nn.Module | None = None) -> tuple[Slot, ...]:
         return self.slots(module) if callable(self.slots) else self.slots
@@ -108,6 +169,58 @@ def _conv_transpose(fn):
     return build
 
 
+# ---------------------------------------------------------------- multiply-accumulates: (module, out, x) shapes
+
+
+def _linear_macs(m: nn.Linear, out: tuple, x: tuple) -> int:
+    return math.prod(out) * m.in_features
+
+
+def _conv_macs(m: nn.modules.conv._ConvNd, out: tuple, x: tuple) -> int:
+    k = math.prod(m.kernel_size)
+    if m.transposed:
+        return math.prod(x) * m.out_channels // m.groups * k
+    return math.prod(out) * m.in_channels // m.groups * k
+
+
+def _attention_macs(m: nn.MultiheadAttention, out: tuple, x: tuple) -> int:
+    e, t = m.embed_dim, math.prod(out[:-1])
+    return 4 * t * e * e + 2 * t * (x[-2] if m.batch_first else x[0]) * e
+
+
+def _matmul_macs(m: None, out: tuple, x: tuple) -> int:
+    return math.prod(out) * x[-1]
+
+
+# ---------------------------------------------------------------- size attributes after prune / grow
+
+
+def _linear_resize(m: nn.Linear, removed: int) -> None:
+    m.out_features, m.in_features = m.weight.shape
+
+
+def _conv_resize(m: nn.modules.conv._ConvNd, removed: int) -> None:
+    w, groups = m.weight, m.groups
+    depthwise = groups > 1 and groups == m.in_channels == m.out_channels
+    if depthwise:
+        m.groups = m.in_channels = m.out_channels = w.shape[0]
+    elif m.transposed:
+        m.in_channels, m.out_channels = w.shape[0], w.shape[1] * groups
+    else:
+        m.out_channels, m.in_channels = w.shape[0], w.shape[1] * groups
+
+
+def _embedding_resize(m: nn.Embedding, removed: int) -> None:
+    m.embedding_dim = m.weight.shape[1]
+
+
+def _norm_resize(m: nn.modules.batchnorm._NormBase, removed: int) -> None:
+    m.num_features -= removed
+
+
+_CONV = dict(fresh_grad=True, macs=_conv_macs, resize=_conv_resize, sizes=("in_channels", "out_channels", "groups"))
+
+
 # ---------------------------------------------------------------- layers with weights of their own
 
 
@@ -125,27 +238,37 @@ def _attention_slots(m: nn.Module) -> tuple[Slot, ...]:
     return tuple(Slot(n, 1, 0, 1) for n in names if getattr(m, n, None) is not None)
 
 
+def _recurrent(name: str) -> "ChannelRule":
+    return ChannelRule(Flow.REFUSE, reason=f"{name}: gate-stacked weights and the recurrent state; dsd_fx does not prune recurrent layers")
+
+
 _WEIGHT = (Slot("weight", 1, 0, 1),)
 _WEIGHT_T = (Slot("weight", 0, 1, 0),)  # ConvTranspose: (in_channels, out_channels / groups, ...)
 
 # module class -> row; a subclass that overrides forward computes something else and is not matched
 MODULES: dict[type, OpRow] = {
-    nn.Linear: OpRow("linear", _WEIGHT, _linear, Packed(x=0, weight=1, bias=2), fresh_grad=True, channel_dim=-1),
-    nn.Conv1d: OpRow("conv1d", _WEIGHT, _conv(F.conv1d), fresh_grad=True, channel_dim=-2),
-    nn.Conv2d: OpRow("conv2d", _WEIGHT, _conv(F.conv2d), fresh_grad=True, channel_dim=-3),
-    nn.Conv3d: OpRow("conv3d", _WEIGHT, _conv(F.conv3d), fresh_grad=True, channel_dim=-4),
-    nn.ConvTranspose1d: OpRow("conv_transpose1d", _WEIGHT_T, _conv_transpose(F.conv_transpose1d), fresh_grad=True, channel_dim=-2),
-    nn.ConvTranspose2d: OpRow("conv_transpose2d", _WEIGHT_T, _conv_transpose(F.conv_transpose2d), fresh_grad=True, channel_dim=-3),
-    nn.ConvTranspose3d: OpRow("conv_transpose3d", _WEIGHT_T, _conv_transpose(F.conv_transpose3d), fresh_grad=True, channel_dim=-4),
-    nn.LSTM: OpRow("lstm", _rnn_slots, fresh_grad=False),
-    nn.GRU: OpRow("gru", _rnn_slots, fresh_grad=False),
-    nn.RNN: OpRow("rnn", _rnn_slots, fresh_grad=False),
-    nn.LSTMCell: OpRow("lstm_cell", _cell_slots, fresh_grad=False),
-    nn.GRUCell: OpRow("gru_cell", _cell_slots, fresh_grad=False),
-    nn.RNNCell: OpRow("rnn_cell", _cell_slots, fresh_grad=False),
-    nn.MultiheadAttention: OpRow("multihead_attention", _attention_slots, fresh_grad=False, channel_dim=-1),
+    nn.Linear: OpRow("linear", _WEIGHT, _linear, Packed(x=0, weight=1, bias=2), fresh_grad=True, channel_dim=-1, family="linear",
+                     macs=_linear_macs, classifier_input=0, resize=_linear_resize, sizes=("in_features", "out_features")),
+    nn.Conv1d: OpRow("conv1d", _WEIGHT, _conv(F.conv1d), channel_dim=-2, family="conv", spatial=1, **_CONV),
+    nn.Conv2d: OpRow("conv2d", _WEIGHT, _conv(F.conv2d), channel_dim=-3, family="conv", spatial=2, **_CONV),
+    nn.Conv3d: OpRow("conv3d", _WEIGHT, _conv(F.conv3d), channel_dim=-4, family="conv", spatial=3, **_CONV),
+    nn.ConvTranspose1d: OpRow("conv_transpose1d", _WEIGHT_T, _conv_transpose(F.conv_transpose1d), channel_dim=-2,
+                              family="conv_transpose", spatial=1, dropped_args=("output_size",), **_CONV),
+    nn.ConvTranspose2d: OpRow("conv_transpose2d", _WEIGHT_T, _conv_transpose(F.conv_transpose2d), channel_dim=-3,
+                              family="conv_transpose", spatial=2, dropped_args=("output_size",), **_CONV),
+    nn.ConvTranspose3d: OpRow("conv_transpose3d", _WEIGHT_T, _conv_transpose(F.conv_transpose3d), channel_dim=-4,
+                              family="conv_transpose", spatial=3, dropped_args=("output_size",), **_CONV),
+    nn.LSTM: OpRow("lstm", _rnn_slots, fresh_grad=False, channels=_recurrent("LSTM")),
+    nn.GRU: OpRow("gru", _rnn_slots, fresh_grad=False, channels=_recurrent("GRU")),
+    nn.RNN: OpRow("rnn", _rnn_slots, fresh_grad=False, channels=_recurrent("RNN")),
+    nn.LSTMCell: OpRow("lstm_cell", _cell_slots, fresh_grad=False, channels=_recurrent("LSTMCell")),
+    nn.GRUCell: OpRow("gru_cell", _cell_slots, fresh_grad=False, channels=_recurrent("GRUCell")),
+    nn.RNNCell: OpRow("rnn_cell", _cell_slots, fresh_grad=False, channels=_recurrent("RNNCell")),
+    nn.MultiheadAttention: OpRow("multihead_attention", _attention_slots, fresh_grad=False, channel_dim=-1, macs=_attention_macs,
+                                 channels=_ATTENTION),
     # (num_embeddings, embedding_dim): a row per token; the embedding dim is the output channel
-    nn.Embedding: OpRow("embedding", (Slot("weight", 1, 1, None),), fresh_grad=False, channel_dim=-1, opt_in=True),
+    nn.Embedding: OpRow("embedding", (Slot("weight", 1, 1, None),), fresh_grad=False, channel_dim=-1, opt_in=True,
+                        resize=_embedding_resize, sizes=("embedding_dim",)),
 }
 
 
@@ -163,28 +286,38 @@ def _w(reduction: int, out_dim: int, in_dim: int) -> tuple[Slot, ...]:
     return (Slot("weight", reduction, out_dim, in_dim, index=1),)
 
 
+_FCONV = dict(fresh_grad=True, groups_arg=6)  # F.conv*(input, weight, bias, stride, padding, dilation | output_padding, groups, ...)
+
+
 # (fx op, target) -> row
 FUNCTIONS: dict[tuple[str, object], OpRow] = {
-    ("call_function", F.linear): OpRow("linear", (Slot("weight", -1, 0, 1, index=1),), packed=Packed(0, 1, 2, "bias"), fresh_grad=True, channel_dim=-1),
-    ("call_function", F.conv1d): OpRow("conv1d", _w(1, 0, 1), fresh_grad=True, channel_dim=-2),
-    ("call_function", F.conv2d): OpRow("conv2d", _w(1, 0, 1), fresh_grad=True, channel_dim=-3),
-    ("call_function", F.conv3d): OpRow("conv3d", _w(1, 0, 1), fresh_grad=True, channel_dim=-4),
-    ("call_function", F.conv_transpose1d): OpRow("conv_transpose1d", _w(0, 1, 0), fresh_grad=True, channel_dim=-2),
-    ("call_function", F.conv_transpose2d): OpRow("conv_transpose2d", _w(0, 1, 0), fresh_grad=True, channel_dim=-3),
-    ("call_function", F.conv_transpose3d): OpRow("conv_transpose3d", _w(0, 1, 0), fresh_grad=True, channel_dim=-4),
-    ("call_function", torch.matmul): OpRow("matmul", _mm_slots("input", "other"), packed=_MM, fresh_grad=True, channel_dim=-1),
+    ("call_function", F.linear): OpRow("linear", (Slot("weight", -1, 0, 1, index=1),), packed=Packed(0, 1, 2, "bias"), fresh_grad=True,
+                                       channel_dim=-1, family="linear", macs=_matmul_macs, classifier_input=0),
+    ("call_function", F.conv1d): OpRow("conv1d", _w(1, 0, 1), channel_dim=-2, family="conv", spatial=1, **_FCONV),
+    ("call_function", F.conv2d): OpRow("conv2d", _w(1, 0, 1), channel_dim=-3, family="conv", spatial=2, **_FCONV),
+    ("call_function", F.conv3d): OpRow("conv3d", _w(1, 0, 1), channel_dim=-4, family="conv", spatial=3, **_FCONV),
+    ("call_function", F.conv_transpose1d): OpRow("conv_transpose1d", _w(0, 1, 0), channel_dim=-2, family="conv_transpose",
+                                                      spatial=1, **_FCONV),
+    ("call_function", F.conv_transpose2d): OpRow("conv_transpose2d", _w(0, 1, 0), channel_dim=-3, family="conv_transpose",
+                                                      spatial=2, **_FCONV),
+    ("call_function", F.conv_transpose3d): OpRow("conv_transpose3d", _w(0, 1, 0), channel_dim=-4, family="conv_transpose",
+                                                      spatial=3, **_FCONV),
+    ("call_function", torch.matmul): OpRow("matmul", _mm_slots("input", "other"), packed=_MM, fresh_grad=True, channel_dim=-1, macs=_matmul_macs),
     ("call_function", operator.matmul): OpRow("matmul", _mm_slots("", ""), packed=_MM, fresh_grad=True, channel_dim=-1),
-    ("call_function", torch.mm): OpRow("mm", _mm_slots("input", "mat2"), packed=_MM, fresh_grad=True, channel_dim=-1),
+    ("call_function", torch.mm): OpRow("mm", _mm_slots("input", "mat2"), packed=_MM, fresh_grad=True, channel_dim=-1, macs=_matmul_macs),
     ("call_function", torch.addmm): OpRow(
         "addmm", (Slot("mat1", -1, index=1), Slot("mat2", -2, -1, -2, index=2)),
         packed=Packed(x=1, weight=2, bias=0, no_kwargs=True), fresh_grad=True, channel_dim=-1,
     ),
-    ("call_function", torch.bmm): OpRow("bmm", _mm_slots("input", "mat2"), fresh_grad=False, channel_dim=-1),
-    ("call_method", "bmm"): OpRow("bmm", _mm_slots("", "mat2"), fresh_grad=False, channel_dim=-1),
-    ("call_method", "matmul"): OpRow("matmul", _mm_slots("", "other"), packed=_MM, fresh_grad=True, channel_dim=-1),
-    ("call_method", "mm"): OpRow("mm", _mm_slots("", "mat2"), packed=_MM, fresh_grad=True, channel_dim=-1),
+    ("call_function", torch.bmm): OpRow("bmm", _mm_slots("input", "mat2"), fresh_grad=False, channel_dim=-1, macs=_matmul_macs),
+    ("call_method", "bmm"): OpRow("bmm", _mm_slots("", "mat2"), fresh_grad=False, channel_dim=-1, macs=_matmul_macs),
+    ("call_method", "matmul"): OpRow("matmul", _mm_slots("", "other"), packed=_MM, fresh_grad=True, channel_dim=-1, macs=_matmul_macs),
+    ("call_method", "mm"): OpRow("mm", _mm_slots("", "mat2"), packed=_MM, fresh_grad=True, channel_dim=-1, macs=_matmul_macs),
     # einsum's slots depend on its equation: see einsum_slots
     ("call_function", torch.functional.einsum): OpRow("einsum", (), fresh_grad=False),
+    # linear ops that no rewrite takes yet (an aten graph's, pack_nm's packed Linear): the final classifier's candidates
+    ("call_function", torch.ops.aten.linear.default): OpRow("linear", (), family="linear", classifier_input=0),
+    ("call_function", torch.ops.dsd_fx.nm_linear.default): OpRow("nm_linear", (), family="linear", classifier_input=0),
 }
 EINSUM = FUNCTIONS[("call_function", torch.functional.einsum)]
 
@@ -203,6 +336,14 @@ def module_row(module: nn.Module) -> OpRow | None:
         if isinstance(module, cls) and type(module).forward is cls.forward:
             return row
     return None
+
+
+def layer_class(family: str, spatial: int) -> type:
+    """The module class of the row of `family` with `spatial` dims (layer_class("conv", 2) is nn.Conv2d)."""
+    for cls, row in MODULES.items():
+        if row.family == family and row.spatial == spatial:
+            return cls
+    raise KeyError(f"op_table: no layer of family {family!r} with {spatial} spatial dims")
 
 
 def function_row(node: fx.Node) -> OpRow | None:
@@ -294,37 +435,10 @@ def known_ops() -> str:
 
 
 # ---- channel flow (structural pruning)
-# How channels flow through ops that hold no matmul weight, for dsd_fx.channels. Weight ops
+# How channels flow through ops that hold no matmul weight, for dsd_fx.channels.groups. Weight ops
 # (Linear, Conv*, ConvTranspose*, Embedding) need no rule: their slots' out_dim / in_dim and the
 # row's channel_dim say where channels are made and consumed. An op with no row blocks the
 # channel groups that reach it.
-
-
-class Flow(str, Enum):
-    """What an op does to the channel dimension of its tensor operands."""
-
-    ELEMENTWISE = "elementwise"  # broadcast: every tensor operand's channels tie with the output's
-    NORM = "norm"  # per-channel statistics; affine params and running stats follow the channels
-    PASS = "pass"  # first operand's channels go through unchanged (pooling, dropout, unary math)
-    RESHAPE = "reshape"  # flatten / view / reshape: the shapes say where the channel dim goes
-    MOVE = "move"  # transpose / permute: the channel dim moves
-    CAT = "cat"  # torch.cat along the channel dim: offsets
-    SPLIT = "split"  # split / chunk along the channel dim: ranges
-    REDUCE = "reduce"  # mean / sum over other dims (global pooling): the channel dim stays
-    REFUSE = "refuse"  # channels reaching this op cannot be removed (see reason)
-
-
-@dataclass(frozen=True)
-class ChannelRule:
-    """flow: see Flow. params: the per-channel parameters and buffers of a NORM module, all along
-    dim 0. dim_arg / dim_kw: where a function op takes its dim (cat, split, transpose, flatten).
-    reason: why a REFUSE op blocks its groups, for the message."""
-
-    flow: Flow
-    params: tuple[str, ...] = ()
-    dim_arg: int | None = None
-    dim_kw: str = "dim"
-    reason: str = ""
 
 
 _EW, _PASS = ChannelRule(Flow.ELEMENTWISE), ChannelRule(Flow.PASS)
@@ -333,21 +447,17 @@ _STATS_ACROSS = "normalises over the channel dim: removing a channel changes eve
 
 for _cls in (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Hardswish,
              nn.Hardsigmoid, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-             nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+             nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
              nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
              nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d):
     MODULES[_cls] = OpRow(_cls.__name__.lower(), (), channel_dim=1, channels=_PASS)
+for _k, _cls in enumerate((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d), 1):
+    MODULES[_cls] = OpRow(_cls.__name__.lower(), (), channel_dim=1, channels=_PASS, family="max_pool", spatial=_k)
 for _cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
-    MODULES[_cls] = OpRow(_cls.__name__.lower(), (), channel_dim=1, channels=_BN)
-MODULES[nn.Flatten] = OpRow("flatten", (), channels=ChannelRule(Flow.RESHAPE))
+    MODULES[_cls] = OpRow(_cls.__name__.lower(), (), channel_dim=1, channels=_BN, resize=_norm_resize, sizes=("num_features",))
+MODULES[nn.Flatten] = OpRow("flatten", (), channels=ChannelRule(Flow.RESHAPE, shape_args=False))
 MODULES[nn.GroupNorm] = OpRow("groupnorm", (), channel_dim=1, channels=ChannelRule(Flow.REFUSE, reason="GroupNorm " + _STATS_ACROSS))
 MODULES[nn.LayerNorm] = OpRow("layernorm", (), channel_dim=-1, channels=ChannelRule(Flow.REFUSE, reason="LayerNorm " + _STATS_ACROSS))
-MODULES[nn.MultiheadAttention] = replace(MODULES[nn.MultiheadAttention], channels=ChannelRule(
-    Flow.REFUSE, reason="nn.MultiheadAttention: its embed dim is tied to every head's projections and the "
-    "residual stream; dsd_fx does not prune attention (prune the MLP hidden dim instead)"))
-for _cls in (nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell):
-    MODULES[_cls] = replace(MODULES[_cls], channels=ChannelRule(
-        Flow.REFUSE, reason=f"{_cls.__name__}: gate-stacked weights and the recurrent state; dsd_fx does not prune recurrent layers"))
 
 _ELEMENTWISE_FUNCTIONS = (operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul, torch.sub,
                           torch.div, torch.maximum, torch.minimum, torch.where, torch.pow, operator.pow)
@@ -365,12 +475,17 @@ for _name in ("add", "mul", "sub", "div", "add_", "mul_", "pow"):
 for _name in ("relu", "sigmoid", "tanh", "contiguous", "clone", "abs", "neg", "exp", "relu_", "clamp", "float", "to",
               "type_as", "detach"):
     FUNCTIONS[("call_method", _name)] = OpRow(_name, (), channels=_PASS)
-for _key in (("call_function", torch.flatten), ("call_method", "flatten"), ("call_method", "view"),
-             ("call_method", "reshape"), ("call_function", torch.reshape)):
+for _key in (("call_function", torch.flatten), ("call_method", "flatten")):
+    FUNCTIONS[_key] = OpRow("reshape", (), channels=ChannelRule(Flow.RESHAPE, shape_args=False))
+for _key in (("call_method", "view"), ("call_method", "reshape"), ("call_function", torch.reshape)):
     FUNCTIONS[_key] = OpRow("reshape", (), channels=ChannelRule(Flow.RESHAPE))
-for _key in (("call_function", torch.transpose), ("call_method", "transpose"), ("call_method", "permute"),
-             ("call_function", torch.permute)):
+for _key in (("call_function", torch.transpose), ("call_method", "transpose")):
     FUNCTIONS[_key] = OpRow("move", (), channels=ChannelRule(Flow.MOVE))
+for _key in (("call_method", "permute"), ("call_function", torch.permute)):
+    FUNCTIONS[_key] = OpRow("move", (), channels=ChannelRule(Flow.MOVE, permutes=True))
+for _key in (("call_method", "size"), ("call_method", "dim"), ("call_function", getattr)):
+    FUNCTIONS[_key] = OpRow("query", (), channels=ChannelRule(Flow.QUERY))
+FUNCTIONS[("call_function", operator.getitem)] = OpRow("getitem", (), channels=ChannelRule(Flow.INDEX))
 FUNCTIONS[("call_function", torch.cat)] = OpRow("cat", (), channels=ChannelRule(Flow.CAT, dim_arg=1))
 FUNCTIONS[("call_function", torch.concat)] = OpRow("cat", (), channels=ChannelRule(Flow.CAT, dim_arg=1))
 for _key in (("call_function", torch.split), ("call_method", "split")):
@@ -388,7 +503,6 @@ def channel_rule(row: OpRow | None) -> ChannelRule | None:
 for _key in (("call_method", "mean"), ("call_function", torch.mean), ("call_method", "sum"), ("call_function", torch.sum),
              ("call_method", "amax"), ("call_function", torch.amax)):
     FUNCTIONS[_key] = OpRow("reduce", (), channels=ChannelRule(Flow.REDUCE, dim_arg=1))
-del _cls, _fn, _key, _name
+del _cls, _fn, _key, _name, _k
 
-# the aten rows (what torch.export's graphs call) live in their own module, which adds them to FUNCTIONS
-from dsd_fx import aten_rows as _aten_rows  # noqa: E402,F401  (imported last: it reads this module's names)
+# the aten rows (what torch.export's graphs call): dsd_fx.aten_rows, which the package's __init__ registers

@@ -6,7 +6,8 @@ from typing import Any, Callable
 
 import torch
 
-from dsd_fx.packing import CompressedWeights, compress_semi_structured
+from dsd_fx.sparse.config import KERNELS
+from dsd_fx.sparse.packing import CompressedWeights, compress_semi_structured
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def sparsify_nm(
     W~ (no weight-sized allocation per step); the rewrite sets it only where W~ feeds exactly one
     matmul-like op and nothing else, so that nothing reads W~ after that op's backward.
     """
-    from dsd_fx.masks import nm_sparsify
+    from dsd_fx.sparse.masks import nm_sparsify
 
     return nm_sparsify(weight, n, m, dim)
 
@@ -156,7 +157,6 @@ sparsify_nm.register_autograd(_sparsify_nm_backward, setup_context=_sparsify_nm_
 # ---------------------------------------------------------------- packed N:M
 
 
-KERNELS = ("auto", "sparse", "dense")
 
 
 SEMI_STRUCTURED = CompressedWeights(compress_semi_structured)  # every packed 2:4 weight nm_linear ran sparse
@@ -248,14 +248,15 @@ def _sparse_linear(x: torch.Tensor, sparse: Any) -> torch.Tensor:
 
 
 def _unpack(values: torch.Tensor, meta: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    from dsd_fx.packing import unpack_tensor
+    from dsd_fx.sparse.packing import unpack_tensor
 
     return unpack_tensor(values, meta, n, m)
 
 
-def _check_kernel(kernel: str) -> None:
-    if kernel not in KERNELS:
-        raise ValueError(f"dsd_fx::nm_linear: kernel={kernel!r} is not one of {', '.join(map(repr, KERNELS))}")
+def _check_impl(impl: str) -> None:
+    if impl not in KERNELS:
+        raise ValueError(f"dsd_fx::nm_linear: impl={impl!r} (SparseConfig's kernel=) is not one of "
+                         f"{', '.join(map(repr, KERNELS))}")
 
 
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -265,19 +266,21 @@ def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 @torch.library.custom_op("dsd_fx::nm_linear", mutates_args=())
 def nm_linear(
     x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None, n: int, m: int,
-    kernel: str = "auto",
+    impl: str = "auto",
 ) -> torch.Tensor:
     """x @ W.T + bias, with W (out, in) stored N:M-packed as (values (out, in*N/M), meta).
 
-    kernel="auto" (the default): on CUDA, 2:4, fp16/bf16, features multiples of 64, torch's
+    impl (SparseConfig's kernel=; not named `kernel`: Inductor's fallback lowering calls
+    FallbackKernel.create(kernel, *args, **kwargs), so an op argument of that name collides with it)
+    "auto" (the default): on CUDA, 2:4, fp16/bf16, features multiples of 64, torch's
     semi-structured sparse kernels where, measured once per shape, they beat the dense one;
     "sparse": those kernels wherever they can run; "dense": never. Their compressed weight is
     made once per change of the values (SEMI_STRUCTURED, a CompressedWeights) and shared by
     forward and backward. Otherwise W is scattered for a dense product and freed; why is logged
     once per shape. The weight gradient is dense, gathered at the kept positions.
     """
-    _check_kernel(kernel)
-    forms = _sparse_forms(x, values, meta, n, m, kernel)
+    _check_impl(impl)
+    forms = _sparse_forms(x, values, meta, n, m, impl)
     if forms is not None:
         return _add_bias(_sparse_linear(x, forms.weight), bias)
     weight = _unpack(values, meta, n, m)
@@ -287,22 +290,22 @@ def nm_linear(
 
 
 @nm_linear.register_fake
-def _(x, values, meta, bias, n, m, kernel="auto"):
-    _check_kernel(kernel)
+def _(x, values, meta, bias, n, m, impl="auto"):
+    _check_impl(impl)
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
 def _nm_linear_setup(ctx, inputs, output):
-    x, values, meta, bias, n, m, kernel = inputs
+    x, values, meta, bias, n, m, impl = inputs
     ctx.save_for_backward(x, values, meta)
     ctx.nm = (n, m, bias is not None)
     ctx.bias_shape = None if bias is None else bias.shape
     # the forward's choice again (cached: no compression, no timing): the input gradient reuses its forms
-    ctx.forms = _sparse_forms(x, values, meta, n, m, kernel) if x.is_cuda else None
+    ctx.forms = _sparse_forms(x, values, meta, n, m, impl) if x.is_cuda else None
 
 
 def _nm_linear_backward(ctx, grad):
-    from dsd_fx.packing import gather_nm
+    from dsd_fx.sparse.packing import gather_nm
 
     x, values, meta = ctx.saved_tensors
     n, m, has_bias = ctx.nm
@@ -353,7 +356,7 @@ _autocast_like_linear("nm_linear")
 @torch.library.custom_op("dsd_fx::nm_unpack", mutates_args=())
 def nm_unpack(values: torch.Tensor, meta: torch.Tensor, n: int, m: int, dim: int, shape: list[int]) -> torch.Tensor:
     """The dense weight from packed N:M storage, for ops with no packed kernel (Conv): compute is dense."""
-    from dsd_fx.packing import unpack_tensor
+    from dsd_fx.sparse.packing import unpack_tensor
 
     return unpack_tensor(values, meta, n, m, dim).reshape(shape).contiguous()
 
@@ -370,8 +373,8 @@ def _nm_unpack_setup(ctx, inputs, output):
 
 
 def _nm_unpack_backward(ctx, grad):
-    from dsd_fx.masks import nm_view
-    from dsd_fx.packing import gather_nm
+    from dsd_fx.sparse.masks import nm_view
+    from dsd_fx.sparse.packing import gather_nm
 
     (meta,) = ctx.saved_tensors
     n, m, dim, vshape = ctx.nm

@@ -8,8 +8,8 @@ from enum import Enum
 import torch
 from torch import fx
 
-from dsd_fx.masks import nm_mask
-from dsd_fx.packing import unpack_tensor
+from dsd_fx.sparse.masks import nm_mask
+from dsd_fx.sparse.packing import unpack_tensor
 
 STATE = "_dsd_fx"  # the submodule of a sparse-phase graph holding its record
 

@@ -9,7 +9,6 @@ from torch import fx
 
 from dsd_fx.tags import Role
 
-PASS = "insert_taps"  # the pass whose tags strip_taps looks for
 TAP_ROLE = Role.TAP  # the tap call: tap(recorder, x, name) -> x
 RECORDER_ROLE = Role.TAP_RECORDER  # the get_attr of the recorder the taps write to
 RECORDER = "_dsd_fx_taps"  # attribute name of the recorder on the GraphModule

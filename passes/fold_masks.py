@@ -8,14 +8,16 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from dsd_fx.pipeline import Invariant, Pass, run_passes
+from dsd_fx.infra.pipeline import Invariant, Pass, run_passes
 from dsd_fx.state import STATE, MaskKind, masks_of, refills
 from dsd_fx.tags import META_KEY, has_dsd_nodes, is_permanent
 from dsd_fx.taps import recorder_of
 
-from dsd_fx.passes.strip_masks import strip_masks
-from dsd_fx.passes.strip_taps import strip_taps
-from dsd_fx.passes.unpack_nm import unpack_nm
+from dsd_fx.passes.strip_masks import PASS as STRIP_MASKS, strip_masks
+from dsd_fx.passes.strip_taps import PASS as STRIP_TAPS, strip_taps
+from dsd_fx.passes.unpack_nm import PASS as UNPACK_NM, unpack_nm
+
+PASS = "fold_masks"
 
 
 def _is_dsd_fx_op(target: object) -> bool:
@@ -62,9 +64,9 @@ def redense_plan(gm: fx.GraphModule) -> tuple[list[tuple[str, Pass]], list[Invar
         for refill in pending:  # one weight at a time: no second copy of the model
             refill.commit()
 
-    recipe = [("unpack_nm", functools.partial(unpack_nm, records=records)), ("strip_masks", strip_masks), ("drop_record", drop_record)]
+    recipe = [(UNPACK_NM, functools.partial(unpack_nm, records=records)), (STRIP_MASKS, strip_masks), ("drop_record", drop_record)]
     if tapped:  # taps first: strip_masks rebuilds the graph and would copy them untagged
-        recipe.insert(0, ("strip_taps", strip_taps))
+        recipe.insert(0, (STRIP_TAPS, strip_taps))
     return recipe, [Invariant("nothing of dsd_fx left after re-dense", nothing_left)], commit
 
 

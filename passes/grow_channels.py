@@ -8,10 +8,10 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from dsd_fx.channel_layout import Member
-from dsd_fx.channels import ChannelGroup
+from dsd_fx.channels.layout import Member
+from dsd_fx.channels.groups import ChannelGroup
 from dsd_fx.passes.prune_channels import fix_attributes
-from dsd_fx.pipeline import note, shapes_of
+from dsd_fx.infra.pipeline import note, shapes_of
 
 PASS = "grow_channels"
 ONES = ("weight", "running_var")  # a norm's entries that are 1 where it is the identity
@@ -117,7 +117,7 @@ def grow_channels(gm: fx.GraphModule, growths: Sequence[Growth], seed: int = 0) 
         conv2.weight (4, 8, 3, 3) -> (4, 12, 3, 3)  (new input columns: zero)
 
     New tensors replace the layers' entries (the shells of a capture): the user's model keeps its
-    own tensors. The text of the change (describe_growing) is the pass's note (dsd_fx.pipeline.note).
+    own tensors. The text of the change (describe_growing) is the pass's note (dsd_fx.infra.pipeline.note).
     """
     gen = torch.Generator().manual_seed(seed)
     layers = edits_of(growths)

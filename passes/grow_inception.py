@@ -9,8 +9,9 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.infra.pass_base import PassResult
 
-from dsd_fx.passes.grow_channels import Growth, describe_growing, edits_of, grow_layer
-from dsd_fx.pipeline import note, shapes_of
+from dsd_fx.passes.grow_channels import PASS as GROW_CHANNELS, Growth, describe_growing, edits_of, grow_layer
+from dsd_fx.infra.pipeline import note, shapes_of
+from dsd_fx.op_table import layer_class
 from dsd_fx.tags import Role, tag
 
 PASS = "grow_inception"
@@ -44,7 +45,7 @@ def _conv(conv: nn.Module, cin: int, cout: int, kernel: int, stride, bias: bool,
     """A plain nn.Conv1d/2d/3d (as `conv`'s dims) on `conv`'s dtype and device: weights uniform in +-1/sqrt(fan_in)
     (PyTorch's default scale), biases 0, padding that keeps the grid (kernel // 2)."""
     w = conv.weight
-    cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[w.dim() - 2]
+    cls = layer_class("conv", w.dim() - 2)
     new = cls(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=bias, device="meta")
     fan_in = cin * kernel ** (w.dim() - 2)
     weight = (torch.rand(new.weight.shape, generator=gen) * 2 - 1) / fan_in ** 0.5
@@ -59,7 +60,7 @@ def branches(conv: nn.Module, widths: Sequence[int], gen: torch.Generator) -> nn
     of `conv`'s output where `conv` pads to keep it), ReLU between its convolutions; the last
     convolution of each has a bias where `conv` has one."""
     cin, stride, bias = conv.in_channels, conv.stride, conv.bias is not None
-    pool = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}[conv.weight.dim() - 2]
+    pool = layer_class("max_pool", conv.weight.dim() - 2)
     w1, w3, wd, wp = widths
     return nn.ModuleDict({
         "branch1x1": nn.Sequential(_conv(conv, cin, w1, 1, stride, bias, gen)),
@@ -123,7 +124,7 @@ def grow_inception(gm: fx.GraphModule, grown: Sequence[InceptionGrowth], seed: i
         lines.append(f"  '{g.layer}' grown into an Inception module '{g.name}': branches "
                      + ", ".join(f"{b} {w}" for b, w in zip(BRANCHES, g.widths)))
     gm.recompile()
-    text = describe_growing(before, shapes_of(gm, layers), growths).replace("grow_channels", PASS, 1)
+    text = describe_growing(before, shapes_of(gm, layers), growths).replace(GROW_CHANNELS, PASS, 1)
     note(gm, PASS, "\n".join([text.splitlines()[0], *lines, *text.splitlines()[1:]]))
     return PassResult(gm, modified=bool(grown))
 

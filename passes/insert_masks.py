@@ -8,8 +8,8 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from dsd_fx.ops import mask_mul
-from dsd_fx.prunable import PrunableWeight
-from dsd_fx.rewrite import get_attr, owner_of, wrap_weight_uses
+from dsd_fx.sparse.prunable import PrunableWeight
+from dsd_fx.infra.rewrite import get_attr, owner_of, wrap_weight_uses
 from dsd_fx.tags import Role, tag
 
 PASS = "insert_masks"

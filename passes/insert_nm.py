@@ -7,8 +7,8 @@ import torch
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from dsd_fx.prunable import PrunableWeight
-from dsd_fx.rewrite import wrap_weight_uses
+from dsd_fx.sparse.prunable import PrunableWeight
+from dsd_fx.infra.rewrite import wrap_weight_uses
 from dsd_fx.tags import Role, tag
 
 PASS = "insert_nm"

@@ -3,37 +3,29 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from typing import Callable, Sequence
+from typing import Sequence
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-import dsd_fx.ops  # noqa: F401 - registers dsd_fx::nm_linear, a classifier op of packed graphs
+from dsd_fx.op_table import function_row, module_row
 from dsd_fx.tags import persist, tag, tag_of
-from dsd_fx.taps import PASS, RECORDER, RECORDER_ROLE, TAP_ROLE, TapRecorder, recorder_of, tap
+from dsd_fx.taps import RECORDER, RECORDER_ROLE, TAP_ROLE, TapRecorder, recorder_of, tap
 
-# the ops that can be the final classifier, and where each takes its input
-CLASSIFIER_FUNCTIONS: dict[Callable, int] = {
-    F.linear: 0,
-    torch._C._nn.linear: 0,
-    torch.ops.aten.linear.default: 0,
-    torch.ops.dsd_fx.nm_linear.default: 0,  # pack_nm's packed Linear
-}
-CLASSIFIER_MODULES: tuple[type, ...] = (nn.Linear,)
+PASS = "insert_taps"  # the one spelling of this pass's name: recipes, strip_taps and the tags read it
+
 
 
 def _classifier_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     """The input node of `node` if `node` is a Linear-like op, else None."""
-    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), CLASSIFIER_MODULES):
-        x = node.args[0] if node.args else node.kwargs.get("input")
-    elif node.op == "call_function" and node.target in CLASSIFIER_FUNCTIONS:
-        i = CLASSIFIER_FUNCTIONS[node.target]
-        x = node.args[i] if len(node.args) > i else node.kwargs.get("input")
+    if node.op == "call_module":
+        row = module_row(gm.get_submodule(node.target))
     else:
+        row = function_row(node) if node.op == "call_function" else None
+    i = row.classifier_input if row is not None else None
+    if i is None:
         return None
+    x = node.args[i] if len(node.args) > i else node.kwargs.get("input")
     return x if isinstance(x, fx.Node) else None
 
 

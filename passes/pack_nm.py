@@ -10,9 +10,9 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from dsd_fx.op_table import module_row, packed_call
-from dsd_fx.packing import pack_tensor
-from dsd_fx.prunable import PrunableWeight
-from dsd_fx.rewrite import functionalize, get_attr, input_of, owner_of
+from dsd_fx.sparse.packing import pack_tensor
+from dsd_fx.sparse.prunable import PrunableWeight
+from dsd_fx.infra.rewrite import functionalize, get_attr, input_of, owner_of
 from dsd_fx.tags import Role, tag, untagged_meta
 
 PASS = "pack_nm"
@@ -60,10 +60,10 @@ def pack_nm(gm: fx.GraphModule, weights: Sequence[tuple[PrunableWeight, int]], n
 class _Packer:
     n: int
     m: int
-    kernel: tuple  # () for "auto", else (kernel,): nm_linear's last argument
+    impl: tuple  # () for "auto", else (kernel,): nm_linear's last argument, `impl`
 
     def linear(self, g: fx.Graph, x, storage: tuple[fx.Node, fx.Node], bias) -> fx.Node:
-        return g.call_function(torch.ops.dsd_fx.nm_linear.default, (x, *storage, bias, self.n, self.m, *self.kernel))
+        return g.call_function(torch.ops.dsd_fx.nm_linear.default, (x, *storage, bias, self.n, self.m, *self.impl))
 
     def rewrite_call(self, gm: fx.GraphModule, call: fx.Node, wrapped: list[tuple[str, "_Weight"]]) -> None:
         """A module call reading packed weights: nm_linear for a Linear, else its functional form

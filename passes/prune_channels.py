@@ -8,8 +8,9 @@ import torch.nn as nn
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from dsd_fx.channels import ChannelGroup
-from dsd_fx.pipeline import note, shapes_of
+from dsd_fx.channels.groups import ChannelGroup
+from dsd_fx.infra.pipeline import note, shapes_of
+from dsd_fx.op_table import module_row
 
 PASS = "prune_channels"
 
@@ -36,25 +37,10 @@ def _smaller(t: torch.Tensor, cuts: dict[int, list[int]]) -> torch.Tensor:
 
 
 def fix_attributes(module: nn.Module, removed_count: int) -> None:
-    """Make a layer's size attributes say what its new tensors hold."""
-    if isinstance(module, nn.Linear):
-        module.out_features, module.in_features = module.weight.shape
-    elif isinstance(module, nn.modules.conv._ConvNd):
-        w, groups = module.weight, module.groups
-        depthwise = groups > 1 and groups == module.in_channels == module.out_channels
-        if depthwise:
-            module.groups = module.in_channels = module.out_channels = w.shape[0]
-        elif module.transposed:
-            module.in_channels, module.out_channels = w.shape[0], w.shape[1] * groups
-        else:
-            module.out_channels, module.in_channels = w.shape[0], w.shape[1] * groups
-    elif isinstance(module, nn.Embedding):
-        module.embedding_dim = module.weight.shape[1]
-    elif isinstance(module, nn.modules.batchnorm._NormBase):
-        module.num_features -= removed_count
-
-
-SIZES = ("in_features", "out_features", "in_channels", "out_channels", "groups", "embedding_dim", "num_features")
+    """Make a layer's size attributes say what its new tensors hold (its op-table row's `resize`)."""
+    row = module_row(module)
+    if row is not None and row.resize is not None:
+        row.resize(module, removed_count)
 
 
 def adopt(theirs: nn.Module, mine: nn.Module, names) -> None:
@@ -65,7 +51,8 @@ def adopt(theirs: nn.Module, mine: nn.Module, names) -> None:
             theirs._parameters[name] = mine._parameters[name]
         elif name:
             theirs._buffers[name] = mine._buffers[name]
-    for attr in SIZES:
+    row = module_row(mine)
+    for attr in row.sizes if row is not None else ():
         if attr in mine.__dict__:
             theirs.__dict__[attr] = mine.__dict__[attr]
 
@@ -114,7 +101,7 @@ def prune_channels(gm: fx.GraphModule, groups: Sequence[ChannelGroup], removed: 
         fc.weight (10, 128) -> (10, 96)               (each channel a block of 16 features)
 
     New tensors replace the layers' entries (the shells of a capture): the user's model keeps its
-    own tensors. The text of the change (describe_pruning) is the pass's note (dsd_fx.pipeline.note).
+    own tensors. The text of the change (describe_pruning) is the pass's note (dsd_fx.infra.pipeline.note).
     """
     cuts = cut_positions(groups, removed)
     by_layer = layer_cuts(cuts)

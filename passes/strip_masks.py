@@ -7,11 +7,16 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from dsd_fx.ops import module_call
-from dsd_fx.rewrite import owner_of
+from dsd_fx.infra.rewrite import owner_of
+from dsd_fx.passes.insert_masks import PASS as INSERT_MASKS
+from dsd_fx.passes.insert_nm import PASS as INSERT_NM
+from dsd_fx.passes.pack_nm import PASS as PACK_NM
+from dsd_fx.passes.unpack_nm import PASS as UNPACK_NM
 from dsd_fx.tags import META_KEY, Role, tag_of, tagged, untagged_meta
 
 # the passes whose nodes strip_masks removes (unpack_nm's restored nodes keep their place)
-PASSES = ("insert_masks", "insert_nm", "pack_nm", "unpack_nm")
+PASS = "strip_masks"
+PASSES = (INSERT_MASKS, INSERT_NM, PACK_NM, UNPACK_NM)  # the passes whose nodes it removes
 
 
 def strip_masks(gm: fx.GraphModule) -> PassResult:

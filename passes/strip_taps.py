@@ -5,7 +5,10 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from dsd_fx.tags import persist, tagged
-from dsd_fx.taps import PASS, RECORDER, RECORDER_ROLE, TAP_ROLE, recorder_of
+from dsd_fx.passes.insert_taps import PASS as INSERT_TAPS
+from dsd_fx.taps import RECORDER, RECORDER_ROLE, TAP_ROLE, recorder_of
+
+PASS = "strip_taps"
 
 
 def strip_taps(gm: fx.GraphModule) -> PassResult:
@@ -31,8 +34,8 @@ def strip_taps(gm: fx.GraphModule) -> PassResult:
     the generated code (after `gm.recompile()`, which the pipeline runs) equals the untapped graph's.
     """
     g = gm.graph
-    taps = list(tagged(g, PASS, TAP_ROLE))
-    readers = list(tagged(g, PASS, RECORDER_ROLE))
+    taps = list(tagged(g, INSERT_TAPS, TAP_ROLE))
+    readers = list(tagged(g, INSERT_TAPS, RECORDER_ROLE))
     if not taps and not readers and recorder_of(gm) is None:
         return PassResult(gm, modified=False)
     known = set(taps)

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from dsd_fx.rewrite import get_attr, owner_of
+from dsd_fx.infra.rewrite import get_attr, owner_of
+from dsd_fx.passes.pack_nm import PASS as PACK_NM
 from dsd_fx.state import MaskKind, MaskRecord
 from dsd_fx.tags import Role, tag, tag_of, tagged
 
@@ -35,11 +36,11 @@ def unpack_nm(gm: fx.GraphModule, records: Sequence[MaskRecord]) -> PassResult:
     unpacked values.
     """
     g = gm.graph
-    packed = [n for n in tagged(g, "pack_nm") if tag_of(n)["role"] in (Role.PACKED_OP, Role.UNPACKED)]
+    packed = [n for n in tagged(g, PACK_NM) if tag_of(n)["role"] in (Role.PACKED_OP, Role.UNPACKED)]
     if not packed:
         return PassResult(gm, modified=False)
     getters: dict[str, fx.Node] = {}  # original get_attr name -> its restored node
-    stored_at = {tag_of(n)["getter"]: n for n in tagged(g, "pack_nm", Role.PACKED_VALUES) if tag_of(n).get("getter")}
+    stored_at = {tag_of(n)["getter"]: n for n in tagged(g, PACK_NM, Role.PACKED_VALUES) if tag_of(n).get("getter")}
 
     def getter_for(t: dict) -> fx.Node:
         if t["getter"] not in getters:  # restored where the packed storage was read
@@ -55,11 +56,11 @@ def unpack_nm(gm: fx.GraphModule, records: Sequence[MaskRecord]) -> PassResult:
             if t["role"] == Role.UNPACKED:
                 new = getter_for(t) if t["getter"] else tag(get_attr(g, t["weight"]), PASS, Role.WEIGHT)
             elif "module" in t:
-                x, b = node.args[0], node.args[3]  # nm_linear(x, values, meta, bias, n, m[, kernel])
+                x, b = node.args[0], node.args[3]  # nm_linear(x, values, meta, bias, n, m[, impl])
                 w = tag(get_attr(g, t["weight"]), PASS, Role.WEIGHT)
                 new = tag(g.call_function(F.linear, (x, w, b)), PASS, Role.OP, module=t["module"], name=t["name"], meta=t["meta"])
             else:
-                x, b = node.args[0], node.args[3]  # nm_linear(x, values, meta, bias, n, m[, kernel])
+                x, b = node.args[0], node.args[3]  # nm_linear(x, values, meta, bias, n, m[, impl])
                 marks = {"$x": x, "$b": b, "$W": getter_for(t)}
                 fill = lambda a: marks[a] if isinstance(a, str) and a in marks else a  # noqa: E731
                 args = tuple(fill(a) for a in t["args"])
@@ -68,7 +69,7 @@ def unpack_nm(gm: fx.GraphModule, records: Sequence[MaskRecord]) -> PassResult:
                 new.meta.update(t["meta"])
         node.replace_all_uses_with(new)
         g.erase_node(node)
-    for node in list(tagged(g, "pack_nm")):
+    for node in list(tagged(g, PACK_NM)):
         if tag_of(node)["role"] in (Role.PACKED_VALUES, Role.PACKED_META) and not node.users:
             g.erase_node(node)
     for r in records:

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import dsd_fx
-from dsd_fx.capture import capture
+from dsd_fx.infra.graph_capture import capture
 
 
 class CausalFromShape(nn.Module):

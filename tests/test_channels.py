@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
-from dsd_fx.channels import channel_groups
+from dsd_fx.channels.groups import channel_groups
 from tests.channel_models import Dense, FlatCNN, Functional, Inception, InvertedResidual, MLPBlock, ResBlock
 
 IMG = torch.randn(2, 3, 8, 8)

@@ -99,11 +99,14 @@ def test_errors_are_one_line_and_exit_2(args, words):
     assert len(lines) == 1 and words in lines[0] and "Traceback" not in out.stderr
 
 
-def test_check_rejects_a_non_onnx_file(tmp_path):
+@pytest.mark.parametrize("content, words", [("not a model", "is not an ONNX model"),
+                                            ("", "is not an ONNX model: it is empty (0 bytes)")], ids=["garbage", "empty"])
+def test_check_rejects_a_non_onnx_file(tmp_path, content, words):
     bad = tmp_path / "x.onnx"
-    bad.write_text("not a model")
+    bad.write_text(content)
     out = run("check", str(bad), str(bad))
-    assert out.returncode == 2 and "is not an ONNX model" in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1 and words in lines[0], out.stderr
 
 
 def test_installed_console_script():
@@ -122,7 +125,7 @@ def _args(*flags: str):
 
 def test_flags_build_one_sparse_config():
     from dsd_fx.cli import _sparse_options
-    from dsd_fx.config import SparseConfig
+    from dsd_fx.sparse.config import SparseConfig
 
     assert _sparse_options(_args()) == SparseConfig()
     assert _sparse_options(_args("--sparsity", "0.25")) == SparseConfig(sparsity=0.25)
@@ -144,7 +147,7 @@ def test_config_errors_in_flag_words():
 
 def test_kernel_flag_and_its_environment_default(monkeypatch):
     from dsd_fx.cli import CliError, _sparse_options
-    from dsd_fx.config import SparseConfig
+    from dsd_fx.sparse.config import SparseConfig
 
     monkeypatch.setenv("DSD_FX_NM_KERNEL", "dense")
     assert _sparse_options(_args("--pattern", "2:4", "--pack")) == SparseConfig(pattern="2:4", pack=True, kernel="dense")
@@ -155,3 +158,62 @@ def test_kernel_flag_and_its_environment_default(monkeypatch):
     monkeypatch.setenv("DSD_FX_NM_KERNEL", "fast")
     with pytest.raises(CliError, match=r"^DSD_FX_NM_KERNEL=fast \(the default of --kernel\): --kernel must be one of"):
         _sparse_options(_args("--pattern", "2:4", "--pack"))
+
+
+TWO_INPUTS = '''
+import torch.nn as nn
+
+
+class Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 4), nn.Linear(4, 4)
+
+    def forward(self, x, y):
+        return {"out": self.a(x) + self.b(y)}
+
+
+def two():
+    return Two()
+'''
+
+
+@pytest.mark.parametrize("factory, shape", [("examples.models:mlp", "1,5"), ("examples.models:cnn", "1,3"),
+                                            ("twoin:two", "1,8"), ("twoin:two", "1,8;1,5")],
+                         ids=["mlp_wrong_features", "cnn_wrong_rank", "two_inputs_given_one", "two_inputs_wrong_second"])
+def test_export_with_an_input_shape_that_does_not_fit_is_one_line_and_exit_2(tmp_path, factory, shape):
+    (tmp_path / "twoin.py").write_text(TWO_INPUTS)
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    out = run("export", factory, "--input-shape", shape, "-o", str(tmp_path / "m.onnx"), cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"does not run on --input-shape {shape}" in lines[0], out.stderr[-2000:]
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_of_a_two_input_factory_given_both_shapes(tmp_path):
+    (tmp_path / "twoin.py").write_text(TWO_INPUTS)
+    out = run("export", "twoin:two", "--input-shape", "1,8;1,4", "-o", str(tmp_path / "m.onnx"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "m.onnx").stat().st_size > 0
+
+
+@pytest.mark.parametrize("where, words", [
+    ("folder", "is a folder or no file name"),
+    ("folder/", "is a folder or no file name"),
+    ("", "is a folder or no file name"),
+    ("missing/m.onnx", "does not exist or is not writable"),
+    ("/proc/dsd_fx_m.onnx", "is not writable"),  # root may write anywhere os.access looks; not to /proc
+], ids=["existing_folder", "trailing_separator", "empty", "missing_folder", "unwritable"])
+def test_export_output_that_cannot_be_written_is_one_line_and_exit_2_before_the_work(tmp_path, where, words):
+    if where.startswith("/proc") and not pathlib.Path("/proc/self").exists():
+        pytest.skip("no /proc on this system")
+    (tmp_path / "folder").mkdir()
+    # a factory that would leave a mark if it ran: the output is checked before the work
+    (tmp_path / "marks.py").write_text("import pathlib, torch\n\ndef make():\n    pathlib.Path('ran').touch()\n"
+                                       "    return torch.nn.Linear(8, 2)\n")
+    out = run("export", "marks:make", "--input-shape", "1,8", "-o", where, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and words in lines[0], out.stderr[-2000:]
+    assert not (tmp_path / "ran").exists() and list((tmp_path / "folder").iterdir()) == []

@@ -1,4 +1,4 @@
-"""dsd_fx.data: the documented shapes, the same tensors for the same seed, and no network."""
+"""dsd_fx.demo.data: the documented shapes, the same tensors for the same seed, and no network."""
 import random
 import socket
 import sys
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dsd_fx.data import MissingDataPackage, load_digits, load_mnist1d
+from dsd_fx.demo.data import MissingDataPackage, load_digits, load_mnist1d
 
 
 @pytest.fixture

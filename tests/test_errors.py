@@ -58,6 +58,15 @@ def test_second_sparse_transform():
     assert_unchanged(sparse, snap)
 
 
+@pytest.mark.parametrize("options, words", [({"sparsity": 0.5}, r"\(it has 2 sparse weights, 0 of them packed\)"),
+                                            ({"pattern": "2:4", "pack": True}, r"\(it has 2 sparse weights, 2 of them packed\)")])
+def test_a_second_sparse_transform_counts_the_sparse_weights_packed_ones_too(options, words):
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    sparse = dsd_fx.transform(model, **options)
+    with pytest.raises(ValueError, match=words):
+        dsd_fx.transform(sparse, pattern="2:4", pack=True)
+
+
 def test_dense_takes_no_sparsity_options():
     sparse = dsd_fx.transform(TinyMLP())
     snap = snapshot(sparse)

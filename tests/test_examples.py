@@ -127,7 +127,7 @@ def test_cli_demo_rejects_bad_options(args, words, tmp_path):
     ],
 )
 def test_demo_words_config_errors_in_flag_names(message, flags):
-    from dsd_fx.demo import flag_words
+    from dsd_fx.demo.dsd import flag_words
 
     assert flag_words(message) == flags
 
@@ -229,6 +229,10 @@ def test_cli_demo_gpp_grows_inception_modules_first_and_proves_against_the_grown
     (["--method", "gpp", "--grow", "conv1"], "(40,) to (19,)"),  # said before the dense phase trains
     (["--method", "gpp", "--grow-how", "zeros"], "go with --grow LAYERS"),
     (["--quick", "--grow", "conv2", "--no-compare"], "--grow, --no-compare belong to --method gpp"),
+    (["--quick", "--target", "0.6"], "--target belong to --method gpp"),
+    (["--quick", "--step", "0.2", "--target", "0.6"], "--target, --step belong to --method gpp"),
+    (["--quick", "--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--method", "gpp", "--quick", "--epochs", "-1"], "--epochs must be at least 1, got -1"),
     (["--method", "gpp", "--grow", "conv2", "--grow-width", "2.5"], "--grow-width must be a fraction"),
     (["--method", "gpp", "--target", "1.5"], "--target and --step must be fractions"),
     (["--method", "gpp", "--sparsity", "0.5"], "--sparsity and --pattern belong to the DSD run"),

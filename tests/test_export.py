@@ -80,6 +80,6 @@ def test_export_imports_nothing_above_it():
     import ast
     import pathlib
 
-    tree = ast.parse((pathlib.Path(dsd_fx.__file__).parent / "export.py").read_text())
+    tree = ast.parse((pathlib.Path(dsd_fx.__file__).parent / "proof" / "export.py").read_text())
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert not imported & {"dsd_fx.verify", "dsd_fx.runtime", "dsd_fx.graph_diff", "dsd_fx.pipeline", "dsd_fx.print_changed"}
+    assert not imported & {"dsd_fx.proof.zero_overhead", "dsd_fx.proof.runtime", "dsd_fx.diagnostics.graph_diff", "dsd_fx.infra.pipeline", "dsd_fx.diagnostics.print_changed"}

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dsd_fx
-from dsd_fx.capture_export import GUARDS, default_dynamic_shapes
+from dsd_fx.infra.export_capture import GUARDS, default_dynamic_shapes
 from dsd_fx.modes import MODE
 from tests.conftest import TinyCNN
 

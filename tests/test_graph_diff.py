@@ -145,7 +145,7 @@ def test_without_graphviz_matplotlib_draws_the_png(tmp_path, monkeypatch):
 
 def test_without_graphviz_or_matplotlib_the_dot_file_is_still_written(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    monkeypatch.setattr(importlib.import_module("dsd_fx.draw"), "_has_matplotlib", lambda: False)
+    monkeypatch.setattr(importlib.import_module("dsd_fx.diagnostics.draw"), "_has_matplotlib", lambda: False)
     d = dsd_fx.diff(TinyMLP(), dsd_fx.transform(TinyMLP()))
     assert d.write_pictures(str(tmp_path / "d")) == [str(tmp_path / "d") + ".dot"]
     assert "dot -Tsvg" in caplog.text
@@ -180,7 +180,7 @@ def _fake_dot(tmp_path, monkeypatch) -> None:
 def test_a_failing_dot_is_logged_not_raised(tmp_path, monkeypatch, caplog):
     _fake_dot(tmp_path, monkeypatch)
     d = dsd_fx.diff(TinyMLP(), dsd_fx.transform(TinyMLP()))
-    with caplog.at_level(logging.WARNING, logger="dsd_fx.draw"):
+    with caplog.at_level(logging.WARNING, logger="dsd_fx.diagnostics.draw"):
         files = d.write_pictures(str(tmp_path / "d"))
     assert files[0] == str(tmp_path / "d.dot") and (tmp_path / "d.dot").stat().st_size > 0
     assert not (tmp_path / "d.svg").exists()
@@ -223,7 +223,7 @@ def test_drawing_leaves_matplotlib_global_state_alone(tmp_path):
 
 
 def test_print_changed_check_creates_the_folder(tmp_path):
-    from dsd_fx.print_changed import PrintChanged
+    from dsd_fx.diagnostics.print_changed import PrintChanged
 
     folder = tmp_path / "a" / "b"
     PrintChanged(directory=str(folder)).check()
@@ -232,7 +232,7 @@ def test_print_changed_check_creates_the_folder(tmp_path):
 
 
 def test_print_changed_check_names_a_folder_that_cannot_be_written(tmp_path):
-    from dsd_fx.print_changed import PrintChanged
+    from dsd_fx.diagnostics.print_changed import PrintChanged
 
     blocker = tmp_path / "file"
     blocker.write_text("a plain file, not a folder")

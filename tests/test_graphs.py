@@ -1,4 +1,4 @@
-"""dsd_fx.graphs: fx and ONNX graphs as networkx, and structural matching."""
+"""dsd_fx.diagnostics.graphs: fx and ONNX graphs as networkx, and structural matching."""
 from __future__ import annotations
 
 import ast
@@ -13,7 +13,7 @@ from torch import fx
 
 import dsd_fx
 from conftest import TinyMLP
-from dsd_fx.graphs import fx_to_nx, match_graphs, onnx_to_nx
+from dsd_fx.diagnostics.graphs import fx_to_nx, match_graphs, onnx_to_nx
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "dsd_fx"
 
@@ -24,19 +24,20 @@ def _dsd_fx_imports(module: str) -> set[str]:
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "dsd_fx":
-            found |= {node.module} if node.module != "dsd_fx" else {f"dsd_fx.{a.name}" for a in node.names}
+            package = (PACKAGE.parent / node.module.replace(".", "/")).is_dir()  # `from dsd_fx.folder import module`
+            found |= {f"{node.module}.{a.name}" for a in node.names} if package else {node.module}
         elif isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "dsd_fx"}
     return found
 
 
 def test_graphs_and_draw_are_leaves():
-    assert _dsd_fx_imports("graphs") == set()
-    assert _dsd_fx_imports("draw") == set()
+    assert _dsd_fx_imports("diagnostics/graphs") == set()
+    assert _dsd_fx_imports("diagnostics/draw") == set()
 
 
 def test_diff_imports_only_the_leaves():
-    assert _dsd_fx_imports("graph_diff") == {"dsd_fx.draw", "dsd_fx.graphs"}
+    assert _dsd_fx_imports("diagnostics/graph_diff") == {"dsd_fx.diagnostics.draw", "dsd_fx.diagnostics.graphs"}
 
 
 def test_fx_to_nx_labels_and_argument_positions():

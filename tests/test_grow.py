@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dsd_fx
-from dsd_fx.grow_config import GrowConfig
+from dsd_fx.grow.config import GrowConfig
 from dsd_fx.phases import transform
 from tests.channel_models import FlatCNN, Functional, Inception, ResBlock, randomize_norms
 
@@ -157,6 +157,25 @@ def test_bad_input_raises_before_anything_changes(options, error, words):
         transform(model, phase="grow", **options)
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], v) for k, v in after.items())
+
+
+@pytest.mark.parametrize("where, how, words", [
+    ("conv1.weight", "zeros", r"'conv1.weight' holds NaN or Inf; growing it"),
+    ("conv2.weight", "net2net", r"'conv2.weight' holds NaN or Inf; growing it"),  # a consumer of the grown group
+    # inception edits no tensor of conv1 (branches go beside it): the outputs' check names it
+    ("conv1.weight", "inception", r"hold NaN or Inf before growing \(weight\(s\) 'conv1.weight'"),
+    ("head.bias", "zeros", r"outputs on example_args hold NaN or Inf before growing \(weight\(s\) 'head.bias'"),
+], ids=["producer", "consumer", "inception", "elsewhere"])
+def test_a_nan_weight_is_the_users_value_error_before_anything_changes(where, how, words):
+    # the user's weight is the cause: a ValueError before any work, not the invariant's PassError after it
+    model, x = _fresh("cnn_bn")
+    with torch.no_grad():
+        model.get_parameter(where).view(-1)[0] = float("nan")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=words):
+        transform(model, phase="grow", at=["conv1"], width=4, how=how, example_args=(x,))
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k].nan_to_num(), v.nan_to_num()) for k, v in after.items())
 
 
 def test_config_object_and_inplace_write_the_wider_layers_into_the_model():

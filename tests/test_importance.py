@@ -1,4 +1,4 @@
-"""dsd_fx.importance and transform(phase="prune", importance="discriminant"): the utility of the tapped
+"""dsd_fx.push.scoring and transform(phase="prune", importance="discriminant"): the utility of the tapped
 units (CVIU21 §3's sigma_b^2 / sigma_w^2), traced back through the weights to earlier channel groups."""
 from __future__ import annotations
 
@@ -254,3 +254,29 @@ def test_a_group_that_does_not_reach_the_tap_is_named_and_refused():
     pruned = dsd_fx.transform(model, phase="prune", channels=0.5, importance="discriminant", data=[(_X, _Y)],
                               example_args=(_X,), exclude=["b"])
     assert pruned.get_submodule("a").out_features == 3 and pruned.get_submodule("b").out_features == 5
+
+
+@pytest.mark.parametrize("taps", [None, ["layers.0"]])
+def test_a_pushed_graph_is_pruned_like_its_model_and_its_taps_vanish(taps):
+    # Grow-Push-Prune's own order: push, then prune the pushed graph (its taps go, as masks go in re-dense)
+    from dsd_fx.taps import recorder_of
+
+    x, y = _two_class_data()
+    model = MLP([8, 8, 4, 2])
+    pushed = dsd_fx.transform(model, phase="push", taps=taps)
+    code = pushed.code
+    options = {"channels": 0.5, "importance": "discriminant", "data": [(x, y)], "example_args": (x[:4],)}
+    pruned = dsd_fx.transform(pushed, phase="prune", **options)
+    plain = dsd_fx.transform(model, phase="prune", **options)
+    assert pruned.code == plain.code and "tap" not in pruned.code and recorder_of(pruned) is None
+    assert pruned.state_dict().keys() == plain.state_dict().keys()
+    assert all(torch.equal(pruned.state_dict()[k], v) for k, v in plain.state_dict().items())
+    assert pushed.code == code  # the user's pushed graph keeps its taps and still records
+    pushed(x[:4])
+    assert len(recorder_of(pushed).activations) == 1
+
+
+def test_a_pushed_sparse_phase_graph_is_still_refused_as_sparse():
+    pushed = dsd_fx.transform(dsd_fx.transform(MLP([8, 8, 2]), sparsity=0.5), phase="push")
+    with pytest.raises(ValueError, match="sparse-phase graph .*re-dense it first"):
+        dsd_fx.transform(pushed, phase="prune", channels=0.5, importance="l1", example_args=(_X,))

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsd_fx.masks import global_magnitude_masks, magnitude_mask
+from dsd_fx.sparse.masks import global_magnitude_masks, magnitude_mask
 
 
 def reference_mask(w: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -66,7 +66,7 @@ def test_mask_dtype_follows_weight(dtype):
 
 # ---------------------------------------------------------------- N:M selection
 
-from dsd_fx.masks import nm_keep, nm_mask, nm_sparsify  # noqa: E402
+from dsd_fx.sparse.masks import nm_keep, nm_mask, nm_sparsify  # noqa: E402
 
 
 def former_nm_mask(weight: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:

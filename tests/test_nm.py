@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 import dsd_fx
 from conftest import TinyCNN, TinyMLP, assert_rejected, assert_unchanged, isomorphic, snapshot
-from dsd_fx.masks import nm_mask, parse_pattern
+from dsd_fx.sparse.masks import nm_mask, parse_pattern
 from dsd_fx.ops import nm_linear, nm_unpack
-from dsd_fx.packing import pack_tensor, unpack_tensor
+from dsd_fx.sparse.packing import pack_tensor, unpack_tensor
 
 PATTERNS = st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 4), (4, 8), (2, 8), (1, 3)])
 
@@ -321,7 +321,7 @@ def test_cuda_packed_linear_uses_semi_structured_kernels(dtype):
 
 @cuda
 def test_cutlass_weight_matches_torchs_own_conversion():
-    from dsd_fx.packing import cutlass_weight
+    from dsd_fx.sparse.packing import cutlass_weight
     from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
 
     w = torch.randn(128, 256, device="cuda", dtype=torch.float16)

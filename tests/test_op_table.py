@@ -1,5 +1,6 @@
 """The op table: one row per op; a row added for a function dsd_fx does not know makes it prunable."""
 import copy
+import pathlib
 
 import pytest
 import torch
@@ -116,3 +117,71 @@ def test_einsum_reduction_dims():
     assert op_table.einsum_reduction_dims("bi,oi->bo", 2) == [1, 1]
     assert op_table.einsum_reduction_dims("bij,jk", 2) == [2, 0]
     assert op_table.einsum_reduction_dims("bij,ijk->bk", 2) == [None, None]
+
+
+# ---- the columns that hold what other modules once knew by class or by name
+
+
+def test_layer_class_comes_from_the_rows():
+    assert [op_table.layer_class("conv", d) for d in (1, 2, 3)] == [nn.Conv1d, nn.Conv2d, nn.Conv3d]
+    assert [op_table.layer_class("max_pool", d) for d in (1, 2, 3)] == [nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d]
+    assert op_table.layer_class("conv_transpose", 2) is nn.ConvTranspose2d
+    with pytest.raises(KeyError, match="no layer of family 'conv' with 4"):
+        op_table.layer_class("conv", 4)
+
+
+def test_every_weight_layer_that_prune_or_grow_resizes_names_its_sizes():
+    for cls, row in op_table.MODULES.items():
+        assert (row.resize is None) == (not row.sizes), cls
+    for cls in (nn.Linear, nn.Conv2d, nn.ConvTranspose1d, nn.Embedding, nn.BatchNorm2d, nn.InstanceNorm1d):
+        assert op_table.MODULES[cls].resize is not None, cls
+
+
+@pytest.mark.parametrize("cls,size", [(nn.Conv2d, 2), (nn.ConvTranspose2d, 2), (nn.Linear, 0)])
+def test_resize_writes_what_the_tensors_hold(cls, size):
+    layer = cls(6, 4, 3) if size else cls(6, 4)
+    layer.weight = nn.Parameter(layer.weight.detach()[:3] if cls is not nn.ConvTranspose2d else layer.weight.detach()[:5])
+    op_table.module_row(layer).resize(layer, 1)
+    if cls is nn.Linear:
+        assert (layer.out_features, layer.in_features) == (3, 6)
+    elif cls is nn.Conv2d:
+        assert (layer.out_channels, layer.in_channels) == (3, 6)
+    else:
+        assert (layer.in_channels, layer.out_channels) == (5, 4)
+
+
+def test_macs_of_a_row_as_the_cost_counts_them():
+    lin, conv = op_table.MODULES[nn.Linear], op_table.MODULES[nn.Conv2d]
+    assert lin.macs(nn.Linear(16, 8), (4, 8), (4, 16)) == 4 * 8 * 16
+    assert conv.macs(nn.Conv2d(3, 8, 3, groups=1), (1, 8, 5, 5), (1, 3, 7, 7)) == 8 * 25 * 3 * 9
+    assert op_table.FUNCTIONS[("call_function", torch.matmul)].macs(None, (4, 8), (4, 16)) == 4 * 8 * 16
+    assert op_table.FUNCTIONS[("call_function", F.relu)].macs is None
+
+
+def test_classifier_rows_and_groups_argument():
+    assert op_table.MODULES[nn.Linear].classifier_input == 0
+    assert op_table.FUNCTIONS[("call_function", F.linear)].classifier_input == 0
+    assert op_table.FUNCTIONS[("call_function", torch.ops.dsd_fx.nm_linear.default)].classifier_input == 0
+    assert op_table.MODULES[nn.Conv2d].classifier_input is None
+    assert op_table.FUNCTIONS[("call_function", F.conv2d)].groups_arg == 6
+    assert op_table.FUNCTIONS[("call_function", F.conv_transpose1d)].groups_arg == 6
+    assert op_table.FUNCTIONS[("call_function", F.linear)].groups_arg is None
+    assert op_table.MODULES[nn.ConvTranspose2d].dropped_args == ("output_size",)
+
+
+def test_refusing_rows_are_complete_where_defined():
+    for cls in (nn.MultiheadAttention, nn.LSTM, nn.GRUCell):
+        rule = op_table.MODULES[cls].channels
+        assert rule.flow is op_table.Flow.REFUSE and cls.__name__ in rule.reason
+    source = (pathlib.Path(op_table.__file__)).read_text()
+    assert "= replace(" not in source  # no row is made and then patched further down
+
+
+def test_channel_flow_reads_the_rows_not_op_names():
+    root = pathlib.Path(op_table.__file__).parent / "channels"
+    source = (root / "flow.py").read_text() + (root / "rules.py").read_text()
+    for by_name in ('"permute"', '"flatten"', '("size", "dim")', "operator.getitem", "torch.flatten", "torch.permute", "is getattr"):
+        assert by_name not in source, by_name
+    assert op_table.FUNCTIONS[("call_function", torch.permute)].channels.permutes
+    assert not op_table.FUNCTIONS[("call_method", "flatten")].channels.shape_args
+    assert op_table.FUNCTIONS[("call_method", "size")].channels.flow is op_table.Flow.QUERY

@@ -1,4 +1,4 @@
-"""dsd_fx/ops.py and the kernel forms of dsd_fx/packing.py: the compressed-weight cache, the kernel
+"""dsd_fx/ops.py and the kernel forms of dsd_fx/sparse/packing.py: the compressed-weight cache, the kernel
 choice and its log, the packed op's gradients against the masked dense op."""
 import copy
 import gc
@@ -11,9 +11,9 @@ import torch.nn.functional as F
 import dsd_fx
 from conftest import TinyMLP
 from dsd_fx import ops
-from dsd_fx.masks import nm_mask
+from dsd_fx.sparse.masks import nm_mask
 from dsd_fx.ops import nm_linear
-from dsd_fx.packing import CompressedWeights, keeps_at_most, pack_tensor, unpack_tensor
+from dsd_fx.sparse.packing import CompressedWeights, keeps_at_most, pack_tensor, unpack_tensor
 
 
 class Recorder:
@@ -152,10 +152,10 @@ def test_dense_kernel_is_a_choice_not_a_fallback(caplog):
 
 
 def test_unknown_kernel_is_refused_by_the_op_and_its_fake():
-    with pytest.raises(ValueError, match="kernel='cuda' is not one of 'auto', 'sparse', 'dense'"):
+    with pytest.raises(ValueError, match=r"impl='cuda' \(SparseConfig's kernel=\) is not one of 'auto', 'sparse', 'dense'"):
         _packed_call(kernel="cuda")
     values, meta = pack_tensor(torch.randn(8, 16), 2, 4)
-    with torch._subclasses.FakeTensorMode() as mode, pytest.raises(ValueError, match="kernel='x'"):
+    with torch._subclasses.FakeTensorMode() as mode, pytest.raises(ValueError, match="impl='x'"):
         nm_linear(mode.from_tensor(torch.randn(3, 16)), mode.from_tensor(values), mode.from_tensor(meta), None, 2, 4, "x")
 
 

@@ -7,7 +7,7 @@ import torch
 
 import dsd_fx
 from conftest import TinyMLP, assert_unchanged, snapshot
-from dsd_fx.config import SparseConfig
+from dsd_fx.sparse.config import SparseConfig
 
 MODES = {
     "magnitude": {"sparsity": 0.5},
@@ -91,7 +91,7 @@ def test_dsd_checks_its_sparse_options_before_the_dense_phase():
 def test_a_compiled_model_is_transformed_through_its_original_module(caplog):
     model = TinyMLP()
     compiled = torch.compile(model)
-    with caplog.at_level(logging.WARNING, logger="dsd_fx.capture"):
+    with caplog.at_level(logging.WARNING, logger="dsd_fx.infra.graph_capture"):
         sparse = dsd_fx.transform(compiled)
     assert "torch.compile wrapper" in caplog.text and "TinyMLP" in caplog.text
     assert sparse.get_parameter("fc1.weight") is model.fc1.weight
@@ -207,12 +207,12 @@ def test_an_attribute_named_like_dsd_fx_storage_is_refused():
 
 def test_the_masked_use_invariant_sees_module_calls(monkeypatch):
     """A rewrite that left a module call reading its sparse weight unmasked is caught before the commit."""
-    import dsd_fx.rewrite
+    import dsd_fx.infra.rewrite
 
-    monkeypatch.setattr(dsd_fx.rewrite, "functionalize", lambda *a, **k: None)
+    monkeypatch.setattr(dsd_fx.infra.rewrite, "functionalize", lambda *a, **k: None)
     model = TinyMLP()
     snap = snapshot(model)
-    with pytest.raises(dsd_fx.pipeline.PassError, match="module call fc1 reads sparse weight"):
+    with pytest.raises(dsd_fx.infra.pipeline.PassError, match="module call fc1 reads sparse weight"):
         dsd_fx.transform(model, pattern="2:4", pack=False)
     assert_unchanged(model, snap)
 
@@ -224,7 +224,7 @@ def test_a_dynamic_weight_left_without_its_op_is_caught(monkeypatch):
     monkeypatch.setattr(insert_nm, "wrap_weight_uses", lambda gm, items, name: real(gm, items[:1], name))
     model = TinyMLP()
     snap = snapshot(model)
-    with pytest.raises(dsd_fx.pipeline.PassError, match="fc2.weight"):
+    with pytest.raises(dsd_fx.infra.pipeline.PassError, match="fc2.weight"):
         dsd_fx.transform(model, pattern="2:4", method="sr-ste")
     assert_unchanged(model, snap)
 

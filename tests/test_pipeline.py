@@ -5,7 +5,7 @@ from torch import fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from conftest import TinyMLP
-from dsd_fx.pipeline import Invariant, PassError, run_passes
+from dsd_fx.infra.pipeline import Invariant, PassError, run_passes
 
 
 def _gm():
@@ -82,3 +82,19 @@ def test_an_invariant_that_cannot_even_run_is_a_pass_error():
 
     with pytest.raises(PassError, match="invariant 'has masks' does not hold after pass 'idle'"):
         run_passes(_gm(), [("idle", _nothing)], [Invariant("has masks", needs_a_buffer)])
+
+
+def test_each_pass_is_named_once():
+    """A pass module's PASS is the one spelling of its name: no other module types it out."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    passes = {p.stem: p for p in (root / "passes").glob("*.py") if p.stem != "__init__"}
+    for name, path in passes.items():
+        tree = ast.parse(path.read_text())
+        defined = [n.value.value for n in tree.body if isinstance(n, ast.Assign) and [getattr(t, "id", None) for t in n.targets] == ["PASS"]]
+        assert defined == [name], f"passes/{name}.py defines PASS = {defined}"
+    for path in [*(root / "dsd_fx").rglob("*.py"), *passes.values()]:
+        spelled = {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant) and n.value in passes}
+        assert spelled <= {path.stem}, f"{path.relative_to(root)} types out the pass name(s) {sorted(spelled - {path.stem})}"

@@ -2,8 +2,8 @@
 import torch.nn as nn
 
 from conftest import Functional, TinyCNN
-from dsd_fx.capture import capture
-from dsd_fx.prunable import find_prunable
+from dsd_fx.infra.graph_capture import capture
+from dsd_fx.sparse.prunable import find_prunable
 
 
 def test_every_functional_use_is_found_with_its_reduction_dim():

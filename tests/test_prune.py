@@ -10,10 +10,10 @@ import torch
 import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 
-from dsd_fx.macs import cost
+from dsd_fx.channels.macs import cost
 from dsd_fx.phases import transform
-from dsd_fx.pipeline import NOTES
-from dsd_fx.prune_config import PruneConfig
+from dsd_fx.infra.pipeline import NOTES
+from dsd_fx.prune.config import PruneConfig
 from tests.channel_models import Dense, FlatCNN, Functional, Inception, InvertedResidual, MLPBlock, ResBlock, randomize_norms
 
 IMG = torch.randn(2, 3, 8, 8)
@@ -179,6 +179,13 @@ BAD = [
     (ResBlock, dict(exclude="zzz"), ValueError, "exclude pattern 'zzz'"),
     (ResBlock, dict(importance="l3"), ValueError, "'l3'"),
     (ResBlock, dict(importance=lambda g, ex: torch.zeros(3)), ValueError, "gave 3 scores for group 'stem' of 8"),
+    (ResBlock, dict(importance=lambda g, ex: torch.full((g.size,), float("nan"))), ValueError,
+     "gave 8 NaN or Inf score(s) for group 'stem' of 8 channels (layers stem) (channel 0: nan)"),
+    (ResBlock, dict(importance=lambda g, ex: torch.arange(g.size, dtype=torch.float).index_fill(0, torch.tensor([2]), float("inf"))),
+     ValueError, "gave 1 NaN or Inf score(s) for group 'stem' of 8 channels (layers stem) (channel 2: inf)"),
+    (ResBlock, dict(importance=lambda g, ex: torch.rand(g.size, 1)), ValueError, "gave scores of shape (8, 1) for group 'stem'"),
+    (ResBlock, dict(importance=lambda g, ex: [1.0] * g.size), TypeError, "returned a list for group 'stem'"),
+    (ResBlock, dict(importance=lambda g, ex: torch.arange(g.size)), TypeError, "returned int64 scores for group 'stem'"),
     (ResBlock, dict(round_to=0), ValueError, "round_to"),
     (ResBlock, dict(sparsity=0.5), TypeError, "phase='prune' does not take sparsity"),
     (_Lone, dict(), ValueError, "no channel group of _Lone can be pruned"),
@@ -195,6 +202,20 @@ def test_bad_input_raises_before_anything_changes(make, options, error, words):
     assert words in str(info.value)
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("where", ["stem.weight", "c1.bias", "b1.weight"])
+def test_a_nan_or_inf_weight_is_refused_before_anything_changes(where):
+    # as the sparse phase refuses it: a NaN cannot be ranked, and pruning around it hands back a NaN model
+    model = ResBlock()
+    with torch.no_grad():
+        model.get_parameter(where).view(-1)[1] = float("nan") if where != "c1.bias" else float("inf")
+    before = copy.deepcopy(model.state_dict())
+    for importance in ("l1", lambda g, ex: torch.rand(g.size)):
+        with pytest.raises(ValueError, match=rf"'{re.escape(where)}' holds NaN or Inf \(channel group '\w+'\).*exclude="):
+            transform(model, phase="prune", channels=0.25, importance=importance, example_args=(IMG,))
+    after = model.state_dict()
+    assert all(torch.equal(before[k].nan_to_num(), after[k].nan_to_num()) for k in before)
 
 
 def test_missing_example_args():
@@ -297,12 +318,16 @@ def test_include_limits_pruning_to_the_named_groups_and_zero_changes_nothing():
     assert not gm.meta["dsd_fx"]["changes"][0].modified
 
 
-def test_example_args_the_model_cannot_run_are_refused():
+def test_example_args_the_model_cannot_run_are_refused(capsys):
     model = ResBlock()
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=r"does not run on example_args \[\(2, 5, 8, 8\)\]"):
+    capsys.readouterr()
+    with pytest.raises(ValueError, match=r"does not run on example_args \[\(2, 5, 8, 8\)\] \(at node 'stem'\): "
+                                         r"RuntimeError: .*expected input\[2, 5, 8, 8\] to have 3 channels"):
         transform(model, phase="prune", channels=0.25, example_args=(torch.randn(2, 5, 8, 8),))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    printed = capsys.readouterr()
+    assert "Traceback" not in printed.err and not printed.out  # the one error says it all: no traceback before it
 
 
 def test_functional_weights_shrink_in_place_of_their_get_attr():

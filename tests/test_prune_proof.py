@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from dsd_fx.macs import cost
+from dsd_fx.channels.macs import cost
 from dsd_fx.phases import transform
-from dsd_fx.prune_proof import verify_pruned
+from dsd_fx.proof.pruned import verify_pruned
 from tests.channel_models import Dense, FlatCNN, Inception, InvertedResidual, MLPBlock, ResBlock
 
 IMG = torch.randn(2, 3, 8, 8)
@@ -53,3 +53,24 @@ def test_pruned_onnx_of_each_structure_is_proven(make, shape):
     gm = transform(model, phase="prune", channels=0.25, example_args=(x,))
     report = verify_pruned(model, gm, x, latency_runs=1)
     assert report.ok, report.table
+
+
+def test_verify_pruned_of_an_fp16_model_uses_an_fp16_tolerance():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)).half()
+    x = torch.randn(8, 16).half()
+    pruned = transform(model, phase="prune", channels=0.25, example_args=(x,))
+    report = verify_pruned(model, pruned, x, latency_runs=1)
+    assert report.ok, report.table
+    row = next(r for r in report.rows if r.name.startswith("onnxruntime"))
+    assert float(row.original.split()[1]) >= 1e-3
+
+
+def test_verify_pruned_of_a_bf16_conv_runs_onnxruntime_on_a_float32_copy():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).bfloat16()
+    x = torch.randn(2, 3, 8, 8).bfloat16()
+    pruned = transform(model, phase="prune", channels=0.25, example_args=(x,))
+    report = verify_pruned(model, pruned, x, latency_runs=1)
+    assert report.ok, report.table
+    assert any(r.name.endswith("(float32 copy)") for r in report.rows)

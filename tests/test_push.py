@@ -13,10 +13,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
-from dsd_fx.capture import capture
+from dsd_fx.infra.graph_capture import capture
 from dsd_fx.passes.insert_taps import insert_taps
 from dsd_fx.passes.strip_taps import strip_taps
-from dsd_fx.push import PushConfig, push_loss, push_objective, tap_push, tap_utility
+from dsd_fx.push.objective import PushConfig, push_loss, push_objective, tap_push, tap_utility
 from dsd_fx.tags import tagged
 from dsd_fx.taps import RECORDER, TAP_ROLE, TapRecorder, recorder_of, tap
 from dsd_fx import transform
@@ -24,7 +24,7 @@ from dsd_fx import transform
 from conftest import TinyMLP
 
 RIDGE = 1e-3  # tap_utility's and fisher_eigenvalues' ridge
-PUSH_RIDGE = 0.1  # PushConfig's default ridge (the push sees one mini-batch: see dsd_fx.push.PUSH_RIDGE)
+PUSH_RIDGE = 0.1  # PushConfig's default ridge (the push sees one mini-batch: see dsd_fx.push.objective.PUSH_RIDGE)
 
 
 class SmallCNN(nn.Module):
@@ -267,8 +267,8 @@ def test_tapped_graph_survives_torch_save_and_load():
 
 
 def test_onnx_of_a_tapped_graph_has_no_tap_and_the_zero_overhead_proof_holds():
-    from dsd_fx.export import export_onnx
-    from dsd_fx.verify import verify_zero_overhead
+    from dsd_fx.proof.export import export_onnx
+    from dsd_fx.proof.zero_overhead import verify_zero_overhead
 
     model = TinyMLP()
     gm = tap_push(model)

@@ -1,4 +1,4 @@
-"""dsd_fx.runtime: onnxruntime sessions, feeds, parity and latency."""
+"""dsd_fx.proof.runtime: onnxruntime sessions, feeds, parity and latency."""
 from __future__ import annotations
 
 import copy
@@ -8,7 +8,7 @@ import torch
 
 import dsd_fx
 from conftest import TinyMLP, mlp_args
-from dsd_fx import runtime
+from dsd_fx.proof import runtime
 
 
 def test_feeds_name_a_count_mismatch():

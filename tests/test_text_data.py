@@ -1,4 +1,4 @@
-"""dsd_fx.text_data: the standard library's sources as bytes, split by file, the same on every call, no network."""
+"""dsd_fx.demo.text_data: the standard library's sources as bytes, split by file, the same on every call, no network."""
 import os
 import socket
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from dsd_fx.text_data import TextCorpus, is_validation, load_stdlib_corpus, stdlib_files, stdlib_root
+from dsd_fx.demo.text_data import TextCorpus, is_validation, load_stdlib_corpus, stdlib_files, stdlib_root
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def test_train_and_validation_files_are_disjoint_and_from_the_stdlib(no_network)
 
 def test_the_order_does_not_depend_on_the_process():
     """SHA-1, not Python's salted hash: another interpreter with another PYTHONHASHSEED lists the same files."""
-    code = "from dsd_fx.text_data import stdlib_files; print('\\n'.join(stdlib_files()[:50]))"
+    code = "from dsd_fx.demo.text_data import stdlib_files; print('\\n'.join(stdlib_files()[:50]))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "123"}).stdout.split()
     assert out == stdlib_files()[:50]

@@ -1,4 +1,4 @@
-"""dsd_fx.verify: the zero-overhead proof and the ONNX comparison."""
+"""dsd_fx.proof.zero_overhead: the zero-overhead proof and the ONNX comparison."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +10,7 @@ from torch import fx
 
 import dsd_fx
 from conftest import TinyCNN, TinyMLP, cnn_args, mlp_args
-from dsd_fx.verify import compare_onnx, verify_zero_overhead
+from dsd_fx.proof.zero_overhead import compare_onnx, verify_zero_overhead
 
 
 @pytest.mark.parametrize("optimize", [True, False])
@@ -181,3 +181,38 @@ def test_compare_onnx_names_an_extra_initializer():
     raw = dsd_fx.export_onnx(dsd_fx.transform(copy.deepcopy(model)), mlp_args(), fold=False, optimize=False)
     result = compare_onnx(ref, raw)
     assert not result.ok and "extra initializer 'fc1.weight_mask' (16, 8) FLOAT" in result.differences
+
+
+def test_fp16_model_against_its_own_copy_is_proven_with_a_tolerance_for_fp16():
+    # fp16 rounds every intermediate: float32's tolerance refused correct models (issue 19)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).half()
+    args = (torch.randn(8, 16).half(),)
+    report = verify_zero_overhead(model, copy.deepcopy(model), args, latency_runs=2)
+    assert report.ok, report.table
+    assert not report.onnxruntime_float32_copy and report.tolerance >= 1e-3
+    explicit = verify_zero_overhead(model, copy.deepcopy(model), args, rtol=1e-4, atol=1e-5, latency_runs=2)
+    assert explicit.tolerance < 1e-4  # the caller's own tolerance still rules
+
+
+def test_bf16_conv_runs_onnxruntime_on_a_float32_copy():
+    # onnxruntime refuses a bf16 Conv with INVALID_GRAPH (a type error), not NOT_IMPLEMENTED as for Gemm
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).bfloat16()
+    report = verify_zero_overhead(model, copy.deepcopy(model), (torch.randn(2, 3, 8, 8).bfloat16(),), latency_runs=2)
+    assert report.ok, report.table
+    assert report.onnxruntime_float32_copy and "bfloat16" in report.notes[0]
+
+
+def test_compare_onnx_and_diff_onnx_take_protos_or_paths_and_refuse_an_empty_file(tmp_path):
+    model = TinyMLP()
+    ref = dsd_fx.export_onnx(model, mlp_args(), tmp_path / "ref.onnx")
+    raw = dsd_fx.export_onnx(dsd_fx.transform(copy.deepcopy(model)), mlp_args(), tmp_path / "raw.onnx", fold=False)
+    by_proto, by_path = compare_onnx(ref, raw), compare_onnx(str(tmp_path / "ref.onnx"), tmp_path / "raw.onnx")
+    assert not by_path.ok and by_path.differences == by_proto.differences
+    assert compare_onnx(tmp_path / "ref.onnx", ref).ok
+    assert dsd_fx.diff_onnx(ref, tmp_path / "raw.onnx").summary == dsd_fx.diff_onnx(tmp_path / "ref.onnx", raw).summary
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    for call in (compare_onnx, dsd_fx.diff_onnx):
+        with pytest.raises(ValueError, match="empty.onnx is not an ONNX model: it is empty"):
+            call(ref, tmp_path / "empty.onnx")

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import dsd_fx
 from conftest import assert_unchanged, snapshot
-from dsd_fx.wanda import row_mask
+from dsd_fx.sparse.wanda import row_mask
 
 
 class Two(nn.Module):
