@@ -43,6 +43,7 @@ def test_lm_demo_writes_every_output(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--task", "lm", "--epochs", "3"], "--epochs belongs to --task classify"),
     (["--task", "lm", "--method", "gpp"], "--method gpp"),
+    (["--task", "lm", "--grow", "conv2"], "--grow belong to --method gpp"),
     (["--task", "lm", "--criterion", "wanda", "--pattern", "2:4", "--method", "sr-ste"], "--criterion wanda computes the mask once"),
     (["--task", "lm", "--steps", "5"], "--steps must be at least"),
     (["--steps", "100"], "--steps belong to --task lm"),

@@ -164,6 +164,12 @@ def start(args: argparse.Namespace):
         raise DemoError("--epochs belongs to --task classify; --task lm trains by steps: use --steps")
     if args.method == "gpp":
         raise DemoError("--method gpp (Grow-Push-Prune) runs on --task classify; --task lm runs DSD")
+    classify_only = [flag for flag, given in (("--target", args.target is not None), ("--step", args.step is not None),
+                                              ("--grow", args.grow is not None), ("--grow-width", args.grow_width is not None),
+                                              ("--grow-how", args.grow_how is not None), ("--no-compare", not args.compare))
+                     if given]
+    if classify_only:
+        raise DemoError(f"{', '.join(classify_only)} belong to --method gpp on --task classify; --task lm takes none of them")
     options = sparse_options(args)
     if args.criterion == "wanda" and options.get("method", "fixed") != "fixed":
         raise DemoError(f"--criterion wanda computes the mask once; --method {options['method']} recomputes it from "
