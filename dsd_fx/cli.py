@@ -11,7 +11,7 @@ import warnings
 
 import torch
 
-from dsd_fx.demo import dsd as demo, gpp as demo_gpp
+from dsd_fx.demo import dsd as demo, gpp as demo_gpp, lm as demo_lm
 from dsd_fx.sparse.config import SparseConfig
 
 # SparseConfig's options that are flags here: its errors are reworded in the flags' names
@@ -216,11 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("reference", metavar="REFERENCE.onnx")
     p.add_argument("final", metavar="FINAL.onnx")
     p.set_defaults(fn=cmd_check)
-    p = sub.add_parser("demo", help="Dense -> Sparse -> re-Dense beside a dense baseline on MNIST-1D; ONNX, proof, diffs, plot",
+    p = sub.add_parser("demo", help="Dense -> Sparse -> re-Dense beside a dense baseline on MNIST-1D (--task lm: a byte-level "
+                                    "LLaMA); ONNX, proof, diffs, plot",
                        description=demo.__doc__.split("\n")[0] + " Writes model.onnx, reference.onnx, "
                                    "zero_overhead.txt, training.png, metrics.json and diffs/ to --out.")
     demo.add_arguments(p)
-    p.set_defaults(fn=lambda a: (demo_gpp.run if a.method == "gpp" else demo.run)(a))
+    p.set_defaults(fn=lambda a: (demo_lm.run if a.task == "lm" else demo_gpp.run if a.method == "gpp" else demo.run)(a))
     return parser
 
 

@@ -109,13 +109,13 @@ def table(rows: list[PhaseRow]) -> str:
     return "\n".join(lines)
 
 
-def prove(out: str, runs: Runs, example: tuple):
+def prove(out: str, final: torch.nn.Module, baseline: torch.nn.Module, example: tuple):
     """Export both runs' final models and compare them: the zero-overhead proof, also written to a file."""
     import dsd_fx
 
-    dsd_fx.export_onnx(runs.final, example, os.path.join(out, "model.onnx"))
-    dsd_fx.export_onnx(runs.baseline, example, os.path.join(out, "reference.onnx"))
-    report = dsd_fx.verify_zero_overhead(runs.baseline, runs.final, example)
+    dsd_fx.export_onnx(final, example, os.path.join(out, "model.onnx"))
+    dsd_fx.export_onnx(baseline, example, os.path.join(out, "reference.onnx"))
+    report = dsd_fx.verify_zero_overhead(baseline, final, example)
     with open(os.path.join(out, "zero_overhead.txt"), "w") as f:
         f.write(report.table + "\n")
     return report
@@ -174,6 +174,10 @@ def run(args: argparse.Namespace) -> int:
     threads = torch.get_num_threads()
     if args.threads < 1:
         raise DemoError(f"--threads must be at least 1, got {args.threads}")
+    lm_only = [flag for flag, given in (("--steps", args.steps is not None), ("--criterion", args.criterion != "magnitude"))
+               if given]
+    if lm_only:
+        raise DemoError(f"{', '.join(lm_only)} belong to --task lm; the classifiers train by --epochs with magnitude masks")
     gpp_only = [flag for flag, given in (("--target", args.target is not None), ("--step", args.step is not None),
                                          ("--grow", args.grow is not None), ("--grow-width", args.grow_width is not None),
                                          ("--grow-how", args.grow_how is not None), ("--no-compare", not args.compare)) if given]
@@ -197,7 +201,7 @@ def _run(args: argparse.Namespace) -> int:
           file=sys.stderr)
     runs = train_both(dsd, task)
     print(table(runs.rows))
-    report = prove(out, runs, (task.test[0][:1],))
+    report = prove(out, runs.final, runs.baseline, (task.test[0][:1],))
     first_sparse = next(first for name, first, _ in runs.bounds if name == "sparse")
     sad = [(first_sparse + k, f) for h in dsd.history if h.sad for k, (_, f) in enumerate(h.sad)]
     title = f"DSD vs dense on {DATA_NAMES[task.data]}, {task.model.upper()}: {describe(options)}, seed {task.seed}"
@@ -212,12 +216,20 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default="classify", choices=["classify", "lm"],
+                   help="classify: the MNIST-1D (or digits) classifiers (default); lm: a byte-level LLaMA "
+                        "(transformers) on the Python standard library's sources, by steps (see --steps)")
+    p.add_argument("--steps", type=int, help="with --task lm: training steps per phase (default 400; --quick 60)")
+    p.add_argument("--criterion", default="magnitude", choices=["magnitude", "wanda"],
+                   help="with --task lm: what ranks the weights pruned: magnitude (DSD's, default) or wanda "
+                        "(|W| times the input's norm over 4 training batches)")
     p.add_argument("--data", default="mnist1d", choices=["mnist1d", "digits"],
                    help="mnist1d (generated from --seed, default) or digits (scikit-learn's 8x8 images)")
     p.add_argument("--model", default="cnn", choices=["cnn", "mlp", "gru"], help="the network (default cnn)")
     p.add_argument("--epochs", type=int, help="epochs per phase (default: the model's recipe, 20 for the MNIST-1D "
                                               "CNN and MLP, 10 for the GRU and on digits)")
-    p.add_argument("--quick", action="store_true", help="1 epoch per phase: every output in a few seconds (a smoke test)")
+    p.add_argument("--quick", action="store_true", help="1 epoch per phase (--task lm: 60 steps): every output in "
+                                                        "seconds (a smoke test)")
     p.add_argument("--sparsity", type=float, help="fraction pruned in the sparse phase (default 0.5)")
     p.add_argument("--pattern", help="N:M pattern instead of a fraction, e.g. 2:4")
     p.add_argument("--method", choices=["fixed", "sr-ste", "ste", "gpp"],
@@ -233,8 +245,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grow-how", choices=["inception", "zeros", "net2net"],
                    help="with --grow: an Inception module beside each layer (default), or wider layers")
     p.add_argument("--lr", type=float, help="dense learning rate; re-dense and the baseline's last phase use a "
-                                            "tenth (default: the recipe's, 0.1 for the MNIST-1D CNN)")
-    p.add_argument("--batch", type=int, help="batch size (default 100 on MNIST-1D, 64 on digits)")
+                                            "tenth (default: the recipe's, 0.1 for the MNIST-1D CNN, 3e-3 for the LM)")
+    p.add_argument("--batch", type=int, help="batch size (default 100 on MNIST-1D, 64 on digits, 32 windows for the LM)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for the data, the init and the batches (default 0): the same seed gives the same numbers")
     p.add_argument("--threads", type=int, default=1,

@@ -23,12 +23,12 @@ def new_figure(rows: int, height: float, sharex: bool = True):
     return fig, list(axes)
 
 
-def shade_phases(axes, bounds: Sequence[tuple[str, int, int]]) -> None:
-    """Shade each phase's epochs on every axis and name the phases above the first."""
+def shade_phases(axes, bounds: Sequence[tuple[str, int, int]], width: float = 1) -> None:
+    """Shade each phase's epochs (points `width` apart) on every axis and name the phases above the first."""
     for ax in axes:
         for name, first, last in bounds:
-            ax.axvspan(first - 0.5, last + 0.5, color=PHASE_SHADE[name], zorder=0)
-            ax.axvline(first - 0.5, color="0.4", linestyle="--", linewidth=0.8)
+            ax.axvspan(first - width / 2, last + width / 2, color=PHASE_SHADE[name], zorder=0)
+            ax.axvline(first - width / 2, color="0.4", linestyle="--", linewidth=0.8)
         ax.grid(alpha=0.3)
     for name, first, last in bounds:
         axes[0].text((first + last) / 2, 1.02, PHASE_LABEL[name], transform=axes[0].get_xaxis_transform(),
@@ -69,5 +69,28 @@ def plot_training(curves: dict[str, list[dict]], bounds, path: str, title: str, 
     axes[-1].set_xlabel("epoch")
     shade_phases(axes, bounds)
     fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def plot_lm(curves: dict[str, list[dict]], bounds, round_steps: int, path: str, title: str) -> None:
+    """Train and validation bits per byte of both runs per evaluation round (x in steps), phases shaded."""
+    import math
+
+    fig, axes = new_figure(2, 6)
+    for run, rows in curves.items():
+        steps = [r["epoch"] * round_steps for r in rows]
+        style = {"marker": ".", "color": COLOURS[run], "label": NAMES[run].replace("epochs", "steps")}
+        axes[0].plot(steps, [r["loss"] / math.log(2) for r in rows], **style)
+        axes[1].plot(steps, [r["bpb"] for r in rows], **style)
+    axes[0].set_ylabel("train bits per byte")
+    axes[1].set_ylabel("validation bits per byte")
+    axes[1].legend(loc="upper left", fontsize=8)
+    axes[-1].set_xlabel("step")
+    # a point closes its round: phase spans run from the step before its first round to its last point
+    half = round_steps / 2
+    shade_phases(axes, [(name, first * round_steps - half, last * round_steps - half) for name, first, last in bounds],
+                 width=round_steps)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

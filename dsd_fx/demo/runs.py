@@ -5,6 +5,7 @@ import copy
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -84,41 +85,79 @@ class Runs:
     baseline: nn.Module
 
 
-def train_both(dsd, task: Task) -> Runs:
+@dataclass
+class Loop:
+    """How a demo trains and measures, for `run_both`: one round (an epoch, or a fixed number of steps)
+    of training, the evaluation after each round, the optimizer of every phase of both runs."""
+
+    rounds: int  # per phase
+    train_round: Callable[[nn.Module, torch.optim.Optimizer, torch.Generator, Callable | None], float]  # -> train loss
+    evaluate: Callable[[nn.Module], dict[str, float]]  # -> the held-out metrics, first the one the bar shows
+    optimizer: Callable[..., torch.optim.Optimizer]  # (parameters, lr), fresh per phase as DSD's
+    seed: int
+
+
+@dataclass
+class PhaseSummary:
+    """One phase of both runs: the last round's train loss and metrics of each."""
+
+    phase: str
+    rounds: int
+    lr: float
+    sparsity: float
+    dsd: dict[str, float]
+    baseline: dict[str, float]
+    seconds: float
+
+
+def run_both(dsd, loop: Loop) -> tuple[list[PhaseSummary], dict[str, list[dict]], list[tuple[str, int, int]], nn.Module, nn.Module]:
     """D -> S -> D through `dsd`; the baseline forks at the end of the dense phase and stays dense.
 
     The fork copies the network and the batch-order generator, so both runs see the same batches in
-    the same order and differ only by what DSD does. Each phase of each run has a fresh optimizer.
+    the same order and differ only by what DSD does. Each phase of each run has a fresh optimizer;
+    the baseline's last phase runs at the re-dense rate (the same learning-rate drop).
+    Returns (per-phase summaries, per-round curves of both runs, the phases' round spans, the final
+    D -> S -> D model, the baseline).
     """
-    gen = torch.Generator().manual_seed(task.seed)
-    runs = Runs([], {"dsd": [], "baseline": []}, [], task.net, task.net)
+    gen = torch.Generator().manual_seed(loop.seed)
+    curves: dict[str, list[dict]] = {"dsd": [], "baseline": []}
+    rows, bounds, baseline = [], [], None
     base_opt = base_gen = None
     for phase in PHASES:
         net, opt = dsd.begin(phase)
         lr = opt.param_groups[0]["lr"]
         if phase == "sparse":  # fork: the baseline continues from the dense phase's weights and batch order
-            base_gen = torch.Generator().manual_seed(task.seed)
+            base_gen = torch.Generator().manual_seed(loop.seed)
             base_gen.set_state(gen.get_state())
         if base_gen is not None:
-            base_opt = sgd(runs.baseline.parameters(), lr)  # the same lr drop as DSD's re-dense
-        bar, t0, first = Progress(LABEL[phase], task.epochs), time.perf_counter(), len(runs.curves["dsd"]) + 1
-        for _ in range(task.epochs):
-            loss = train_epoch(net, opt, task.train, task.batch, gen, on_step=dsd.step)
-            acc, _ = evaluate(net, task.test)
-            dsd.log(loss=loss, accuracy=acc)
+            base_opt = loop.optimizer(baseline.parameters(), lr)  # the same lr drop as DSD's re-dense
+        bar, t0, first = Progress(LABEL[phase], loop.rounds), time.perf_counter(), len(curves["dsd"]) + 1
+        for _ in range(loop.rounds):
+            ours = {"loss": loop.train_round(net, opt, gen, dsd.step)}
+            ours.update(loop.evaluate(net))
+            dsd.log(**ours)
             if base_gen is not None:
-                b_loss = train_epoch(runs.baseline, base_opt, task.train, task.batch, base_gen)
-                b_acc, _ = evaluate(runs.baseline, task.test)
+                theirs = {"loss": loop.train_round(baseline, base_opt, base_gen, None)}
+                theirs.update(loop.evaluate(baseline))
             else:
-                b_loss, b_acc = loss, acc  # one run until the fork
-            epoch = len(runs.curves["dsd"]) + 1
-            runs.curves["dsd"].append({"epoch": epoch, "phase": phase, "loss": loss, "accuracy": acc})
-            runs.curves["baseline"].append({"epoch": epoch, "phase": phase, "loss": b_loss, "accuracy": b_acc})
-            bar.update(f"loss {loss:.4f} acc {acc:.3f} | baseline {b_acc:.3f}")
+                theirs = dict(ours)  # one run until the fork
+            epoch = len(curves["dsd"]) + 1
+            curves["dsd"].append({"epoch": epoch, "phase": phase, **ours})
+            curves["baseline"].append({"epoch": epoch, "phase": phase, **theirs})
+            key = next(k for k in ours if k != "loss")
+            bar.update(f"loss {ours['loss']:.4f} {key} {ours[key]:.3f} | baseline {theirs[key]:.3f}")
         if phase == "dense":
-            runs.baseline = copy.deepcopy(net)  # before the sparse transform zeroes the pruned weights
-        runs.rows.append(PhaseRow(LABEL[phase], task.epochs, lr, weight_sparsity(net), loss, acc, b_loss, b_acc,
-                                  time.perf_counter() - t0))
-        runs.bounds.append((phase, first, len(runs.curves["dsd"])))
-    runs.final = dsd.model
-    return runs
+            baseline = copy.deepcopy(net)  # before the sparse transform zeroes the pruned weights
+        rows.append(PhaseSummary(LABEL[phase], loop.rounds, lr, weight_sparsity(net), ours, theirs, time.perf_counter() - t0))
+        bounds.append((phase, first, len(curves["dsd"])))
+    return rows, curves, bounds, dsd.model, baseline
+
+
+def train_both(dsd, task: Task) -> Runs:
+    """The MNIST-1D demo's two runs (`run_both` by epochs, test accuracy after each)."""
+    loop = Loop(task.epochs, lambda net, opt, gen, on_step: train_epoch(net, opt, task.train, task.batch, gen, on_step=on_step),
+                lambda net: {"accuracy": evaluate(net, task.test)[0]}, sgd, task.seed)
+    summaries, curves, bounds, final, baseline = run_both(dsd, loop)
+    rows = [PhaseRow(r.phase, r.rounds, r.lr, r.sparsity, r.dsd["loss"], r.dsd["accuracy"], r.baseline["loss"],
+                     r.baseline["accuracy"], r.seconds) for r in summaries]
+    return Runs(rows, curves, bounds, final, baseline)

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence, Union
+
+import torch
 
 from dsd_fx.infra.options import Options
 
@@ -12,6 +14,7 @@ Patterns = Union[Sequence[str], Callable[..., bool], None]
 SCOPES = ("layer", "global")
 METHODS = ("fixed", "sr-ste", "ste")
 KERNELS = ("auto", "sparse", "dense")
+CRITERIA = ("magnitude", "wanda")
 
 
 def _check_ratio(value: object, where: str) -> float:
@@ -62,6 +65,16 @@ class SparseConfig(Options):
         shape allow and a one-time measurement per shape finds them faster, else the dense kernel),
         ``"sparse"`` (the semi-structured kernels wherever they apply, unmeasured) or ``"dense"``
         (always unpack and use the dense kernel).
+    criterion: what ranks the weights: ``"magnitude"`` (|W|, DSD's) or ``"wanda"`` (|W| times the L2
+        norm of the input feature each weight multiplies, over every token of the calibration batches
+        in `data`; compared within each output row, or within each N:M group; see dsd_fx.sparse.wanda). The
+        mask is computed once and then fixed, as DSD holds it; SR-STE and STE recompute their masks
+        from magnitudes at every forward, which would discard a Wanda mask at the first step, so
+        ``criterion="wanda"`` takes ``method="fixed"`` only (and no `pack`, which ranks by magnitude,
+        and no ``scope="global"``: Wanda compares within rows).
+    data: with ``criterion="wanda"``, an iterable of calibration batches, each the model's input as a
+        tensor or a tuple of its positional inputs; iterated once per sparse transform (pass a list
+        for DSDSD: a generator is used up by the first).
     """
 
     sparsity: float | Mapping[str, float] | None = None
@@ -75,6 +88,8 @@ class SparseConfig(Options):
     strict: bool = False
     embeddings: bool = False
     kernel: str = "auto"
+    criterion: str = "magnitude"
+    data: Iterable[Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def nm(self) -> tuple[int, int] | None:
@@ -129,6 +144,7 @@ class SparseConfig(Options):
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
         if self.kernel != "auto" and not self.pack:
             raise ValueError(f"kernel={self.kernel!r} chooses the packed N:M op's kernel and needs pack=True")
+        self._check_criterion()
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
         if self.pattern is not None and self.scope != "layer":
@@ -146,7 +162,35 @@ class SparseConfig(Options):
                 "sparsity": self.sparsity, "scope": self.scope, "weights": sorted(weights)}
         if self.method != "fixed":
             info["lambda_w"] = self.effective_lambda
+        if self.criterion != "magnitude":
+            info["criterion"] = self.criterion
         return info
+
+    def _check_criterion(self) -> None:
+        if self.criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {CRITERIA}, got {self.criterion!r}")
+        if self.criterion == "magnitude":
+            if self.data is not None:
+                raise ValueError("data= holds calibration batches for criterion='wanda'; magnitude needs none: "
+                                 "drop data, or pass criterion='wanda'")
+            return
+        if self.data is None:
+            raise ValueError("criterion='wanda' scores weights by their input activations and needs data=: an "
+                             "iterable of calibration batches, each the model's input (a tensor or a tuple of its "
+                             "positional inputs)")
+        if isinstance(self.data, (torch.Tensor, str, bytes)) or not hasattr(self.data, "__iter__"):
+            raise TypeError(f"data must be an iterable of calibration batches (e.g. a list of input tensors), got "
+                            f"{type(self.data).__name__}; wrap one batch as [batch]")
+        if self.method != "fixed":
+            raise ValueError(f"criterion='wanda' computes the mask once; method={self.method!r} recomputes it from "
+                             "magnitudes at every forward, so the Wanda mask would be gone at the first step. Use "
+                             "method='fixed' with criterion='wanda', or criterion='magnitude' with SR-STE")
+        if self.pack:
+            raise ValueError("pack=True packs the N largest magnitudes of each group; criterion='wanda' needs "
+                             "pack=False")
+        if self.scope != "layer":
+            raise ValueError(f"criterion='wanda' compares scores within each output row; scope={self.scope!r} "
+                             "ranks across layers. Use scope='layer'")
 
     def _check_pattern(self) -> None:
         from dsd_fx.sparse.masks import parse_pattern

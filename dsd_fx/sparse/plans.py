@@ -41,7 +41,9 @@ def sparse_plan(gm: fx.GraphModule, config: SparseConfig) -> Plan:
             "re-dense it first with transform(gm, phase='dense'), then sparsify again (DSDSD)"
         )
     chosen = select_weights(gm, config)
-    if config.nm is None:
+    if config.criterion == "wanda":  # calibrates on a tapped copy: a batch that does not fit raises here, before any change
+        plan = _wanda_plan(gm, chosen, config)
+    elif config.nm is None:
         plan = _magnitude_plan(chosen, config)
     elif config.pack:
         plan = _packed_plan(gm, chosen, config)
@@ -90,17 +92,47 @@ def _magnitude_plan(chosen: list[tuple[PrunableWeight, float]], config: SparseCo
     return _buffer_plan(plan, records, [Invariant("sparsity as asked", counts)])
 
 
+def _wanda_plan(gm: fx.GraphModule, chosen: list[tuple[PrunableWeight, float]], config: SparseConfig) -> Plan:
+    """Fixed masks from Wanda's scores: per output row for a fraction, per group of M for an N:M pattern."""
+    from dsd_fx.sparse.wanda import row_mask, wanda_out_dim
+
+    if config.nm is not None:
+        return _nm_plan(chosen, config, scores=lambda ws: _wanda_scores(gm, ws, config.data))
+    weights = [(w, ratio, wanda_out_dim(gm, w)) for w, ratio in chosen]
+    scores = _wanda_scores(gm, [w for w, _, _ in weights], config.data)
+    plan = [(w, row_mask(scores[w.name], ratio, out).to(w.param.dtype)) for w, ratio, out in weights]
+    records = [MaskRecord(w.name, MaskKind.BUFFER, buffer=w.mask_name) for w, _, _ in weights]
+
+    def rows(g: fx.GraphModule) -> None:
+        for w, ratio, out in weights:
+            pruned = (g.get_buffer(w.mask_name) == 0).movedim(out, 0).flatten(1).sum(1)
+            want = n_pruned(w.param.numel() // w.param.shape[out], ratio)
+            if not bool((pruned == want).all()):
+                raise AssertionError(f"mask {w.mask_name} does not prune {want} weights in every output row")
+
+    return _buffer_plan(plan, records, [Invariant("sparsity as asked in every output row", rows)])
+
+
+def _wanda_scores(gm: fx.GraphModule, weights: list[PrunableWeight], data) -> dict[str, torch.Tensor]:
+    from dsd_fx.sparse.wanda import input_norms, wanda_scores
+
+    norms = input_norms(gm, weights, data)
+    return {w.name: wanda_scores(w.param, norms[w.name]) for w in weights}
+
+
 def _nm_groups(keep: torch.Tensor, n: int, m: int, dim: int, name: str) -> None:
     counts = keep.movedim(dim, -1).reshape(-1, m).ne(0).sum(1)
     if not bool((counts == n).all()):
         raise AssertionError(f"{name}: not exactly {n} of every {m} kept")
 
 
-def _nm_plan(chosen, config: SparseConfig) -> Plan:
+def _nm_plan(chosen, config: SparseConfig, scores=None) -> Plan:
+    """N:M masks; `scores(weights) -> {name: score}` ranks instead of |W| (Wanda) for a fixed pattern."""
     n, m = config.nm
     weights = select_nm(chosen, n, m, config.strict)
     if config.method == "fixed":
-        plan = [(w, nm_mask(w.param, n, m, dim)) for w, dim in weights]
+        ranked = scores([w for w, _ in weights]) if scores is not None else {w.name: w.param for w, _ in weights}
+        plan = [(w, nm_mask(ranked[w.name], n, m, dim).to(w.param.dtype)) for w, dim in weights]
         records = [MaskRecord(w.name, MaskKind.BUFFER, buffer=w.mask_name, n=n, m=m, dim=dim) for w, dim in weights]
 
         def kept(g: fx.GraphModule) -> None:
