@@ -447,3 +447,22 @@ def test_sparse_exported_graph_survives_deepcopy_save_load_and_compiles_without_
     compiled = torch.compile(gm, fullgraph=True, backend="aot_eager")  # fullgraph: a graph break raises
     compiled(x).sum().backward()
     assert gm.fc1.weight.grad is not None
+
+
+class KwargsNet(nn.Module):
+    """Takes a keyword input through **kwargs, which torch.export cannot give dynamic dims."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, **kw):
+        return self.fc(x) * kw["scale"]
+
+
+def test_a_keyword_input_through_var_kwargs_is_refused_naming_the_fix_before_any_change():
+    model, x = KwargsNet(), torch.randn(4, 8)
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match=r"'scale' reaches KwargsNet\.forward through \*\*kw.*named parameter"):
+        dsd_fx.transform(model, capture="export", example_args=(x,), example_kwargs={"scale": torch.randn(4, 8)})
+    assert _unchanged(model, before)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from typing import Any, Iterator
 
@@ -82,6 +83,8 @@ def export_module(model: nn.Module, example_args: Any, example_kwargs: dict | No
                          "(and example_kwargs={...} for keyword inputs), as the model's forward takes them")
     args = () if example_args is None else as_tuple(example_args)
     kwargs = dict(example_kwargs or {})
+    if dynamic_shapes is None:
+        _refuse_var_keyword(model, kwargs)
     shapes = default_dynamic_shapes(args, kwargs) if dynamic_shapes is None else dynamic_shapes
     try:
         with _quiet_specialisation(dynamic_shapes is None), train_mode(model):
@@ -99,6 +102,23 @@ def export_module(model: nn.Module, example_args: Any, example_kwargs: dict | No
             "or capture with torch.fx (capture=\"fx\")."
         ) from err
     return program.module(check_guards=False)
+
+
+def _refuse_var_keyword(model: nn.Module, kwargs: dict) -> None:
+    """A keyword input that reaches forward through **kwargs: torch.export (2.13) takes no dynamic
+    dims for it, so the default dynamic shapes cannot describe it; said before anything runs."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    var = next((p.name for p in params if p.kind is p.VAR_KEYWORD), None)
+    loose = [k for k in kwargs if k not in named]
+    if var is not None and loose:
+        raise ValueError(
+            f"capture=\"export\": example_kwargs '{loose[0]}' reaches {type(model).__name__}.forward through **{var}, "
+            "where torch.export cannot make its dims dynamic; give forward a named parameter for it "
+            f"(def forward(self, ..., {loose[0]}=None)), or pass dynamic_shapes= for every input (torch.export's format)")
 
 
 def is_exported(gm: fx.GraphModule) -> bool:
