@@ -209,26 +209,27 @@ def test_squeeze_excitation_ties_the_gate_to_the_conv():
                                 ("fc2", "weight", 0, 0, 1), ("fc2", "bias", 0, 0, 1), ("out", "weight", 1, 0, 1)}
 
 
-def test_bert_from_transformers_tracer_mlp_dims_prunable_attention_and_layernorm_stream_blocked():
+def test_bert_through_torch_export_heads_and_mlp_dims_prunable_layernorm_stream_blocked():
+    # transformers 5 has no fx tracer: BERT comes in through capture="export"
     tr = pytest.importorskip("transformers")
-    hf = pytest.importorskip("transformers.utils.fx")
     from dsd_fx.phases import transform
 
     model = tr.BertForSequenceClassification(tr.BertConfig(
         vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64, num_labels=3)).eval()
-    gm = hf.symbolic_trace(model, input_names=["input_ids", "attention_mask"])
+        max_position_embeddings=64, num_labels=3, attn_implementation="sdpa")).eval()
     args = (torch.randint(0, 100, (2, 8)), torch.ones(2, 8, dtype=torch.long))
-    g = by_producer(channel_groups(gm, args))
-    assert {k for k, v in g.items() if v.prunable} == {"bert.encoder.layer.0.intermediate.dense",
-                                                       "bert.encoder.layer.1.intermediate.dense", "bert.pooler.dense"}
-    assert any("splits the channel dim" in r for r in g["bert.encoder.layer.0.attention.self.query"].blocked_by)
-    assert any("LayerNorm normalises" in r for r in g["bert.embeddings.word_embeddings"].blocked_by)
-    pruned = transform(gm, phase="prune", channels=0.25, example_args=args)
-    assert pruned.get_submodule("bert.encoder.layer.0.intermediate.dense").out_features == 48
-    assert pruned.get_submodule("bert.encoder.layer.0.output.dense").in_features == 48
+    g = by_producer(channel_groups(model, args, capture="export"))
+    assert {k for k, v in g.items() if v.prunable} == {
+        f"bert.encoder.layer.{i}.{m}" for i in (0, 1) for m in ("attention.self.query", "intermediate.dense")} | {"bert.pooler.dense"}
+    assert g["bert.encoder.layer.0.attention.self.query"].size == 4  # 4 heads, not 32 channels
+    assert not g["bert.encoder.layer.0.output.dense"].prunable  # the residual stream, through LayerNorm (hidden=False)
+    pruned = transform(model, phase="prune", channels=0.25, example_args=args, capture="export")
+    shapes = {n: tuple(p.shape) for n, p in pruned.named_parameters()}
+    assert shapes["bert.encoder.layer.0.intermediate.dense.weight"] == (48, 32)
+    assert shapes["bert.encoder.layer.0.output.dense.weight"] == (32, 48)
+    assert shapes["bert.encoder.layer.0.attention.self.query.weight"] == (24, 32)  # 3 heads of 8
     with torch.no_grad():
-        assert pruned(*args)["logits"].shape == (2, 3)
+        assert pruned.eval()(torch.randint(0, 100, (3, 5)), torch.ones(3, 5, dtype=torch.long))["logits"].shape == (3, 3)
 
 
 def test_keyword_calls_are_followed():
