@@ -118,3 +118,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # the work is done and saved, the process group destroyed: leave without C++ static teardown, where
+    # gloo's threads under FSDP2 now and then abort ("terminate called without an active exception",
+    # about 1 run in 7 on a 2-core machine) after everything the test reads was written
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
