@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import socket
 
 import networkx as nx
 import pytest
@@ -9,6 +10,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import fx
 
+
+
+def refuse_network(*args, **kwargs):
+    raise AssertionError("the code under test touched the network")
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any socket or connection raises: a loader that downloads fails the test."""
+    monkeypatch.setattr(socket, "socket", refuse_network)
+    monkeypatch.setattr(socket, "create_connection", refuse_network)
 
 class TinyMLP(nn.Module):
     def __init__(self) -> None:

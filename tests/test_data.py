@@ -11,17 +11,14 @@ from dsd_fx.demo.data import MissingDataPackage, load_digits, load_mnist1d
 
 
 @pytest.fixture
-def no_network(monkeypatch):
-    """Any socket or connection raises; mnist1d is imported afresh under the block, and its downloader is a trap."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the dataset loader touched the network")
-
-    monkeypatch.setattr(socket, "socket", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+def no_network(no_network, monkeypatch):
+    """conftest's socket block; mnist1d is imported afresh under it, and its downloader is a trap."""
     for name in [m for m in sys.modules if m == "mnist1d" or m.startswith("mnist1d.")]:
         monkeypatch.delitem(sys.modules, name)
     import mnist1d.data
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("mnist1d's downloader was called")
 
     monkeypatch.setattr(mnist1d.data, "get_dataset", refuse)  # it downloads: never to be called
 

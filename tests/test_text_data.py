@@ -1,6 +1,5 @@
 """dsd_fx.demo.text_data: the standard library's sources as bytes, split by file, the same on every call, no network."""
 import os
-import socket
 import subprocess
 import sys
 
@@ -8,15 +7,6 @@ import pytest
 import torch
 
 from dsd_fx.demo.text_data import TextCorpus, is_validation, load_stdlib_corpus, stdlib_files, stdlib_root
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the corpus loader touched the network")
-
-    monkeypatch.setattr(socket, "socket", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 def test_same_split_on_every_call_without_network(no_network):
