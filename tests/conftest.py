@@ -22,6 +22,19 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "socket", refuse_network)
     monkeypatch.setattr(socket, "create_connection", refuse_network)
 
+
+def prove_once(proven: str | None, reference, dense, args: tuple, label: str) -> str:
+    """The first re-densed graph of a loop of methods is proven against `reference` in ONNX; every later
+    one must be the same graph (its ONNX export is then the same translation). Returns the proven code."""
+    import dsd_fx
+
+    if proven is None:
+        report = dsd_fx.verify_zero_overhead(reference, dense, args, latency_runs=2)
+        assert report.ok, report.table
+        return dense.code
+    assert dense.code == proven, label
+    return proven
+
 class TinyMLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()

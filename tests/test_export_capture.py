@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import dsd_fx
 from dsd_fx.infra.export_capture import GUARDS, default_dynamic_shapes
 from dsd_fx.modes import MODE
-from tests.conftest import TinyCNN
+from tests.conftest import TinyCNN, prove_once
 
 aten = torch.ops.aten
 
@@ -391,12 +391,7 @@ def test_gpt_with_shape_built_mask_every_sparse_method_trains_redenses_and_prove
         reference = copy.deepcopy(model)
         reference.load_state_dict(dense.state_dict())
         torch.testing.assert_close(dense.eval()(ids), reference.eval()(ids))
-        if proven is None:
-            report = dsd_fx.verify_zero_overhead(reference, dense, (ids,), latency_runs=2)
-            assert report.ok, report.table
-            proven = dense.code
-        else:  # the same graph as the proven one: its ONNX export is the same translation
-            assert dense.code == proven, method
+        proven = prove_once(proven, reference, dense, (ids,), method)
 
 
 def test_dsd_schedule_with_export_capture_runs_dsdsd_and_proves():

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import fx
 
 import dsd_fx
+from tests.conftest import prove_once
 
 VOCAB = 128
 METHODS = {
@@ -75,12 +76,7 @@ def test_transformers5_every_sparse_method_trains_redenses_into_the_hf_class_and
         hf.load_state_dict(dense.state_dict())  # strict: exactly the HF class's keys
         dense.eval(), hf.eval()
         torch.testing.assert_close(_out(dense(ids)), _out(hf(ids)))
-        if proven is None:
-            report = dsd_fx.verify_zero_overhead(hf, dense, (ids,), latency_runs=2)
-            assert report.ok, report.table
-            proven = dense.code
-        else:  # the same graph as the proven one: its ONNX export is the same translation
-            assert dense.code == proven, method
+        proven = prove_once(proven, hf, dense, (ids,), method)
 
 
 def test_gpt2_tied_embedding_is_one_mask_and_conv1d_nm_runs_along_its_input_dim():
