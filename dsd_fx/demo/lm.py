@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from dsd_fx.infra.calls import eval_mode
 from dsd_fx.demo.dsd import DemoError, check_out, describe, flag_words, prove, sparse_options
 from dsd_fx.demo.runs import Loop, PhaseSummary, run_both
 from dsd_fx.demo.text_data import VOCAB, TextCorpus, load_stdlib_corpus
@@ -119,14 +120,11 @@ def lm_loop(corpus: TextCorpus, recipe: LMRecipe, seed: int) -> Loop:
 
 def validation_loss(net, x: torch.Tensor, y: torch.Tensor, batch: int) -> float:
     """Mean next-byte cross-entropy (nats) over the windows `x`, in eval mode; the mode is restored."""
-    was = net.training
-    net.eval()
     total = 0.0
-    with torch.no_grad():
+    with eval_mode(net, no_grad=True):
         for i in range(0, len(x), batch):
             logits = logits_of(net(x[i : i + batch]))
             total += float(F.cross_entropy(logits.flatten(0, 1), y[i : i + batch].flatten(), reduction="sum"))
-    net.train(was)
     return total / y.numel()
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import fx, nn
 
 from dsd_fx.channels.groups import ChannelGroup, groups_of, propagate_shapes, refuse_tied
-from dsd_fx.infra.calls import eval_mode
+from dsd_fx.infra.calls import eval_mode, has_non_finite
 from dsd_fx.grow.config import GrowConfig
 from dsd_fx.passes.grow_channels import PASS as GROW_CHANNELS, Growth, edits_of, grow_channels
 from dsd_fx.passes.grow_inception import PASS as GROW_INCEPTION, InceptionGrowth, grow_inception, split_width, without_outputs
@@ -159,7 +159,7 @@ def _refuse_non_finite(gm: fx.GraphModule, growths: Sequence[Growth]) -> None:
     for layer, tensors in edits_of(growths).items():
         for tensor in tensors:
             t = getattr(gm.get_submodule(layer), tensor, None) if tensor else None
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
+            if has_non_finite(t):
                 raise ValueError(f"grow: '{layer}.{tensor}' holds NaN or Inf; growing it would carry them into the "
                                  "grown layer. Fix the weights, or leave its channel group out of at=")
 
@@ -198,7 +198,7 @@ def grow_plan(gm: fx.GraphModule, config: GrowConfig, model: torch.nn.Module) ->
     _refuse_non_finite(gm, growths)
     want = _outputs(gm, config.example_args)
     if not all(bool(torch.isfinite(t).all()) for t in want if t.is_floating_point()):
-        bad = [n for n, p in gm.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all())]
+        bad = [n for n, p in gm.named_parameters() if has_non_finite(p)]
         raise ValueError("grow: the model's outputs on example_args hold NaN or Inf before growing"
                          + (f" (weight(s) {', '.join(map(repr, bad[:3]))} hold NaN or Inf)" if bad else "")
                          + "; growth is checked function-preserving on these outputs: fix the weights or example_args")

@@ -10,6 +10,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from dsd_fx.infra.calls import as_args, eval_mode
 from dsd_fx.modes import captured_mode, make_switchable
 
 CAPTURES = ("auto", "fx", "export")
@@ -28,10 +29,6 @@ def check_capture_options(how: str, example_args: Any, example_kwargs: Any, dyna
         raise TypeError(f"example_kwargs must be a dict of keyword arguments, got {type(example_kwargs).__name__}")
     if dynamic_shapes is not None and example_args is None and example_kwargs is None:
         raise ValueError("dynamic_shapes= describes the example inputs: pass example_args=(inputs,) with it")
-
-
-def as_tuple(example_args: Any) -> tuple:
-    return example_args if isinstance(example_args, tuple) else (example_args,)
 
 
 def default_dynamic_shapes(args: tuple, kwargs: dict) -> tuple:
@@ -57,23 +54,6 @@ def _quiet_specialisation(quiet: bool) -> Iterator[None]:
         logger.setLevel(old)
 
 
-@contextlib.contextmanager
-def train_mode(model: nn.Module) -> Iterator[None]:
-    """`model` in train mode while it is exported, every submodule's own flag restored after.
-
-    torch.export bakes the mode in: the ops dsd_fx.modes switches (dropout, batch norm, attention
-    dropout) are found in either mode, but a train-mode value that the model picks in Python
-    (`dropout_p=p if self.training else 0.0`) exists only in a train-mode capture. The model's
-    tensors are not touched: non-strict export runs on fake tensors."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.train()
-    try:
-        yield
-    finally:
-        for m, was in modes:
-            m.training = was
-
-
 def export_module(model: nn.Module, example_args: Any, example_kwargs: dict | None, dynamic_shapes: Any) -> fx.GraphModule:
     """`torch.export.export(model, ..., strict=False).module()`: the model's own parameter objects
     under their own names. Raises TypeError naming the fix where export fails."""
@@ -81,13 +61,16 @@ def export_module(model: nn.Module, example_args: Any, example_kwargs: dict | No
     if example_args is None and example_kwargs is None:
         raise ValueError(f"capture=\"export\" of {name} needs example inputs: pass example_args=(inputs,) "
                          "(and example_kwargs={...} for keyword inputs), as the model's forward takes them")
-    args = () if example_args is None else as_tuple(example_args)
+    args = () if example_args is None else as_args(example_args)
     kwargs = dict(example_kwargs or {})
     if dynamic_shapes is None:
         _refuse_var_keyword(model, kwargs)
     shapes = default_dynamic_shapes(args, kwargs) if dynamic_shapes is None else dynamic_shapes
     try:
-        with _quiet_specialisation(dynamic_shapes is None), train_mode(model):
+        # export in train mode (every submodule's flag restored after): torch.export bakes the mode in, and a
+        # train-mode value the model picks in Python (`dropout_p=p if self.training else 0.0`) exists only in
+        # a train-mode capture; dsd_fx.modes then switches the graph. Non-strict export runs on fake tensors.
+        with _quiet_specialisation(dynamic_shapes is None), eval_mode(model, training=True):
             program = torch.export.export(model, args, kwargs, dynamic_shapes=shapes, strict=False)
     except Exception as err:  # noqa: BLE001 - re-raised with the remedies
         text = str(err).strip().splitlines()

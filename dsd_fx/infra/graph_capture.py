@@ -136,7 +136,7 @@ def capture(
         class_name = type(model).__name__
     if exported is not None:  # ep.module(): a GraphModule over the model's own parameter objects
         user_mode = model.training
-        mode, class_name = True, type(model).__name__  # captured in train mode (export_capture.train_mode)
+        mode, class_name = True, type(model).__name__  # captured in train mode (export_capture.export_module)
         model, graph = exported, exported.graph
     root = _shell(model, {})
     gm = _graph_module(root, graph, class_name)

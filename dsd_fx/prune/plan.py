@@ -10,7 +10,7 @@ import torch
 from torch import fx
 
 from dsd_fx.channels.groups import ChannelGroup, groups_of, propagate_shapes
-from dsd_fx.infra.calls import eval_mode
+from dsd_fx.infra.calls import eval_mode, has_non_finite
 from dsd_fx.passes.insert_taps import PASS as INSERT_TAPS
 from dsd_fx.passes.prune_channels import PASS as PRUNE_CHANNELS, adopt, cut_positions, layer_cuts, prune_channels, retie
 from dsd_fx.prune.hf_config import config_updates, is_transformers_model, write_config
@@ -75,7 +75,7 @@ def _check_weights(gm: fx.GraphModule, groups: Sequence[ChannelGroup], rates: di
         g = by_index[i]
         for m in g.members:
             t = getattr(gm.get_submodule(m.layer), m.tensor, None) if m.tensor and m.role != "size" else None
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t.detach()).all()):
+            if has_non_finite(t):
                 raise ValueError(f"prune: '{m.layer}.{m.tensor}' holds NaN or Inf (channel group '{g.name}'); its channels "
                                  f"cannot be ranked. Fix the weights or exclude the group (exclude={[g.name]!r})")
 

@@ -114,7 +114,7 @@ def _conv_squares(x: torch.Tensor, f: FeatureUse, weight: torch.Tensor) -> torch
     """Sum over batch and positions of the squared unfolded input: (in_channels, *kernel), one entry per patch feature."""
     spatial = CONV_KINDS[f.kind]
     kernel = tuple(weight.shape[2:])
-    _, stride, padding, dilation, groups, mode = f.conv
+    _, stride, padding, dilation, _, mode = f.conv
     if x.dim() == spatial + 1:
         x = x.unsqueeze(0)
     if spatial == 1:  # a 1-d convolution is a 2-d one over a height of 1
