@@ -121,6 +121,15 @@ def passthrough(prop, node: fx.Node, rule: ChannelRule, module):
     return lay
 
 
+def attach_module_params(prop, node: fx.Node, lay: Layout, rule: ChannelRule, module: nn.Module) -> Layout:
+    """A norm module's per-channel parameters and buffers (rule.params, along dim 0) follow the channels;
+    a module with none is still a member (its count)."""
+    names = [n for n in rule.params if isinstance(getattr(module, n, None), torch.Tensor)]
+    for name in names or [""]:
+        prop.state.attach(lay, node.target, name, 0, "norm")
+    return lay
+
+
 def norm(prop, node: fx.Node, rule: ChannelRule, module: nn.Module):
     lay = layout_of(prop, first_input(node))
     if lay is None:
@@ -138,10 +147,7 @@ def norm(prop, node: fx.Node, rule: ChannelRule, module: nn.Module):
             if owner is not None:
                 prop.state.attach(lay, owner[0], owner[1], 0, "norm")
         return lay
-    names = [n for n in rule.params if isinstance(getattr(module, n, None), torch.Tensor)]
-    for name in names or [""]:
-        prop.state.attach(lay, node.target, name, 0, "norm")
-    return lay
+    return attach_module_params(prop, node, lay, rule, module)
 
 
 aten = torch.ops.aten
@@ -359,10 +365,7 @@ def layer_norm(prop, node: fx.Node, rule: ChannelRule, module):
         fail(prop, node, f"normalises over {tuple(normalized)}, more than the channel dim")
         return None
     if module is not None:
-        names = [n for n in rule.params if isinstance(getattr(module, n, None), torch.Tensor)]
-        for name in names or [""]:
-            prop.state.attach(lay, node.target, name, 0, "norm")
-        return lay
+        return attach_module_params(prop, node, lay, rule, module)
     for kw, k in (("weight", 2), ("bias", 3)):
         t = arg_of(node, k, kw)
         if isinstance(t, fx.Node):
